@@ -1,0 +1,1 @@
+"""Runtime support: distributed initialisation, the parallel context, CPU support for megatron-core."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment with the pinned CPU stack.
+#   VENV=.venv (default)   python: python3.11 if present, else python3
+# torch==2.13.0 is the CPU build that pip finds on local disk (/opt/wheels); any other torch spec makes pip
+# download a multi-GB CUDA build, so every install below runs under scripts/constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt)
+[ -d /opt/wheels ] && PIP+=(--find-links /opt/wheels)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[dev]"
+"$VENV/bin/python" -c "import torch, megatron.core; print('env ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
