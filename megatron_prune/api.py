@@ -1,0 +1,164 @@
+"""`prune()`: validate, score (or reuse cached scores), rank, plan, slice, rebuild. The whole flow.
+
+    model (GPTModel stage, any PP/DP) --hooks + forward_loop--> raw statistics (this rank)
+      --reduce over DP, gather over PP--> statistics of all layers --(cache: scores file)-->
+      importance --> orders --(export_config)--> plan --> pruned config + sliced state dict
+      --> a stock GPTModel built from the pruned config, with the sliced weights loaded (strict)
+
+The input model is never modified; the pruned model is a new object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional
+
+import torch
+
+from megatron_prune.config import SUPPORTED_AXES, ModelShape, PruneConfigError, validate_export_config
+from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers
+from megatron_prune.importance.reduce import reduce_statistics
+from megatron_prune.importance.scores_file import load_scores, model_fingerprint, save_scores
+from megatron_prune.importance.statistics import StatStore
+from megatron_prune.log import log
+from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
+from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.model import pruned_config, rebuild_gpt
+from megatron_prune.slicing.plan import PrunePlan, plan_pruning
+from megatron_prune.slicing.state_dict import check_supported, slice_state_dict
+
+
+@dataclass
+class PruneResult:
+    """What a prune did. Layer numbers are global and 1-indexed."""
+
+    config: object  # the pruned TransformerConfig
+    export_config: Dict[str, int]  # complete target sizes
+    original_sizes: Dict[str, int]
+    importance: Importance
+    orders: Orders
+    plan: PrunePlan
+    stage_layers: List[List[int]]  # original global numbers of the layers each pipeline stage keeps
+    params_before: int
+    params_after: int
+    calibrated: bool  # False when statistics came from the scores file
+    calibration_calls: int = 0
+    scores_path: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def prune(
+    model: torch.nn.Module,
+    export_config: Mapping[str, int],
+    forward_loop: Optional[Callable[[torch.nn.Module], None]] = None,
+    scores_path: Optional[str] = None,
+    model_builder: Optional[Callable[[object], torch.nn.Module]] = None,
+):
+    """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`.
+
+    Args:
+        model: an unwrapped GPTModel built at TP=1 with any PP/DP layout; it is not modified.
+        export_config: target sizes, any subset of hidden_size, ffn_hidden_size, num_attention_heads,
+            num_query_groups and num_layers (TransformerConfig field names).
+        forward_loop: `forward_loop(model)` runs calibration forwards (see `make_forward_loop`); with
+            data parallelism each replica forwards its own share. Needed unless `scores_path` exists.
+        scores_path: a file caching the statistics. If it exists (and matches this model) calibration is
+            skipped; otherwise it is written after calibration. Reusable at any PP/DP layout.
+        model_builder: `model_builder(pruned_config) -> GPTModel stage`; by default the model is rebuilt
+            with the same constructor arguments as `model`.
+
+    Returns:
+        (pruned_model, PruneResult). The pruned model is a stock GPTModel built from `result.config`
+        holding the original weights sliced; kept channels/heads are in importance order.
+    """
+    ctx = ParallelContext.from_megatron()
+    _check_model(model, ctx)
+    shape = ModelShape.from_config(model.config)
+    target = validate_export_config(export_config, shape, ctx.pp_size)
+    have_scores = scores_path is not None and os.path.exists(scores_path)
+    if not have_scores and forward_loop is None:
+        where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
+        raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
+
+    fingerprint = model_fingerprint(model, ctx)
+    params_before = count_params(model, ctx)
+    log(f"original model: {_sizes(shape.sizes())}, {params_before:,} parameters; PP={ctx.pp_size} DP={ctx.dp_size}")
+    if have_scores:
+        stats = load_scores(scores_path, fingerprint)
+        log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
+    else:
+        log("calibrating: collecting activation statistics")
+        stats = reduce_statistics(collect_statistics(model, forward_loop), ctx)
+        if scores_path:
+            save_scores(scores_path, stats, fingerprint, ctx, meta={"pp_size": ctx.pp_size, "dp_size": ctx.dp_size})
+            log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
+
+    importance = score_importance(stats, shape)
+    orders = rank_orders(importance, shape)
+    plan = plan_pruning(orders, shape, target, requested=export_config)
+    numbers = local_layer_numbers(model)  # {global: local}
+    kept_here = [n for n in sorted(numbers) if n in plan.layers]
+    stage_layers = ctx.gather_over_pp(kept_here)
+    if plan.dropped_layers:
+        log(f"dropping layers {plan.dropped_layers} (1-indexed, lowest block influence)")
+    if ctx.pp_size > 1:
+        log("layers kept per pipeline stage (no rebalancing): "
+            + ", ".join(f"stage {i}: {s}" for i, s in enumerate(stage_layers)))  # fmt: skip
+    empty = [i for i, s in enumerate(stage_layers) if not s]
+    if empty:
+        raise PruneConfigError(
+            f"export_config['num_layers']={target['num_layers']} would leave pipeline stage(s) {empty} without layers "
+            f"(kept per stage: {stage_layers}); re-run at a smaller pipeline size: the scores file is reusable there"
+        )
+
+    new_config = pruned_config(model.config, shape, target, [len(s) for s in stage_layers])
+    state = slice_state_dict(model.state_dict(), {local: n for n, local in numbers.items()}, plan, shape)
+    pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config)
+    pruned.load_state_dict(state, strict=True)
+    pruned.train(model.training)
+    params_after = count_params(pruned, ctx)
+    log(f"pruned model: {_sizes(target)}, {params_after:,} parameters ({100 * params_after / params_before:.1f}%)")
+    result = PruneResult(
+        config=new_config, export_config=target, original_sizes=shape.sizes(), importance=importance,
+        orders=orders, plan=plan, stage_layers=stage_layers, params_before=params_before,
+        params_after=params_after, calibrated=not have_scores, calibration_calls=stats.calls,
+        scores_path=scores_path,
+    )  # fmt: skip
+    return pruned, result
+
+
+def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
+    """Parameters of the whole model, summed over pipeline stages (a tied output layer counts once)."""
+    local = 0
+    for name, p in model.named_parameters():
+        if name == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
+            continue
+        local += p.numel()
+    return sum(ctx.gather_over_pp(local))
+
+
+def _check_model(model: torch.nn.Module, ctx: ParallelContext) -> None:
+    from megatron.core.models.gpt import GPTModel
+
+    if not isinstance(model, GPTModel):
+        raise PruneConfigError(
+            f"model must be an unwrapped megatron.core GPTModel, got {type(model).__name__} "
+            "(unwrap DDP/Float16Module first, e.g. megatron.core.utils.unwrap_model)"
+        )
+    if ctx.tp_size != 1:
+        raise PruneConfigError(
+            f"tensor_model_parallel_size={ctx.tp_size}: pruning currently runs at TP=1; load the model with TP=1 "
+            "(pipeline and data parallelism are supported)"
+        )
+    cfg = model.config
+    for flag in ("attention_output_gate", "multi_latent_attention", "heterogeneous_block_specs"):
+        if getattr(cfg, flag, False):
+            raise PruneConfigError(f"config.{flag}=True is not supported yet by megatron-prune")
+    if getattr(model, "mtp_process", False):
+        raise PruneConfigError("multi-token-prediction layers are not supported: build the model without MTP")
+    check_supported(model)
+
+
+def _sizes(sizes: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={sizes[k]}" for k in SUPPORTED_AXES if k in sizes)

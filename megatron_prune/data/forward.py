@@ -1,0 +1,103 @@
+"""Forward passes through Megatron's pipeline schedule, for calibration and evaluation.
+
+`run_forward` drives `get_forward_backward_func()` in forward-only mode over micro-batches of token ids
+[B, S], so the same code runs at PP=1 and PP>1 (the schedule moves activations between stages). With
+data parallelism each replica takes every dp_size-th micro-batch, so the replicas together see each
+micro-batch exactly once and their summed statistics equal a single process's.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+
+from megatron_prune.log import log
+from megatron_prune.runtime.parallel import ParallelContext
+
+Collect = Callable[[torch.Tensor, torch.Tensor], Any]  # (logits [B, S, V], tokens [B, S]) -> anything
+
+
+def run_forward(
+    model: torch.nn.Module,
+    batches: Sequence[torch.Tensor],
+    collect: Optional[Collect] = None,
+    shard_over_dp: bool = True,
+    progress: str | None = None,
+) -> List[Any]:
+    """Forward every micro-batch (token ids [B, S], all of one shape) through the pipeline schedule.
+
+    Returns, on the last pipeline stage, ``[collect(logits, tokens) for each micro-batch]`` (logits
+    [B, S, V] as the model returns them); an empty list on other stages or when `collect` is None.
+    `progress`: a label to print batches/s and ETA on rank 0 while running.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ctx = ParallelContext.from_megatron()
+    mine = list(batches[ctx.dp_rank :: ctx.dp_size]) if shard_over_dp else list(batches)
+    if not mine:
+        return []
+    shapes = {tuple(b.shape) for b in mine}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"micro-batches must be token-id tensors [B, S] of one shape, got shapes {sorted(shapes)}")
+    mbs, seq = next(iter(shapes))
+    device = next(model.parameters()).device
+    meter = _Progress(progress, len(mine)) if progress else None
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator).to(device)
+        position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, position_ids, attention_mask=None)
+        if meter:
+            meter.step()
+        return output, partial(_collect_output, collect, tokens)
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(mine),
+        model=[model],
+        num_microbatches=len(mine),
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
+    if meter:
+        meter.done()
+    return list(outputs) if collect is not None and outputs else []
+
+
+def _collect_output(collect: Optional[Collect], tokens, output_tensor, non_loss_data=False):
+    return None if collect is None else collect(output_tensor, tokens)
+
+
+def make_forward_loop(batches: Sequence[torch.Tensor], progress: bool = True) -> Callable[[torch.nn.Module], None]:
+    """A `forward_loop(model)` for calibration: forwards `batches` (token ids [B, S]) through the schedule."""
+
+    def forward_loop(model: torch.nn.Module) -> None:
+        run_forward(model, batches, collect=None, progress="calibration" if progress else None)
+
+    return forward_loop
+
+
+class _Progress:
+    """Prints `label: i/n micro-batches, x/s, ETA` on rank 0 at most every 10% and every 2 s (or after 30 s)."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done_n = label, total, 0
+        self.start = self.last = time.perf_counter()
+        self.every = max(1, total // 10)
+
+    def step(self) -> None:
+        self.done_n += 1
+        now = time.perf_counter()
+        if (self.done_n % self.every == 0 and now - self.last >= 2) or now - self.last > 30:
+            self.last = now
+            rate = self.done_n / max(now - self.start, 1e-9)
+            eta = (self.total - self.done_n) / max(rate, 1e-9)
+            log(f"{self.label}: {self.done_n}/{self.total} micro-batches, {rate:.2f}/s, ETA {eta:.0f}s")
+
+    def done(self) -> None:
+        log(f"{self.label}: {self.total} micro-batches in {time.perf_counter() - self.start:.1f}s")

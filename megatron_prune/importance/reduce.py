@@ -1,0 +1,27 @@
+"""Exact distributed reductions of raw statistics.
+
+Each pipeline stage holds the statistics of its own layers; data-parallel replicas of a stage hold
+partial sums over their share of the calibration batches. `reduce_statistics` returns, on every rank,
+the statistics of *all* layers summed over all replicas: the same numbers a single process would have
+accumulated over the same batches (up to float summation order across DP replicas).
+"""
+
+from __future__ import annotations
+
+from megatron_prune.importance.statistics import StatStore
+from megatron_prune.runtime.parallel import ParallelContext
+
+
+def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
+    """DP sum of this stage's accumulators, then a union over pipeline stages (keys are global)."""
+    stage = local.to_cpu().reduce(ctx.sum_over_dp)
+    parts = ctx.gather_over_pp(stage.state_dict())
+    full = StatStore()
+    for part in parts:
+        overlap = set(full.keys()) & set(part["sums"])
+        if overlap:
+            raise RuntimeError(f"two pipeline stages reported the same statistics: {sorted(overlap)[:4]}")
+        full = full.merge(StatStore.from_state_dict({"sums": part["sums"], "calls": 0}))
+    # every stage sees every micro-batch, so the call count is the same on all stages
+    full.calls = max(int(p["calls"]) for p in parts)
+    return full

@@ -1,0 +1,107 @@
+"""The scores file: calibration statistics cached on disk, independent of the parallel layout.
+
+One file (written by global rank 0, atomically) holds the raw sums of *all* layers keyed by global layer
+number, so a model loaded at any PP/DP size can reuse it. A fingerprint of the model (architecture and a
+sample of every weight, keyed by global names) guards against reusing scores from a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from typing import Dict, Optional
+
+import torch
+
+from megatron_prune.importance.statistics import StatStore
+from megatron_prune.runtime.parallel import ParallelContext
+
+FORMAT = "megatron-prune/scores"
+VERSION = 1
+_FINGERPRINT_FIELDS = (
+    "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_layers",
+    "gated_linear_unit", "normalization", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+)  # fmt: skip
+
+
+class ScoresFileError(ValueError):
+    """The scores file cannot be used for this model (or is not a scores file)."""
+
+
+def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str, object]:
+    """{architecture fields, vocab size, weights digest}; identical at every PP/DP layout of one model."""
+    cfg = model.config
+    arch = {f: getattr(cfg, f, None) for f in _FINGERPRINT_FIELDS}
+    arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
+    arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
+    arch["vocab_size"] = model.vocab_size
+    arch["share_embeddings_and_output_weights"] = bool(model.share_embeddings_and_output_weights)
+    local = {}
+    numbers = [int(layer.layer_number) for layer in model.decoder.layers]
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or name.endswith("._extra_state"):
+            continue
+        if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            continue  # a copy of the embedding that exists only on the last stage when PP > 1
+        m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
+        if m:
+            name = f"decoder.layers.{numbers[int(m[1])]}.{m[2]}"
+        local[name] = _tensor_digest(t)
+    merged = {}
+    for part in ctx.gather_over_pp(local):
+        merged.update(part)
+    h = hashlib.sha256()
+    for name in sorted(merged):
+        h.update(f"{name}:{merged[name]};".encode())
+    return {"architecture": arch, "weights": h.hexdigest()}
+
+
+def _tensor_digest(t: torch.Tensor, samples: int = 4096) -> str:
+    """Hash of the shape and an evenly strided sample of the values (cheap for multi-GB tensors)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // samples)
+    sample = flat[::step][:samples].float().cpu().contiguous()
+    return f"{tuple(t.shape)}:" + hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
+def save_scores(path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext, meta: Optional[dict] = None) -> None:
+    """Write the file atomically on global rank 0 (temp file + rename), then barrier."""
+    if ctx.is_main:
+        payload = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
+                   "statistics": stats.state_dict(), "meta": meta or {}}  # fmt: skip
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".scores-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    ctx.barrier()
+
+
+def load_scores(path: str, fingerprint: Dict[str, object]) -> StatStore:
+    """Load and check a scores file against this model's fingerprint; raises ScoresFileError on mismatch."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ScoresFileError(f"scores_path={path!r} is not a readable megatron-prune scores file: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ScoresFileError(f"scores_path={path!r} is not a megatron-prune scores file")
+    if payload.get("version") != VERSION:
+        raise ScoresFileError(f"scores_path={path!r} has version {payload.get('version')}, this megatron-prune reads {VERSION}")
+    theirs, ours = payload["fingerprint"], fingerprint
+    if theirs["architecture"] != ours["architecture"]:
+        diff = [f"{k}: file {theirs['architecture'].get(k)!r} vs model {v!r}"
+                for k, v in ours["architecture"].items() if theirs["architecture"].get(k) != v]  # fmt: skip
+        raise ScoresFileError(f"scores_path={path!r} was computed for a different model ({'; '.join(diff)}); "
+                              "delete it or choose another scores_path to recalibrate")  # fmt: skip
+    if theirs["weights"] != ours["weights"]:
+        raise ScoresFileError(f"scores_path={path!r} was computed for a model with the same architecture but different "
+                              "weights; delete it or choose another scores_path to recalibrate")  # fmt: skip
+    return StatStore.from_state_dict(payload["statistics"])

@@ -1,0 +1,120 @@
+"""Importance statistics as pure tensor math (no Megatron import).
+
+Owns: the per-call contributions of each statistic and `StatStore`, the float32 accumulator table that
+hooks add into. Does not own: where tensors are observed (hooks.py) or how sums cross ranks (reduce.py).
+
+Every statistic is a *raw sum over forward calls*, never a mean, so calibration can be resumed and
+partial sums from pipeline stages or data-parallel replicas add up to the single-process value.
+
+Notation (MCore is sequence-first): X is [S, B, C] = [sequence, micro-batch, channels].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Mapping
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def channel_sum_sq(x: Tensor) -> Tensor:
+    """Contribution of one call to the Minitron channel statistic ("L2 of mean-abs").
+
+    x: [S, B, C] (or [T, C], treated as [T, 1, C]). Returns [C] float32:
+        sum_b ( (1/S) * sum_s |x[s, b, c]| )^2
+    The importance of channel c after calibration is sqrt(accumulated value): the L2 norm, over all
+    calibration samples, of each sample's mean absolute activation.
+    """
+    x = x.detach().float()
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"channel statistic expects [S, B, C] or [T, C], got shape {tuple(x.shape)}")
+    return x.abs().mean(dim=0).square().sum(dim=0)
+
+
+def block_influence(x_in: Tensor, x_out: Tensor) -> Tensor:
+    """Contribution of one call to a layer's block-influence score: 1 - mean_{s,b} cos(x_in, x_out).
+
+    x_in, x_out: [S, B, H] (the layer's input and output hidden states). Returns a float32 scalar.
+    High values mean the layer changes its input a lot (important); near 0 means it is nearly an identity.
+    """
+    cos = torch.nn.functional.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)
+    return (1.0 - cos.mean()).reshape(())
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered_gamma: bool = False) -> Tensor:
+    """RMSNorm over the last dim in float32 (used to recompute a norm fused into a linear)."""
+    x = x.float()
+    w = weight.float() + (1.0 if zero_centered_gamma else 0.0)
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, zero_centered_gamma: bool = False) -> Tensor:
+    """LayerNorm over the last dim in float32 (used to recompute a norm fused into a linear)."""
+    w = weight.float() + (1.0 if zero_centered_gamma else 0.0)
+    b = bias.float() if bias is not None else None
+    return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+class StatStore:
+    """Float32 accumulators keyed by name (e.g. ``"layer3/fc2_in"``), plus a count of calibration calls.
+
+    Keys carry global layer numbers, so stores from different pipeline stages merge by key union and
+    stores from data-parallel replicas merge by addition.
+    """
+
+    def __init__(self, sums: Mapping[str, Tensor] | None = None, calls: int = 0):
+        self.sums: Dict[str, Tensor] = {k: v.detach().float().cpu().clone() for k, v in (sums or {}).items()}
+        self.calls = calls
+
+    def add(self, key: str, value: Tensor) -> None:
+        value = value.detach().float()
+        if key in self.sums:
+            self.sums[key] += value.to(self.sums[key].device)
+        else:
+            self.sums[key] = value.clone()
+
+    def keys(self) -> Iterable[str]:
+        return self.sums.keys()
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.sums[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sums
+
+    def to_cpu(self) -> "StatStore":
+        return StatStore(self.sums, self.calls)
+
+    def merge(self, other: "StatStore") -> "StatStore":
+        """Sum of two stores: shared keys add, others are copied (the union)."""
+        out = StatStore(self.sums, self.calls + other.calls)
+        for k, v in other.sums.items():
+            out.add(k, v.cpu())
+        return out
+
+    def reduce(self, all_reduce_sum: Callable[[Tensor], Tensor]) -> "StatStore":
+        """Apply a sum-reduction (e.g. over data-parallel replicas) to every accumulator.
+
+        All participants must hold the same keys; the values are flattened into one buffer so there is
+        exactly one collective call per reduction.
+        """
+        keys = sorted(self.sums)
+        flat = torch.cat([self.sums[k].reshape(-1) for k in keys] + [torch.tensor([float(self.calls)])])
+        flat = all_reduce_sum(flat)
+        out, offset = StatStore(), 0
+        for k in keys:
+            n = self.sums[k].numel()
+            out.sums[k] = flat[offset : offset + n].reshape(self.sums[k].shape).clone()
+            offset += n
+        out.calls = int(round(flat[offset].item()))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.clone() for k, v in sorted(self.sums.items())}, "calls": self.calls}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> "StatStore":
+        return cls(state["sums"], int(state["calls"]))

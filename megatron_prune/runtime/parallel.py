@@ -1,0 +1,89 @@
+"""The parallel context: ranks, groups and this stage's global layer numbers, built once at the boundary.
+
+Owns: reading megatron-core's parallel state *once* (`ParallelContext.from_model`) and the collectives the
+pruning flow needs (sum over data-parallel replicas, object gathers over pipeline stages). Nothing else in
+the package reads Megatron's global parallel state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this rank sits. Groups are None when the world is a single process."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    pp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    global_rank: int = 0
+    pp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+    dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        for name in ("tp_size", "pp_size", "dp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank={self.pp_rank} outside pipeline size {self.pp_size}")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank={self.dp_rank} outside data-parallel size {self.dp_size}")
+
+    @classmethod
+    def from_megatron(cls) -> "ParallelContext":
+        """Read megatron-core's parallel state (single process if torch.distributed is not initialised)."""
+        if not dist.is_available() or not dist.is_initialized():
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError(
+                "torch.distributed is initialised but megatron-core model parallelism is not: call "
+                "megatron_prune.runtime.distributed.init_distributed(...) or "
+                "parallel_state.initialize_model_parallel(...) before pruning"
+            )
+        return cls(
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            dp_rank=ps.get_data_parallel_rank(),
+            global_rank=dist.get_rank(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+            dp_group=ps.get_data_parallel_group(),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+    def sum_over_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a CPU float tensor over data-parallel replicas (identity when dp_size == 1)."""
+        if self.dp_size == 1:
+            return t
+        buf = t.to(_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return buf.cpu()
+
+    def gather_over_pp(self, obj: Any) -> List[Any]:
+        """All-gather a picklable object over pipeline stages, in stage order."""
+        if self.pp_size == 1:
+            return [obj]
+        out: List[Any] = [None] * self.pp_size
+        dist.all_gather_object(out, obj, group=self.pp_group)
+        return out
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

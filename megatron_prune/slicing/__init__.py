@@ -1,0 +1,1 @@
+"""Slicing: (plan, original tensors) -> pruned tensors, driven by one axis table."""

@@ -1,0 +1,49 @@
+"""Index geometry: which rows/columns of a tensor belong to kept heads, groups and channels.
+
+Pure functions on index tensors, in MCore's notation: N query heads in G groups (q = N/G heads per
+group), head dim d, FFN size F. Every function returns a 1-D LongTensor of indices into the original
+dimension, in the order the pruned tensor stores them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def expand_blocks(blocks: Tensor, block_size: int) -> Tensor:
+    """Blocks [k] of `block_size` rows -> rows [k*block_size]: block b covers b*block_size ... +block_size-1."""
+    return (blocks.long()[:, None] * block_size + torch.arange(block_size)).reshape(-1)
+
+
+def qkv_rows(groups: Tensor, heads: Tensor, q: int, d: int) -> Tensor:
+    """Rows of a fused `linear_qkv` weight [G*(q+2)*d, H] that survive.
+
+    MCore stores each group as [Q_0 .. Q_{q-1}, K, V] (each d rows), so group g spans blocks
+    g*(q+2) ... g*(q+2)+q+1. `groups` [G'] are the kept groups (in output order); `heads` [G', q'] the
+    kept query heads *within* each kept group (local indices 0..q-1). Each kept group contributes its
+    kept Q blocks, then its K and V blocks. Returns [(G' * (q'+2)) * d].
+    """
+    groups, heads = groups.long(), heads.long()
+    base = groups[:, None] * (q + 2)  # [G', 1]
+    blocks = torch.cat([base + heads, base + q, base + q + 1], dim=1)  # [G', q'+2]
+    return expand_blocks(blocks.reshape(-1), d)
+
+
+def head_columns(groups: Tensor, heads: Tensor, q: int, d: int) -> Tensor:
+    """Columns of `linear_proj` weight [H, N*d] (query heads, group-major: head = g*q + j) that survive.
+
+    Same `groups` [G'] / `heads` [G', q'] as `qkv_rows`. Returns [G' * q' * d].
+    """
+    global_heads = groups.long()[:, None] * q + heads.long()  # [G', q']
+    return expand_blocks(global_heads.reshape(-1), d)
+
+
+def gated_rows(channels: Tensor, ffn: int, gated: bool) -> Tensor:
+    """Rows of `linear_fc1` weight [F*(2 if gated else 1), H] for kept FFN channels [F'].
+
+    A gated (SwiGLU) fc1 stacks [gate; up]: channel c owns rows c and F + c.
+    """
+    channels = channels.long()
+    return torch.cat([channels, channels + ffn]) if gated else channels

@@ -1,0 +1,195 @@
+"""Tier 2: manual pruning of real tiny MCore GPT models on CPU, one process.
+
+Invariants, not examples: sorting without slicing keeps logits; a pruned model equals a fresh stock
+model built from its config and loaded with its weights; the statistics equal values recomputed from
+captured activations; scores reuse is bit-identical; the input model is never touched.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import megatron_prune as mp
+from megatron_prune.ranking import descending
+from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
+
+VOCAB, SEQ = 128, 16
+
+
+def batches(n=4, b=2, seed=0):
+    return [random_tokens(b, SEQ, VOCAB, seed=seed + i) for i in range(n)]
+
+
+def logits(model, data):
+    return torch.cat(mp.run_forward(model, data, collect=lambda out, tokens: out.detach().clone()))
+
+
+def make(tied=True, pos="rope", **overrides):
+    torch.manual_seed(overrides.pop("seed", 0))
+    return build_tiny_gpt(tiny_gpt_config(**overrides), vocab_size=VOCAB, tied=tied, position_embedding_type=pos)
+
+
+def full_sizes(model, axes=mp.SUPPORTED_AXES):
+    cfg = model.config
+    sizes = dict(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+                 num_layers=cfg.num_layers)  # fmt: skip
+    return {k: sizes[k] for k in axes}
+
+
+VARIANTS = {
+    "gqa-rmsnorm-swiglu-tied-rope": dict(),
+    "mha-layernorm-bias-untied-learned": dict(num_query_groups=8, normalization="LayerNorm", add_bias_linear=True,
+                                              gated_linear_unit=False, tied=False, pos="learned_absolute"),
+    "qk-layernorm-kv-channels": dict(qk_layernorm=True, kv_channels=16, num_attention_heads=4, num_query_groups=2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sorting_without_slicing_keeps_logits(mcore, variant):
+    model = make(**VARIANTS[variant])
+    data = batches()
+    before = logits(model, data)
+    pruned, result = mp.prune(model, full_sizes(model), forward_loop=mp.make_forward_loop(data, progress=False))
+    # the permutations are real (not identities), yet the function is the same
+    assert not torch.equal(result.plan.hidden, torch.arange(model.config.hidden_size))
+    assert not torch.equal(pruned.decoder.layers[0].mlp.linear_fc2.weight, model.decoder.layers[0].mlp.linear_fc2.weight)
+    torch.testing.assert_close(logits(pruned, data), before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pruned_model_is_what_megatron_builds_from_its_config(mcore, variant, tmp_path):
+    opts = dict(VARIANTS[variant])
+    model = make(**opts)
+    data = batches()
+    cfg = model.config
+    groups, q = cfg.num_query_groups // 2, cfg.num_attention_heads // cfg.num_query_groups
+    target = dict(hidden_size=48, ffn_hidden_size=64, num_layers=3, num_query_groups=groups,
+                  num_attention_heads=groups * max(1, q // 2))  # fmt: skip
+    pruned, result = mp.prune(model, target, forward_loop=mp.make_forward_loop(data, progress=False))
+    for axis, value in target.items():
+        assert getattr(result.config, axis) == value
+    assert result.config.kv_channels == (cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads)
+    fresh = build_tiny_gpt(result.config, vocab_size=VOCAB, tied=opts.get("tied", True),
+                           position_embedding_type=opts.get("pos", "rope"))  # fmt: skip
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    torch.testing.assert_close(logits(fresh, data), logits(pruned, data), atol=0, rtol=0)
+    assert result.params_after == sum(p.numel() for p in fresh.parameters()) < result.params_before
+
+
+def test_statistics_equal_values_recomputed_from_captured_activations(mcore):
+    model = make()
+    data = batches()
+    captured = {"fc2": [], "proj": [], "io": []}
+    layer = model.decoder.layers[1]
+    hooks = [
+        layer.mlp.linear_fc2.register_forward_pre_hook(lambda m, a: captured["fc2"].append(a[0].clone())),
+        layer.self_attention.linear_proj.register_forward_pre_hook(lambda m, a: captured["proj"].append(a[0].clone())),
+        layer.register_forward_hook(lambda m, a, k, o: captured["io"].append((k["hidden_states"].clone(), o[0].clone())),
+                                    with_kwargs=True),
+    ]  # fmt: skip
+    logits(model, data)
+    for h in hooks:
+        h.remove()
+    _, result = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
+    imp = result.importance
+
+    def minitron(xs):  # sqrt( sum over samples of (mean over sequence of |x|)^2 ), xs: list of [S, B, C]
+        return torch.cat([x.abs().mean(0) for x in xs]).pow(2).sum(0).sqrt()
+
+    torch.testing.assert_close(imp.ffn[2], minitron(captured["fc2"]))
+    heads = minitron(captured["proj"]).view(8, -1).norm(dim=1)
+    torch.testing.assert_close(imp.heads[2], heads)
+    cos = [torch.nn.functional.cosine_similarity(i, o, dim=-1).mean() for i, o in captured["io"]]
+    assert imp.layers[2] == pytest.approx(sum(1 - c.item() for c in cos), rel=1e-5)
+    # kept FFN channels are the top-64 by importance, in importance order
+    assert torch.equal(result.plan.layers[2].ffn, descending(imp.ffn[2])[:64])
+
+
+def test_heads_kept_are_the_top_of_each_group_and_groups_rank_by_importance(mcore):
+    model = make()  # 8 heads in 4 groups (q = 2)
+    data = batches()
+    _, r = mp.prune(model, {"num_attention_heads": 4}, forward_loop=mp.make_forward_loop(data, progress=False))
+    imp = r.importance.heads[1].view(4, 2)
+    keep = r.plan.layers[1]
+    assert keep.groups.tolist() == [0, 1, 2, 3]  # groups untouched when only heads are pruned
+    assert keep.heads.view(-1).tolist() == imp.argmax(dim=1).tolist()
+    _, r = mp.prune(model, {"num_attention_heads": 2, "num_query_groups": 2}, forward_loop=mp.make_forward_loop(data, progress=False))
+    keep = r.plan.layers[1]
+    assert keep.groups.tolist() == descending(imp.norm(dim=1))[:2].tolist()
+    assert keep.heads.view(-1).tolist() == imp[keep.groups].argmax(dim=1).tolist()
+
+
+def test_mha_model_can_lose_heads_by_pruning_query_groups(mcore):
+    model = make(num_query_groups=8)  # MHA: every head is its own group
+    data = batches()
+    pruned, r = mp.prune(model, {"num_attention_heads": 5, "num_query_groups": 5},
+                         forward_loop=mp.make_forward_loop(data, progress=False))  # fmt: skip
+    assert r.config.num_attention_heads == r.config.num_query_groups == 5
+    assert pruned.decoder.layers[0].self_attention.linear_qkv.weight.shape[0] == 5 * 3 * 8
+    assert torch.isfinite(logits(pruned, data)).all()
+
+
+def test_depth_pruning_drops_an_identity_layer_first(mcore):
+    model = make()
+    with torch.no_grad():  # layer 3 adds nothing to the residual stream: block influence 0
+        model.decoder.layers[2].self_attention.linear_proj.weight.zero_()
+        model.decoder.layers[2].mlp.linear_fc2.weight.zero_()
+    data = batches()
+    before = logits(model, data)
+    pruned, r = mp.prune(model, {"num_layers": 3}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert r.importance.layers[3] == pytest.approx(0.0, abs=1e-6)
+    assert r.plan.dropped_layers == [3] and r.plan.kept_layers == [1, 2, 4]
+    assert [layer.layer_number for layer in pruned.decoder.layers] == [1, 2, 3]
+    torch.testing.assert_close(logits(pruned, data), before, atol=1e-5, rtol=0)  # dropping an identity is exact
+
+
+def test_scores_file_reuse_is_bit_identical_and_skips_calibration(mcore, tmp_path):
+    model = make()
+    data = batches()
+    path = str(tmp_path / "scores.pt")
+    target = {"hidden_size": 40, "ffn_hidden_size": 96, "num_layers": 3}
+    first, r1 = mp.prune(model, target, forward_loop=mp.make_forward_loop(data, progress=False), scores_path=path)
+    assert r1.calibrated
+
+    def must_not_run(model):
+        raise AssertionError("calibration ran although the scores file exists")
+
+    second, r2 = mp.prune(model, target, forward_loop=must_not_run, scores_path=path)
+    assert not r2.calibrated and r2.calibration_calls == len(data)
+    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert k1 == k2 and (v1 is None and v2 is None or torch.equal(v1, v2)), k1
+    other, _ = mp.prune(model, {"num_attention_heads": 4}, scores_path=path)  # another target, no forward_loop
+    assert other.config.num_attention_heads == 4
+
+
+def test_scores_file_of_another_model_is_refused(mcore, tmp_path):
+    path = str(tmp_path / "scores.pt")
+    data = batches()
+    mp.prune(make(seed=0), {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False), scores_path=path)
+    with pytest.raises(mp.ScoresFileError, match="different weights"):
+        mp.prune(make(seed=1), {"ffn_hidden_size": 64}, scores_path=path)
+    with pytest.raises(mp.ScoresFileError, match="ffn_hidden_size: file 128 vs model 256"):
+        mp.prune(make(ffn_hidden_size=256), {"ffn_hidden_size": 64}, scores_path=path)
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a torch file")
+    with pytest.raises(mp.ScoresFileError, match="not a readable megatron-prune scores file"):
+        mp.prune(make(), {"ffn_hidden_size": 64}, scores_path=str(bogus))
+
+
+def test_input_model_is_not_modified_and_pruned_model_trains(mcore):
+    model = make()
+    snapshot = copy.deepcopy(model.state_dict())
+    data = batches()
+    pruned, _ = mp.prune(model, {"hidden_size": 32, "ffn_hidden_size": 32, "num_attention_heads": 4},
+                         forward_loop=mp.make_forward_loop(data, progress=False))  # fmt: skip
+    for k, v in model.state_dict().items():
+        assert v is None or torch.equal(v, snapshot[k]), k
+    assert not model.training or True
+    pruned.train()
+    tokens = data[0]
+    out = pruned(tokens, torch.arange(SEQ).expand_as(tokens), attention_mask=None, labels=tokens)
+    out.mean().backward()
+    grads = [p.grad for p in pruned.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,94 @@
+"""Tier 1: pure statistics and index geometry, checked against hand-computed values (no Megatron)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_prune.importance.statistics import StatStore, block_influence, channel_sum_sq, layer_norm, rms_norm
+from megatron_prune.slicing.geometry import expand_blocks, gated_rows, head_columns, qkv_rows
+
+
+def test_channel_statistic_by_hand():
+    # S=2, B=2, C=2.  sample b=0: mean|x| over s = [(1+3)/2, (2+4)/2] = [2, 3]
+    #                 sample b=1: [(5+1)/2, (0+2)/2] = [3, 1]
+    x = torch.tensor([[[1.0, -2.0], [5.0, 0.0]], [[-3.0, 4.0], [1.0, -2.0]]])  # [S, B, C]
+    assert torch.equal(channel_sum_sq(x), torch.tensor([2.0**2 + 3.0**2, 3.0**2 + 1.0**2]))
+
+
+def test_channel_statistic_two_dim_input_is_one_sample():
+    x = torch.tensor([[1.0, -1.0], [3.0, 0.0]])  # [T, C]: one sample of 2 tokens
+    assert torch.equal(channel_sum_sq(x), torch.tensor([4.0, 0.25]))
+
+
+def test_channel_statistic_is_a_sum_over_calls():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 3)
+    store = StatStore()
+    store.add("k", channel_sum_sq(x[:, :2]))
+    store.add("k", channel_sum_sq(x[:, 2:]))
+    torch.testing.assert_close(store["k"], channel_sum_sq(x))
+
+
+def test_channel_statistic_rejects_bad_rank():
+    with pytest.raises(ValueError, match=r"\[S, B, C\]"):
+        channel_sum_sq(torch.zeros(2, 2, 2, 2))
+
+
+def test_block_influence_by_hand():
+    x = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [S=2, B=1, H=2]
+    y = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])  # cos = 1 and 0 -> mean 0.5
+    assert block_influence(x, y).item() == pytest.approx(0.5)
+    assert block_influence(x, x).item() == pytest.approx(0.0, abs=1e-7)
+    assert block_influence(x, -x).item() == pytest.approx(2.0)
+
+
+def test_norm_recomputation_matches_torch():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 2, 8), torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-5))
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), expected)
+    torch.testing.assert_close(rms_norm(x, w - 1, 1e-6, zero_centered_gamma=True), expected)
+
+
+def test_store_merge_reduce_and_round_trip():
+    a = StatStore({"x": torch.tensor([1.0, 2.0])}, calls=2)
+    b = StatStore({"x": torch.tensor([3.0, 4.0]), "y": torch.tensor(5.0)}, calls=1)
+    m = a.merge(b)
+    assert torch.equal(m["x"], torch.tensor([4.0, 6.0])) and m["y"].item() == 5.0 and m.calls == 3
+    doubled = m.reduce(lambda t: t * 2)  # a stand-in "all-reduce" over two identical replicas
+    assert torch.equal(doubled["x"], torch.tensor([8.0, 12.0])) and doubled.calls == 6
+    again = StatStore.from_state_dict(m.state_dict())
+    assert again.calls == 3 and torch.equal(again["x"], m["x"])
+
+
+def test_expand_blocks():
+    assert expand_blocks(torch.tensor([2, 0]), 3).tolist() == [6, 7, 8, 0, 1, 2]
+
+
+def test_qkv_rows_worked_example():
+    # N=8, G=2 (q=4), d=1. Keep group order [1, 0]; in group 1 heads [2, 0], in group 0 heads [3, 1].
+    # Group g spans blocks g*6 .. g*6+5 = [Q0 Q1 Q2 Q3 K V].
+    rows = qkv_rows(torch.tensor([1, 0]), torch.tensor([[2, 0], [3, 1]]), q=4, d=1)
+    assert rows.tolist() == [8, 6, 10, 11, 3, 1, 4, 5]
+    rows_d2 = qkv_rows(torch.tensor([0]), torch.tensor([[1]]), q=4, d=2)
+    assert rows_d2.tolist() == [2, 3, 8, 9, 10, 11]
+
+
+def test_head_columns_match_qkv_heads():
+    cols = head_columns(torch.tensor([1, 0]), torch.tensor([[2, 0], [3, 1]]), q=4, d=2)
+    # global heads: 1*4+2=6, 4, 3, 1 -> columns 2h, 2h+1
+    assert cols.tolist() == [12, 13, 8, 9, 6, 7, 2, 3]
+
+
+def test_gated_rows():
+    assert gated_rows(torch.tensor([2, 0]), ffn=4, gated=True).tolist() == [2, 0, 6, 4]
+    assert gated_rows(torch.tensor([2, 0]), ffn=4, gated=False).tolist() == [2, 0]
+
+
+def test_qkv_rows_identity_when_everything_is_kept():
+    G, q, d = 3, 2, 4
+    rows = qkv_rows(torch.arange(G), torch.arange(q).repeat(G, 1), q, d)
+    assert rows.tolist() == list(range(G * (q + 2) * d))
+    assert math.prod(head_columns(torch.arange(G), torch.arange(q).repeat(G, 1), q, d).shape) == G * q * d
