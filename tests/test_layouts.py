@@ -1,0 +1,88 @@
+"""Tier 2, multi-rank: pruning does not depend on the parallel layout (real torchrun + gloo processes).
+
+The same model and calibration data at PP=1 (in this process), PP=2 (even and uneven stages) and DP=2
+give identical orders and identical pruned weights; the pruned PP=2 model, a stock Megatron model built
+from the pruned config, gives the PP=1 pruned model's logits; scores written at PP=2 are reused at PP=1.
+"""
+
+import pytest
+import torch
+
+import megatron_prune as mp
+from tests.stages import global_state_dict
+from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
+from tests.torchrun import REPO_ROOT, run_torchrun
+
+VOCAB, SEQ = 128, 16
+EXPORT = {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2, "num_layers": 3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from megatron_prune.runtime.distributed import init_distributed
+
+    init_distributed(seed=1234)
+    out = tmp_path_factory.mktemp("layouts")
+    torch.manual_seed(0)
+    model = build_tiny_gpt(tiny_gpt_config(), vocab_size=VOCAB)
+    batches = [random_tokens(2, SEQ, VOCAB, seed=i) for i in range(6)]
+    case = {"state_dict": model.state_dict(), "config": {}, "vocab": VOCAB, "batches": batches, "export_config": EXPORT}
+    torch.save(case, out / "case.pt")
+    run_torchrun(REPO_ROOT / "tests/workers/prune_layouts.py", 2, out / "case.pt", out, timeout=600)
+    pruned, result = mp.prune(model, EXPORT, forward_loop=mp.make_forward_loop(batches, progress=False))
+    reference = {
+        "weights": global_state_dict(pruned),
+        "result": result,
+        "logits": torch.cat(mp.run_forward(pruned, batches, collect=lambda o, t: o.clone())),
+    }
+    load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
+    return {"out": out, "model": model, "reference": reference, "load": load}
+
+
+def merged_weights(runs, name):
+    a, b = runs["load"](name, 0)["weights"], runs["load"](name, 1)["weights"]
+    return a if name == "dp2" else {**a, **b}
+
+
+@pytest.mark.parametrize("name", ["pp2", "pp2-uneven", "dp2"])
+def test_same_orders_and_weights_as_one_process(runs, name):
+    ref = runs["reference"]
+    rank0 = runs["load"](name, 0)
+    assert torch.equal(rank0["hidden_order"], ref["result"].orders.hidden)
+    for n, (ffn, groups, heads) in rank0["layer_orders"].items():
+        o = ref["result"].orders.layers[n]
+        assert torch.equal(ffn, o.ffn) and torch.equal(groups, o.groups) and torch.equal(heads, o.heads), n
+    weights = merged_weights(runs, name)
+    assert weights.keys() == ref["weights"].keys()
+    for key, value in ref["weights"].items():
+        assert torch.equal(weights[key], value), key
+    if name == "dp2":  # float summation order differs across replicas: same scores up to rounding
+        for n, s in rank0["layer_scores"].items():
+            assert s == pytest.approx(ref["result"].importance.layers[n], rel=1e-5)
+    else:  # a pipeline split changes no summation: bit-identical scores
+        assert rank0["layer_scores"] == ref["result"].importance.layers
+
+
+@pytest.mark.parametrize("name", ["pp2", "pp2-uneven"])
+def test_pruned_pipeline_model_matches_and_keeps_survivors_on_their_stage(runs, name):
+    ref = runs["reference"]
+    kept = ref["result"].plan.kept_layers
+    first_stage = {"pp2": {1, 2}, "pp2-uneven": {1}}[name]
+    expected = [[n for n in kept if n in first_stage], [n for n in kept if n not in first_stage]]
+    rank1 = runs["load"](name, 1)
+    assert rank1["stage_layers"] == expected
+    counts = [len(s) for s in expected]
+    layout = "None" if counts[0] == counts[1] else f"E{'t' * counts[0]}|{'t' * counts[1]}L"
+    assert rank1["config_layout"] == layout
+    assert rank1["params_after"] == ref["result"].params_after
+    torch.testing.assert_close(rank1["logits"], ref["logits"], atol=1e-5, rtol=0)
+
+
+def test_scores_from_pp2_are_reused_at_pp1(runs):
+    def must_not_run(model):
+        raise AssertionError("calibration ran although scores exist")
+
+    pruned, result = mp.prune(runs["model"], EXPORT, forward_loop=must_not_run, scores_path=str(runs["out"] / "pp2-scores.pt"))
+    assert not result.calibrated
+    for key, value in runs["reference"]["weights"].items():
+        assert torch.equal(global_state_dict(pruned)[key], value), key

@@ -1,0 +1,57 @@
+"""torchrun worker (2 processes): prune the same model with the same data under several parallel layouts.
+
+Usage: prune_layouts.py CASE OUT. CASE (torch file): "state_dict" of a full PP=1 model, "config" overrides
+for tiny_gpt_config, "batches" (token ids), "export_config". For each layout below every rank writes
+OUT/<layout>-rank<r>.pt with its pruned weights under global names, the orders, the kept layers per stage
+and (last stage) the pruned model's logits; the scores file of each layout is OUT/<layout>-scores.pt.
+"""
+
+import sys
+
+import torch
+from megatron.core import parallel_state
+
+import megatron_prune as mp
+from megatron_prune.runtime.distributed import init_distributed
+from tests.stages import global_state_dict, stage_state_dict
+from tests.tiny import build_tiny_gpt, tiny_gpt_config
+
+LAYOUTS = {  # name: (pipeline size, extra config)
+    "pp2": (2, {}),
+    "pp2-uneven": (2, {"num_layers_in_first_pipeline_stage": 1}),
+    "dp2": (1, {}),
+}
+
+
+def run(case: dict, out: str, name: str) -> None:
+    pp, extra = LAYOUTS[name]
+    init_distributed(pipeline_model_parallel_size=pp)
+    model = build_tiny_gpt(tiny_gpt_config(**case["config"], **extra), vocab_size=case["vocab"])
+    model.load_state_dict(stage_state_dict(case["state_dict"], model), strict=True)
+    loop = mp.make_forward_loop(case["batches"], progress=False)
+    scores = f"{out}/{name}-scores.pt"
+    pruned, result = mp.prune(model, case["export_config"], forward_loop=loop, scores_path=scores)
+    again, _ = mp.prune(model, case["export_config"], scores_path=scores)  # reuse at the same layout
+    assert all(torch.equal(a, b) for a, b in zip(global_state_dict(pruned).values(), global_state_dict(again).values()))
+    logits = mp.run_forward(pruned, case["batches"], collect=lambda out, tokens: out.clone(), shard_over_dp=False)
+    torch.save(
+        {
+            "weights": global_state_dict(pruned),
+            "hidden_order": result.orders.hidden,
+            "layer_orders": {n: (o.ffn, o.groups, o.heads) for n, o in result.orders.layers.items()},
+            "layer_scores": result.importance.layers,
+            "stage_layers": result.stage_layers,
+            "config_layout": str(result.config.pipeline_model_parallel_layout),
+            "params_after": result.params_after,
+            "logits": torch.cat(logits) if logits else None,
+        },
+        f"{out}/{name}-rank{torch.distributed.get_rank()}.pt",
+    )
+    parallel_state.destroy_model_parallel()
+
+
+if __name__ == "__main__":
+    case_path, out_dir = sys.argv[1:3]
+    case = torch.load(case_path, weights_only=False)
+    for layout in LAYOUTS:
+        run(case, out_dir, layout)
