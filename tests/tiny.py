@@ -1,0 +1,61 @@
+"""Test helpers (not tests): a tiny dense GPT built from megatron-core's local (non-TE) layer spec."""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+
+def tiny_gpt_config(**overrides) -> TransformerConfig:
+    """A 4-layer, 64-wide GQA GPT config in float32, for the parallel layout already initialised."""
+    fields = dict(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=8,
+        num_query_groups=4,
+        kv_channels=None,
+        ffn_hidden_size=128,
+        gated_linear_unit=True,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        bf16=False,
+        fp16=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def build_tiny_gpt(
+    config: TransformerConfig,
+    vocab_size: int = 128,
+    max_seq_length: int = 32,
+    tied: bool = True,
+    position_embedding_type: str = "rope",
+) -> GPTModel:
+    """This pipeline stage's part of a tiny GPT, in eval mode."""
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=tied,
+        position_embedding_type=position_embedding_type,
+    )
+    return model.eval()
+
+
+def random_tokens(batch: int, seq: int, vocab: int, seed: int) -> torch.LongTensor:
+    """[batch, seq] token ids drawn from their own generator, so the global RNG is left alone."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=generator)
