@@ -4,7 +4,7 @@
                                           forward_loop=make_forward_loop(batches), scores_path="scores.pt")
 """
 
-from megatron_prune.api import PruneResult, count_params, prune
+from megatron_prune.api import PruneResult, calibrate, count_params, prune
 from megatron_prune.config import SUPPORTED_AXES, PruneConfigError
 from megatron_prune.data.forward import make_forward_loop, run_forward
 from megatron_prune.importance.scores_file import ScoresFileError
@@ -12,6 +12,6 @@ from megatron_prune.slicing.state_dict import UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = [
-    "prune", "PruneResult", "count_params", "make_forward_loop", "run_forward", "SUPPORTED_AXES",
+    "prune", "calibrate", "PruneResult", "count_params", "make_forward_loop", "run_forward", "SUPPORTED_AXES",
     "PruneConfigError", "ScoresFileError", "UnsupportedModelError",
 ]  # fmt: skip

@@ -81,18 +81,13 @@ def prune(
         where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
         raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
 
-    fingerprint = model_fingerprint(model, ctx)
     params_before = count_params(model, ctx)
     log(f"original model: {_sizes(shape.sizes())}, {params_before:,} parameters; PP={ctx.pp_size} DP={ctx.dp_size}")
     if have_scores:
-        stats = load_scores(scores_path, fingerprint)
+        stats = load_scores(scores_path, model_fingerprint(model, ctx))
         log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
     else:
-        log("calibrating: collecting activation statistics")
-        stats = reduce_statistics(collect_statistics(model, forward_loop), ctx)
-        if scores_path:
-            save_scores(scores_path, stats, fingerprint, ctx, meta={"pp_size": ctx.pp_size, "dp_size": ctx.dp_size})
-            log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
+        stats = _calibrate(model, forward_loop, scores_path, ctx)
 
     importance = score_importance(stats, shape)
     orders = rank_orders(importance, shape)
@@ -126,6 +121,47 @@ def prune(
         scores_path=scores_path,
     )  # fmt: skip
     return pruned, result
+
+
+def calibrate(
+    model: torch.nn.Module,
+    forward_loop: Callable[[torch.nn.Module], None],
+    scores_path: Optional[str] = None,
+    extend: bool = False,
+) -> StatStore:
+    """Collect the statistics of every layer (reduced over DP, gathered over PP) without pruning.
+
+    With `scores_path` the result is saved there; with `extend=True` and an existing file, the new sums
+    are *added* to the file's (more calibration data, e.g. after an interrupted job), which equals one
+    calibration over all the data. `prune()` then reuses the file at any layout and any target.
+    """
+    ctx = ParallelContext.from_megatron()
+    _check_model(model, ctx)
+    previous = None
+    if scores_path and os.path.exists(scores_path):
+        if not extend:
+            raise PruneConfigError(f"scores_path={scores_path!r} exists: pass extend=True to add to it, or another path")
+        previous = load_scores(scores_path, model_fingerprint(model, ctx))
+    stats = _calibrate(model, forward_loop, None, ctx)
+    if previous is not None:
+        stats = previous.merge(stats)
+    if scores_path:
+        _save(scores_path, stats, model, ctx)
+    return stats
+
+
+def _calibrate(model, forward_loop, scores_path: Optional[str], ctx: ParallelContext) -> StatStore:
+    log("calibrating: collecting activation statistics")
+    stats = reduce_statistics(collect_statistics(model, forward_loop), ctx)
+    if scores_path:
+        _save(scores_path, stats, model, ctx)
+    return stats
+
+
+def _save(scores_path: str, stats: StatStore, model, ctx: ParallelContext) -> None:
+    meta = {"pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
+    save_scores(scores_path, stats, model_fingerprint(model, ctx), ctx, meta=meta)
+    log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
 
 
 def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:

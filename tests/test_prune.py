@@ -193,3 +193,48 @@ def test_input_model_is_not_modified_and_pruned_model_trains(mcore):
     out.mean().backward()
     grads = [p.grad for p in pruned.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_calibration_resumes_by_adding_raw_sums(mcore, tmp_path):
+    model = make()
+    data = batches(n=6)
+    path = str(tmp_path / "scores.pt")
+    whole = mp.calibrate(model, mp.make_forward_loop(data, progress=False))
+    mp.calibrate(model, mp.make_forward_loop(data[:2], progress=False), scores_path=path)
+    with pytest.raises(mp.PruneConfigError, match="exists: pass extend=True"):
+        mp.calibrate(model, mp.make_forward_loop(data[2:], progress=False), scores_path=path)
+    resumed = mp.calibrate(model, mp.make_forward_loop(data[2:], progress=False), scores_path=path, extend=True)
+    assert resumed.calls == whole.calls == 6
+    for key in whole.keys():
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-6, atol=0)
+    _, from_file = mp.prune(model, {"ffn_hidden_size": 64}, scores_path=path)
+    _, direct = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert torch.equal(from_file.plan.layers[1].ffn, direct.plan.layers[1].ffn)
+
+
+def test_fused_norm_mapping_gives_the_local_spec_statistics(mcore):
+    """Transformer Engine fuses the pre-sublayer norms into linear_qkv / linear_fc1 (`layer_norm_weight`).
+
+    Emulate that layout on the local spec (move each norm's weight into the following linear, which then
+    normalises its own input) and check the hidden statistics are those of the separate-norm model.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_prune.importance.hooks import collect_statistics
+    from megatron_prune.importance.statistics import rms_norm
+
+    model = make()
+    data = batches()
+    local = collect_statistics(model, mp.make_forward_loop(data, progress=False))
+    fused = make()  # same seed, same weights
+    for layer in fused.decoder.layers:
+        for norm_name, linear in (("input_layernorm", layer.self_attention.linear_qkv), ("pre_mlp_layernorm", layer.mlp.linear_fc1)):
+            norm = getattr(layer, norm_name)
+            linear.layer_norm_weight = norm.weight
+            eps = linear.config.layernorm_epsilon
+            linear.forward = (lambda f, w: lambda x, *a, **k: f(rms_norm(x, w, eps), *a, **k))(linear.forward, norm.weight)
+            setattr(layer, norm_name, IdentityOp())
+    torch.testing.assert_close(logits(fused, data), logits(model, data), atol=1e-5, rtol=0)
+    emulated = collect_statistics(fused, mp.make_forward_loop(data, progress=False))
+    for key in local.keys():
+        torch.testing.assert_close(emulated[key], local[key], rtol=1e-4, atol=1e-6)

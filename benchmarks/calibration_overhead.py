@@ -1,0 +1,93 @@
+"""Benchmark: calibration with importance hooks vs a plain forward over the same batches.
+
+Runs a ~110M-parameter dense GPT (local spec, fp32, CPU) through Megatron's pipeline schedule, alternating
+plain forwards and hooked calibration passes over identical micro-batches, and reports the median ratio
+(hooked / plain) measured in this one run. Goal: <= 1.05.
+
+    .venv/bin/python benchmarks/calibration_overhead.py [--layers 12 --hidden 768 --seq 512 --batches 6 --repeats 3]
+
+Writes benchmarks/results/calibration_overhead.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from megatron_prune.data.forward import run_forward
+from megatron_prune.importance.hooks import collect_statistics
+from megatron_prune.runtime.distributed import init_distributed
+
+
+def build(args):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 64,
+        num_query_groups=args.hidden // 64 // 3 or 1, ffn_hidden_size=args.ffn, gated_linear_unit=True,
+        normalization="RMSNorm", add_bias_linear=False, use_cpu_initialization=True, params_dtype=torch.float32,
+        hidden_dropout=0.0, attention_dropout=0.0, pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=args.vocab,
+                     max_sequence_length=args.seq, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=True)  # fmt: skip
+    return model.eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--batches", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "calibration_overhead.json"))
+    args = p.parse_args()
+
+    init_distributed(seed=0)
+    model = build(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, args.vocab, (args.micro_batch_size, args.seq), generator=g) for _ in range(args.batches)]
+
+    def plain():
+        with torch.no_grad():
+            run_forward(model, batches)
+
+    def hooked():
+        collect_statistics(model, lambda m: run_forward(m, batches))
+
+    plain(), hooked()  # warm-up both paths
+    times = {"plain": [], "hooked": []}
+    for _ in range(args.repeats):
+        for name, fn in (("plain", plain), ("hooked", hooked)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    ratios = [h / p for h, p in zip(times["hooked"], times["plain"])]
+    result = {
+        "params": n_params, "config": vars(args), "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seconds": times,
+        "ratio_median": statistics.median(ratios), "ratios": ratios,
+        "tokens_per_s_plain": args.batches * args.micro_batch_size * args.seq / statistics.median(times["plain"]),
+    }  # fmt: skip
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"model: {n_params / 1e6:.1f}M parameters, {args.batches} micro-batches of {args.micro_batch_size}x{args.seq} tokens")
+    print(f"plain forward : median {statistics.median(times['plain']):.2f}s  ({result['tokens_per_s_plain']:.0f} tokens/s)")
+    print(f"with hooks    : median {statistics.median(times['hooked']):.2f}s")
+    print(f"ratio hooked/plain: median {result['ratio_median']:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
