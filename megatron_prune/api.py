@@ -27,6 +27,7 @@ from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing.model import pruned_config, rebuild_gpt
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
 from megatron_prune.slicing.state_dict import check_supported, slice_state_dict
+from megatron_prune.slicing.tensor_parallel import partitions
 
 
 @dataclass
@@ -58,7 +59,7 @@ def prune(
     """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`.
 
     Args:
-        model: an unwrapped GPTModel built at TP=1 with any PP/DP layout; it is not modified.
+        model: an unwrapped GPTModel stage at any TP/PP/DP layout (sequence parallel off); not modified.
         export_config: target sizes, any subset of hidden_size, ffn_hidden_size, num_attention_heads,
             num_query_groups and num_layers (TransformerConfig field names).
         forward_loop: `forward_loop(model)` runs calibration forwards (see `make_forward_loop`); with
@@ -75,7 +76,7 @@ def prune(
     ctx = ParallelContext.from_megatron()
     _check_model(model, ctx)
     shape = ModelShape.from_config(model.config)
-    target = validate_export_config(export_config, shape, ctx.pp_size)
+    target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
     have_scores = scores_path is not None and os.path.exists(scores_path)
     if not have_scores and forward_loop is None:
         where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
@@ -108,7 +109,8 @@ def prune(
         )
 
     new_config = pruned_config(model.config, shape, target, [len(s) for s in stage_layers])
-    state = slice_state_dict(model.state_dict(), {local: n for n, local in numbers.items()}, plan, shape)
+    layer_numbers = {local: n for n, local in numbers.items()}
+    state = slice_state_dict(model.state_dict(), layer_numbers, plan, shape, ctx)
     pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config)
     pruned.load_state_dict(state, strict=True)
     pruned.train(model.training)
@@ -165,13 +167,16 @@ def _save(scores_path: str, stats: StatStore, model, ctx: ParallelContext) -> No
 
 
 def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
-    """Parameters of the whole model, summed over pipeline stages (a tied output layer counts once)."""
-    local = 0
+    """Parameters of the whole model: TP shards summed, replicated tensors once, stages summed, a tied
+    output layer counted once."""
+    local, split = 0, partitions(model)
     for name, p in model.named_parameters():
         if name == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
             continue
-        local += p.numel()
-    return sum(ctx.gather_over_pp(local))
+        if name in split or ctx.tp_rank == 0:
+            local += p.numel()
+    stage = int(sum(t.item() for t in ctx.gather_over_tp(torch.tensor([local], dtype=torch.float64))))
+    return sum(ctx.gather_over_pp(stage))
 
 
 def _check_model(model: torch.nn.Module, ctx: ParallelContext) -> None:
@@ -182,12 +187,12 @@ def _check_model(model: torch.nn.Module, ctx: ParallelContext) -> None:
             f"model must be an unwrapped megatron.core GPTModel, got {type(model).__name__} "
             "(unwrap DDP/Float16Module first, e.g. megatron.core.utils.unwrap_model)"
         )
-    if ctx.tp_size != 1:
-        raise PruneConfigError(
-            f"tensor_model_parallel_size={ctx.tp_size}: pruning currently runs at TP=1; load the model with TP=1 "
-            "(pipeline and data parallelism are supported)"
-        )
     cfg = model.config
+    if ctx.tp_size > 1 and cfg.sequence_parallel:
+        raise PruneConfigError(
+            "config.sequence_parallel=True: calibrate with sequence parallelism off (it splits the sequence that "
+            "per-sample statistics average over); TP itself is supported"
+        )
     for flag in ("attention_output_gate", "multi_latent_attention", "heterogeneous_block_specs"):
         if getattr(cfg, flag, False):
             raise PruneConfigError(f"config.{flag}=True is not supported yet by megatron-prune")

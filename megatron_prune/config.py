@@ -52,11 +52,12 @@ class ModelShape:
         return {axis: getattr(self, axis) for axis in SUPPORTED_AXES}
 
 
-def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1) -> Dict[str, int]:
+def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, tp_size: int = 1) -> Dict[str, int]:
     """Check a manual target and return the complete target sizes (untouched axes keep their size).
 
     Rules: only known axes; integers in [1, original]; kept heads a multiple of kept query groups with
-    no more heads per group than the model has; at least one layer per pipeline stage.
+    no more heads per group than the model has; at least one layer per pipeline stage; heads, query
+    groups and FFN size divisible by the tensor-parallel size.
     """
     if not isinstance(export_config, Mapping):
         raise PruneConfigError(f"export_config must be a dict of target sizes, got {type(export_config).__name__}")
@@ -93,6 +94,12 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1) -
             f"heads per group, but each group of this model has {shape.heads_per_group}: keep at most "
             f"{groups * shape.heads_per_group} heads, or keep more query groups"
         )
+    for axis in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if target[axis] % tp_size:
+            raise PruneConfigError(
+                f"export_config[{axis!r}]={target[axis]} is not divisible by the tensor-parallel size {tp_size}: "
+                f"choose a multiple of {tp_size} (or prune at a smaller TP: scores are reusable there)"
+            )
     if target["num_layers"] < pp_size:
         raise PruneConfigError(
             f"export_config['num_layers']={target['num_layers']} is smaller than the pipeline-parallel size "

@@ -1,15 +1,18 @@
-"""Test helpers (not tests): move a full model's state dict onto a pipeline stage, and back to global names."""
+"""Test helpers (not tests): move a full model's state dict onto a TP/PP shard, and back to global names."""
 
 import re
 
 import torch
 
+from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.tensor_parallel import logical, partitions, shard
+
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
 def stage_state_dict(full: dict, model: torch.nn.Module) -> dict:
-    """This stage's tensors from a full (PP=1) state dict, decoder layers matched by global `layer_number`."""
-    stage = {}
+    """This rank's tensors from a full (TP=PP=1) state dict, decoder layers matched by global `layer_number`."""
+    stage, parts, ctx = {}, partitions(model), ParallelContext.from_megatron()
     for key in model.state_dict():
         source = key
         layer = _LAYER.fullmatch(key)
@@ -17,14 +20,16 @@ def stage_state_dict(full: dict, model: torch.nn.Module) -> dict:
             source = f"decoder.layers.{model.decoder.layers[int(layer[1])].layer_number - 1}.{layer[2]}"
         if source == "output_layer.weight" and source not in full:  # tied: the last stage holds a copy
             source = "embedding.word_embeddings.weight"
-        stage[key] = full[source]
+        stage[key] = full[source] if key not in parts else shard(full[source], parts[key], ctx)
     return stage
 
 
 def global_state_dict(model: torch.nn.Module) -> dict:
-    """This stage's tensors keyed as in a PP=1 model (decoder layers by global number); tied copies dropped."""
-    out = {}
+    """This stage's tensors as in a TP=PP=1 model: TP shards gathered, decoder layers by global number,
+    tied copies dropped. A collective when TP > 1."""
+    out, parts, ctx = {}, partitions(model), ParallelContext.from_megatron()
     for key, value in model.state_dict().items():
+        original = key
         if key.endswith("._extra_state"):
             continue
         if key == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
@@ -32,5 +37,5 @@ def global_state_dict(model: torch.nn.Module) -> dict:
         layer = _LAYER.fullmatch(key)
         if layer:
             key = f"decoder.layers.{model.decoder.layers[int(layer[1])].layer_number - 1}.{layer[2]}"
-        out[key] = value.detach().clone()
+        out[key] = logical(value, parts.get(original), ctx).detach().clone()
     return out

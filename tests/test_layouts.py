@@ -1,8 +1,9 @@
 """Tier 2, multi-rank: pruning does not depend on the parallel layout (real torchrun + gloo processes).
 
-The same model and calibration data at PP=1 (in this process), PP=2 (even and uneven stages) and DP=2
-give identical orders and identical pruned weights; the pruned PP=2 model, a stock Megatron model built
-from the pruned config, gives the PP=1 pruned model's logits; scores written at PP=2 are reused at PP=1.
+The same model and calibration data at TP=PP=1 (in this process), PP=2 (even and uneven stages), DP=2 and
+TP=2 give identical orders and identical pruned weights (TP shards gathered); the pruned PP=2 and TP=2
+models, stock Megatron models built from the pruned config, give the single-process pruned model's logits;
+scores written at PP=2 or TP=2 are reused at TP=PP=1.
 """
 
 import pytest
@@ -41,10 +42,13 @@ def runs(tmp_path_factory):
 
 def merged_weights(runs, name):
     a, b = runs["load"](name, 0)["weights"], runs["load"](name, 1)["weights"]
-    return a if name == "dp2" else {**a, **b}
+    if name in ("dp2", "tp2"):  # replicas (DP) or both holding the gathered full tensors (TP)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return a
+    return {**a, **b}
 
 
-@pytest.mark.parametrize("name", ["pp2", "pp2-uneven", "dp2"])
+@pytest.mark.parametrize("name", ["pp2", "pp2-uneven", "dp2", "tp2"])
 def test_same_orders_and_weights_as_one_process(runs, name):
     ref = runs["reference"]
     rank0 = runs["load"](name, 0)
@@ -56,7 +60,7 @@ def test_same_orders_and_weights_as_one_process(runs, name):
     assert weights.keys() == ref["weights"].keys()
     for key, value in ref["weights"].items():
         assert torch.equal(weights[key], value), key
-    if name == "dp2":  # float summation order differs across replicas: same scores up to rounding
+    if name in ("dp2", "tp2"):  # float summation order differs (replica sums, TP all-reduce): equal up to rounding
         for n, s in rank0["layer_scores"].items():
             assert s == pytest.approx(ref["result"].importance.layers[n], rel=1e-5)
     else:  # a pipeline split changes no summation: bit-identical scores
@@ -78,11 +82,19 @@ def test_pruned_pipeline_model_matches_and_keeps_survivors_on_their_stage(runs, 
     torch.testing.assert_close(rank1["logits"], ref["logits"], atol=1e-5, rtol=0)
 
 
-def test_scores_from_pp2_are_reused_at_pp1(runs):
+def test_pruned_tensor_parallel_model_matches(runs):
+    rank0 = runs["load"]("tp2", 0)
+    assert rank0["params_after"] == runs["reference"]["result"].params_after
+    torch.testing.assert_close(rank0["logits"], runs["reference"]["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pp2", "tp2"])
+def test_scores_from_another_layout_are_reused_at_one_process(runs, name):
     def must_not_run(model):
         raise AssertionError("calibration ran although scores exist")
 
-    pruned, result = mp.prune(runs["model"], EXPORT, forward_loop=must_not_run, scores_path=str(runs["out"] / "pp2-scores.pt"))
+    scores = str(runs["out"] / f"{name}-scores.pt")
+    pruned, result = mp.prune(runs["model"], EXPORT, forward_loop=must_not_run, scores_path=scores)
     assert not result.calibrated
     for key, value in runs["reference"]["weights"].items():
         assert torch.equal(global_state_dict(pruned)[key], value), key

@@ -31,19 +31,25 @@ class HookSite:
     name: str  # statistic name, the suffix of the store key
     module: str  # path inside a TransformerLayer; "" is the layer itself
     kind: str  # "input" | "normed_input" | "block"
+    tp_partitioned: bool = False  # input of a row-parallel linear: each TP rank sees its own channels
 
 
 LAYER_SITES: Tuple[HookSite, ...] = (
     HookSite("qkv_in", "self_attention.linear_qkv", "normed_input"),
     HookSite("fc1_in", "mlp.linear_fc1", "normed_input"),
-    HookSite("proj_in", "self_attention.linear_proj", "input"),
-    HookSite("fc2_in", "mlp.linear_fc2", "input"),
+    HookSite("proj_in", "self_attention.linear_proj", "input", tp_partitioned=True),
+    HookSite("fc2_in", "mlp.linear_fc2", "input", tp_partitioned=True),
     HookSite("block", "", "block"),
 )
+TP_PARTITIONED_SITES = frozenset(site.name for site in LAYER_SITES if site.tp_partitioned)
 
 
 def stat_key(layer_number: int, site: str) -> str:
     return f"layer{layer_number}/{site}"
+
+
+def site_of(key: str) -> str:
+    return key.rpartition("/")[2]
 
 
 def decoder_layers(model: torch.nn.Module) -> Iterator[Tuple[int, torch.nn.Module]]:

@@ -1,20 +1,30 @@
 """Exact distributed reductions of raw statistics.
 
-Each pipeline stage holds the statistics of its own layers; data-parallel replicas of a stage hold
-partial sums over their share of the calibration batches. `reduce_statistics` returns, on every rank,
+Tensor-parallel ranks see disjoint channels of the row-parallel inputs (heads of linear_proj, FFN
+channels of linear_fc2), concatenated here in rank order, and identical copies of everything else. Each
+pipeline stage holds the statistics of its own layers; data-parallel replicas of a stage hold partial
+sums over their share of the calibration batches. `reduce_statistics` returns, on every rank,
 the statistics of *all* layers summed over all replicas: the same numbers a single process would have
 accumulated over the same batches (up to float summation order across DP replicas).
 """
 
 from __future__ import annotations
 
+import torch
+
+from megatron_prune.importance.hooks import TP_PARTITIONED_SITES, site_of
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
 
 
 def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
-    """DP sum of this stage's accumulators, then a union over pipeline stages (keys are global)."""
-    stage = local.to_cpu().reduce(ctx.sum_over_dp)
+    """TP concat of partitioned channels, DP sum, then a union over pipeline stages (keys are global)."""
+    stage = local.to_cpu()
+    if ctx.tp_size > 1:
+        for key in sorted(stage.keys()):  # same keys, same order on every TP rank
+            if site_of(key) in TP_PARTITIONED_SITES:
+                stage.sums[key] = torch.cat(ctx.gather_over_tp(stage.sums[key]))
+    stage = stage.reduce(ctx.sum_over_dp)
     parts = ctx.gather_over_pp(stage.state_dict())
     full = StatStore()
     for part in parts:

@@ -17,6 +17,7 @@ import torch
 
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.tensor_parallel import logical, partitions
 
 FORMAT = "megatron-prune/scores"
 VERSION = 1
@@ -31,7 +32,10 @@ class ScoresFileError(ValueError):
 
 
 def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str, object]:
-    """{architecture fields, vocab size, weights digest}; identical at every PP/DP layout of one model."""
+    """{architecture fields, vocab size, weights digest}; identical at every TP/PP/DP layout of one model.
+
+    TP shards are digested in their logical full form (one gather per partitioned tensor when TP > 1).
+    """
     cfg = model.config
     arch = {f: getattr(cfg, f, None) for f in _FINGERPRINT_FIELDS}
     arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
@@ -40,15 +44,17 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     arch["share_embeddings_and_output_weights"] = bool(model.share_embeddings_and_output_weights)
     local = {}
     numbers = [int(layer.layer_number) for layer in model.decoder.layers]
+    parts = partitions(model)
     for name, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor) or name.endswith("._extra_state"):
             continue
         if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
             continue  # a copy of the embedding that exists only on the last stage when PP > 1
+        full = logical(t, parts.get(name), ctx)
         m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
         if m:
             name = f"decoder.layers.{numbers[int(m[1])]}.{m[2]}"
-        local[name] = _tensor_digest(t)
+        local[name] = _tensor_digest(full)
     merged = {}
     for part in ctx.gather_over_pp(local):
         merged.update(part)

@@ -19,11 +19,13 @@ class ParallelContext:
     """Where this rank sits. Groups are None when the world is a single process."""
 
     tp_size: int = 1
+    tp_rank: int = 0
     pp_size: int = 1
     pp_rank: int = 0
     dp_size: int = 1
     dp_rank: int = 0
     global_rank: int = 0
+    tp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     pp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
 
@@ -31,6 +33,8 @@ class ParallelContext:
         for name in ("tp_size", "pp_size", "dp_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank={self.tp_rank} outside tensor-parallel size {self.tp_size}")
         if not 0 <= self.pp_rank < self.pp_size:
             raise ValueError(f"pp_rank={self.pp_rank} outside pipeline size {self.pp_size}")
         if not 0 <= self.dp_rank < self.dp_size:
@@ -51,11 +55,13 @@ class ParallelContext:
             )
         return cls(
             tp_size=ps.get_tensor_model_parallel_world_size(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
             pp_size=ps.get_pipeline_model_parallel_world_size(),
             pp_rank=ps.get_pipeline_model_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             dp_rank=ps.get_data_parallel_rank(),
             global_rank=dist.get_rank(),
+            tp_group=ps.get_tensor_model_parallel_group(),
             pp_group=ps.get_pipeline_model_parallel_group(),
             dp_group=ps.get_data_parallel_group(),
         )
@@ -71,6 +77,15 @@ class ParallelContext:
         buf = t.to(_device())
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
         return buf.cpu()
+
+    def gather_over_tp(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """All-gather a tensor (same shape on every rank) over tensor-parallel ranks, in rank order."""
+        if self.tp_size == 1:
+            return [t]
+        buf = t.contiguous().to(_device())
+        out = [torch.empty_like(buf) for _ in range(self.tp_size)]
+        dist.all_gather(out, buf, group=self.tp_group)
+        return [o.to(t.device) for o in out]
 
     def gather_over_pp(self, obj: Any) -> List[Any]:
         """All-gather a picklable object over pipeline stages, in stage order."""

@@ -6,29 +6,20 @@ result loads with `strict=True` into the stage a stock MCore model builds from t
 
 from __future__ import annotations
 
-import re
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional
 
 import torch
 
 from megatron_prune.config import ModelShape
+from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing import geometry as geo
 from megatron_prune.slicing.plan import LayerKeep, PrunePlan
-from megatron_prune.slicing.table import FC1_ROWS, FFN, HEAD_COLS, HIDDEN, LAYER_ROLES, MODEL_ROLES, QKV_ROWS, Dims, lookup
-
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+from megatron_prune.slicing.table import FC1_ROWS, FFN, HEAD_COLS, HIDDEN, QKV_ROWS, axes_of
+from megatron_prune.slicing.tensor_parallel import gather_full, partition, shard
 
 
 class UnsupportedModelError(ValueError):
     """The model holds a module the axis table does not describe."""
-
-
-def split_name(name: str) -> Tuple[Optional[int], str, Optional[Dims]]:
-    """(local decoder-layer index or None, name inside the layer/model, dims from the table or None)."""
-    m = _LAYER.fullmatch(name)
-    if m:
-        return int(m[1]), m[2], lookup(LAYER_ROLES, m[2])
-    return None, name, lookup(MODEL_ROLES, name)
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -36,7 +27,7 @@ def check_supported(model: torch.nn.Module) -> None:
     for name in model.state_dict():
         if name.endswith("._extra_state"):
             continue
-        if split_name(name)[2] is None:
+        if axes_of(name)[2] is None:
             module = model.get_submodule(name.rpartition(".")[0])
             raise UnsupportedModelError(
                 f"unsupported module type {type(module).__name__} at '{name.rpartition('.')[0]}' (tensor '{name}'): "
@@ -61,7 +52,7 @@ def _index(geometry: str, plan: PrunePlan, keep: Optional[LayerKeep], shape: Mod
     raise KeyError(f"unknown geometry {geometry!r}")
 
 
-def slice_tensor(t: torch.Tensor, dims: Dims, index_of) -> torch.Tensor:
+def slice_tensor(t: torch.Tensor, dims: Mapping[int, str], index_of) -> torch.Tensor:
     """Gather `t` along each dim that has a (non-None) index; returns a new contiguous tensor."""
     out = t
     for dim, geometry in dims.items():
@@ -72,14 +63,24 @@ def slice_tensor(t: torch.Tensor, dims: Dims, index_of) -> torch.Tensor:
 
 
 def slice_state_dict(
-    state: Mapping[str, torch.Tensor], layer_numbers: Mapping[int, int], plan: PrunePlan, shape: ModelShape
+    state: Mapping[str, torch.Tensor],
+    layer_numbers: Mapping[int, int],
+    plan: PrunePlan,
+    shape: ModelShape,
+    ctx: ParallelContext | None = None,
 ) -> Dict[str, object]:
-    """`layer_numbers`: {local index in decoder.layers: global layer number} for this rank."""
+    """Slice this rank's state dict.
+
+    `layer_numbers`: {local index in decoder.layers: global layer number} for this rank. A tensor split
+    across TP ranks along a dim being sliced is gathered to its logical full form, sliced with global
+    indices and re-sharded for the pruned model (one collective per such tensor, in state-dict order,
+    identical on every TP rank); all other tensors are sliced locally.
+    """
     survivors = [n for n in sorted(layer_numbers.values()) if n in plan.layers]
     new_position = {n: i for i, n in enumerate(survivors)}
     out: Dict[str, object] = {}
     for name, value in state.items():
-        local, inner, dims = split_name(name)
+        local, inner, axes = axes_of(name)
         number = None if local is None else layer_numbers[local]
         if number is not None:
             if number not in plan.layers:
@@ -88,8 +89,13 @@ def slice_state_dict(
         if not isinstance(value, torch.Tensor) or name.endswith("._extra_state"):
             out[name] = value
             continue
-        if dims is None:
+        if axes is None:
             raise UnsupportedModelError(f"no axis-table entry for tensor '{inner}'")
         keep = plan.layers[number] if number is not None else None
-        out[name] = slice_tensor(value, dims, lambda g: _index(g, plan, keep, shape))
+        index_of = lambda g: _index(g, plan, keep, shape)  # noqa: E731
+        part = partition(axes, shape.gated_linear_unit) if ctx is not None and ctx.tp_size > 1 else None
+        if part is not None and part.dim in axes.dims and index_of(axes.dims[part.dim]) is not None:
+            out[name] = shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), part, ctx)
+        else:
+            out[name] = slice_tensor(value, axes.dims, index_of)
     return out

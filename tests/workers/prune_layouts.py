@@ -13,27 +13,45 @@ from megatron.core import parallel_state
 
 import megatron_prune as mp
 from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.tensor_parallel import Partition, partitions
 from tests.stages import global_state_dict, stage_state_dict
 from tests.tiny import build_tiny_gpt, tiny_gpt_config
 
-LAYOUTS = {  # name: (pipeline size, extra config)
-    "pp2": (2, {}),
-    "pp2-uneven": (2, {"num_layers_in_first_pipeline_stage": 1}),
-    "dp2": (1, {}),
+LAYOUTS = {  # name: (tensor-parallel size, pipeline size, extra config)
+    "pp2": (1, 2, {}),
+    "pp2-uneven": (1, 2, {"num_layers_in_first_pipeline_stage": 1}),
+    "dp2": (1, 1, {}),
+    "tp2": (2, 1, {}),
 }
 
 
+def check_table_partitions_match_megatron() -> None:
+    """The axis table's TP splits equal the partition attributes megatron-core sets at initialisation."""
+    model = build_tiny_gpt(tiny_gpt_config(add_bias_linear=True), tied=False)
+    table = partitions(model)
+    for name, p in model.named_parameters():
+        if getattr(p, "tensor_model_parallel", False):
+            assert table.get(name) == Partition(p.partition_dim, p.partition_stride), (name, table.get(name))
+        else:
+            assert name not in table, name
+
+
 def run(case: dict, out: str, name: str) -> None:
-    pp, extra = LAYOUTS[name]
-    init_distributed(pipeline_model_parallel_size=pp)
+    tp, pp, extra = LAYOUTS[name]
+    init_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model = build_tiny_gpt(tiny_gpt_config(**case["config"], **extra), vocab_size=case["vocab"])
     model.load_state_dict(stage_state_dict(case["state_dict"], model), strict=True)
+    if tp > 1:
+        check_table_partitions_match_megatron()
     loop = mp.make_forward_loop(case["batches"], progress=False)
     scores = f"{out}/{name}-scores.pt"
     pruned, result = mp.prune(model, case["export_config"], forward_loop=loop, scores_path=scores)
     again, _ = mp.prune(model, case["export_config"], scores_path=scores)  # reuse at the same layout
     assert all(torch.equal(a, b) for a, b in zip(global_state_dict(pruned).values(), global_state_dict(again).values()))
     logits = mp.run_forward(pruned, case["batches"], collect=lambda out, tokens: out.clone(), shard_over_dp=False)
+    if logits and tp > 1:  # vocab-parallel output: gather the vocabulary shards
+        logits = [torch.cat(ParallelContext.from_megatron().gather_over_tp(x), dim=-1) for x in logits]
     torch.save(
         {
             "weights": global_state_dict(pruned),
