@@ -5,10 +5,9 @@
 """
 
 from megatron_prune.api import PruneResult, calibrate, count_params, prune
-from megatron_prune.config import SUPPORTED_AXES, PruneConfigError
+from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, UnsupportedModelError
 from megatron_prune.data.forward import make_forward_loop, run_forward
 from megatron_prune.importance.scores_file import ScoresFileError
-from megatron_prune.slicing.state_dict import UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = [

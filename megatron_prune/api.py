@@ -11,22 +11,23 @@ The input model is never modified; the pruned model is a new object.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from megatron_prune.config import SUPPORTED_AXES, ModelShape, PruneConfigError, validate_export_config
+from megatron_prune.config import SUPPORTED_AXES, ModelShape, PruneConfigError, UnsupportedModelError, validate_export_config
 from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers
 from megatron_prune.importance.reduce import reduce_statistics
-from megatron_prune.importance.scores_file import load_scores, model_fingerprint, save_scores
+from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
 from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing.model import pruned_config, rebuild_gpt
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
-from megatron_prune.slicing.state_dict import check_supported, slice_state_dict
+from megatron_prune.slicing.state_dict import slice_state_dict
+from megatron_prune.slicing.table import axes_of
 from megatron_prune.slicing.tensor_parallel import partitions
 
 
@@ -46,7 +47,6 @@ class PruneResult:
     calibrated: bool  # False when statistics came from the scores file
     calibration_calls: int = 0
     scores_path: Optional[str] = None
-    notes: List[str] = field(default_factory=list)
 
 
 def prune(
@@ -77,15 +77,19 @@ def prune(
     _check_model(model, ctx)
     shape = ModelShape.from_config(model.config)
     target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
-    have_scores = scores_path is not None and os.path.exists(scores_path)
+    numbers = local_layer_numbers(model)  # {global: local}
+    original_counts = [len(s) for s in ctx.gather_over_pp(sorted(numbers))]
+    _check_megatron_accepts(model.config, shape, target, original_counts)
+    have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
     if not have_scores and forward_loop is None:
         where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
         raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
 
     params_before = count_params(model, ctx)
-    log(f"original model: {_sizes(shape.sizes())}, {params_before:,} parameters; PP={ctx.pp_size} DP={ctx.dp_size}")
+    log(f"original model: {_sizes(shape.sizes())}, {params_before:,} parameters; "
+        f"TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}")  # fmt: skip
     if have_scores:
-        stats = load_scores(scores_path, model_fingerprint(model, ctx))
+        stats = _load_everywhere(scores_path, model, ctx)
         log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
     else:
         stats = _calibrate(model, forward_loop, scores_path, ctx)
@@ -93,27 +97,26 @@ def prune(
     importance = score_importance(stats, shape)
     orders = rank_orders(importance, shape)
     plan = plan_pruning(orders, shape, target, requested=export_config)
-    numbers = local_layer_numbers(model)  # {global: local}
-    kept_here = [n for n in sorted(numbers) if n in plan.layers]
-    stage_layers = ctx.gather_over_pp(kept_here)
+    stage_layers = ctx.gather_over_pp([n for n in sorted(numbers) if n in plan.layers])
     if plan.dropped_layers:
         log(f"dropping layers {plan.dropped_layers} (1-indexed, lowest block influence)")
     if ctx.pp_size > 1:
         log("layers kept per pipeline stage (no rebalancing): "
             + ", ".join(f"stage {i}: {s}" for i, s in enumerate(stage_layers)))  # fmt: skip
-    empty = [i for i, s in enumerate(stage_layers) if not s]
-    if empty:
+    emptied = [i for i, s in enumerate(stage_layers) if not s and original_counts[i]]
+    if emptied:
         raise PruneConfigError(
-            f"export_config['num_layers']={target['num_layers']} would leave pipeline stage(s) {empty} without layers "
+            f"export_config['num_layers']={target['num_layers']} would leave pipeline stage(s) {emptied} without layers "
             f"(kept per stage: {stage_layers}); re-run at a smaller pipeline size: the scores file is reusable there"
         )
 
-    new_config = pruned_config(model.config, shape, target, [len(s) for s in stage_layers])
+    new_config = pruned_config(model.config, shape, target, [len(s) for s in stage_layers], original_counts)
     layer_numbers = {local: n for n, local in numbers.items()}
     state = slice_state_dict(model.state_dict(), layer_numbers, plan, shape, ctx)
-    pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config)
+    pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config, len(stage_layers[ctx.pp_rank]))
     pruned.load_state_dict(state, strict=True)
-    pruned.train(model.training)
+    for new, old in zip(pruned.modules(), model.modules()):  # same module tree: carry train/eval flags over
+        new.training = old.training
     params_after = count_params(pruned, ctx)
     log(f"pruned model: {_sizes(target)}, {params_after:,} parameters ({100 * params_after / params_before:.1f}%)")
     result = PruneResult(
@@ -140,10 +143,10 @@ def calibrate(
     ctx = ParallelContext.from_megatron()
     _check_model(model, ctx)
     previous = None
-    if scores_path and os.path.exists(scores_path):
+    if ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path)):
         if not extend:
             raise PruneConfigError(f"scores_path={scores_path!r} exists: pass extend=True to add to it, or another path")
-        previous = load_scores(scores_path, model_fingerprint(model, ctx))
+        previous = _load_everywhere(scores_path, model, ctx)
     stats = _calibrate(model, forward_loop, None, ctx)
     if previous is not None:
         stats = previous.merge(stats)
@@ -155,6 +158,8 @@ def calibrate(
 def _calibrate(model, forward_loop, scores_path: Optional[str], ctx: ParallelContext) -> StatStore:
     log("calibrating: collecting activation statistics")
     stats = reduce_statistics(collect_statistics(model, forward_loop), ctx)
+    if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
+        raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
     if scores_path:
         _save(scores_path, stats, model, ctx)
     return stats
@@ -164,6 +169,30 @@ def _save(scores_path: str, stats: StatStore, model, ctx: ParallelContext) -> No
     meta = {"pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
     save_scores(scores_path, stats, model_fingerprint(model, ctx), ctx, meta=meta)
     log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
+
+
+def _load_everywhere(scores_path: str, model, ctx: ParallelContext) -> StatStore:
+    """Global rank 0 reads and checks the file; every rank gets its statistics, or the same error."""
+    fingerprint = model_fingerprint(model, ctx)  # a collective: every rank computes it
+    payload = None
+    if ctx.is_main:
+        try:
+            payload = ("ok", load_scores(scores_path, fingerprint).state_dict())
+        except ScoresFileError as e:
+            payload = ("error", str(e))
+    status, value = ctx.broadcast_object(payload)
+    if status == "error":
+        raise ScoresFileError(value)
+    return StatStore.from_state_dict(value)
+
+
+def _check_megatron_accepts(config, shape: ModelShape, target: Mapping[str, int], counts: List[int]) -> None:
+    """Build the pruned config (sizes only) now, so Megatron's own checks fail before calibration."""
+    sizes = {k: v for k, v in target.items() if k != "num_layers"}
+    try:
+        pruned_config(config, shape, {**sizes, "num_layers": shape.num_layers}, counts, counts)
+    except (AssertionError, ValueError) as e:
+        raise PruneConfigError(f"megatron-core rejects the pruned sizes {sizes}: {e}") from e
 
 
 def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
@@ -193,12 +222,24 @@ def _check_model(model: torch.nn.Module, ctx: ParallelContext) -> None:
             "config.sequence_parallel=True: calibrate with sequence parallelism off (it splits the sequence that "
             "per-sample statistics average over); TP itself is supported"
         )
+    if (cfg.context_parallel_size or 1) > 1:
+        raise PruneConfigError(f"config.context_parallel_size={cfg.context_parallel_size}: prune with CP=1")
+    if cfg.virtual_pipeline_model_parallel_size or getattr(model, "vp_stage", None) is not None:
+        raise PruneConfigError("virtual pipeline parallelism (virtual_pipeline_model_parallel_size) is not supported: prune without it")
+    if getattr(cfg, "use_te_op_fuser", False):
+        raise PruneConfigError("config.use_te_op_fuser=True (TEFusedMLP) is not supported: its sub-linears are not called as modules")
     for flag in ("attention_output_gate", "multi_latent_attention", "heterogeneous_block_specs"):
         if getattr(cfg, flag, False):
             raise PruneConfigError(f"config.{flag}=True is not supported yet by megatron-prune")
     if getattr(model, "mtp_process", False):
         raise PruneConfigError("multi-token-prediction layers are not supported: build the model without MTP")
-    check_supported(model)
+    for name in model.state_dict():
+        if not name.endswith("._extra_state") and axes_of(name)[2] is None:
+            path = name.rpartition(".")[0]
+            raise UnsupportedModelError(
+                f"unsupported module type {type(model.get_submodule(path)).__name__} at '{path}' (tensor '{name}'): "
+                "megatron-prune handles dense GPT layers (SelfAttention + MLP); MoE, Mamba and MLA are not supported yet"
+            )
 
 
 def _sizes(sizes: Mapping[str, int]) -> str:

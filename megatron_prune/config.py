@@ -19,6 +19,10 @@ class PruneConfigError(ValueError):
     """Bad user input. The message names the field and says how to fix it."""
 
 
+class UnsupportedModelError(ValueError):
+    """The model holds a module the axis table does not describe (the message names its type)."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The prunable sizes of a dense GPT model (N query heads in G groups of q = N/G, head dim d)."""

@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from megatron_prune.config import ModelShape
-from megatron_prune.importance.hooks import stat_key
+from megatron_prune.importance.hooks import parse_stat_key, stat_key
 from megatron_prune.importance.statistics import StatStore
 
 Tensor = torch.Tensor
@@ -51,7 +51,7 @@ class Orders:
 
 def score_importance(stats: StatStore, shape: ModelShape) -> Importance:
     """Turn raw sums (all layers present) into importance. Raises if calibration saw no data."""
-    numbers = sorted({int(k.split("/")[0][len("layer"):]) for k in stats.keys()})
+    numbers = sorted({parse_stat_key(k)[0] for k in stats.keys()})
     if numbers != list(range(1, shape.num_layers + 1)):
         raise ValueError(f"statistics cover layers {numbers}, expected 1..{shape.num_layers}")
     if stats.calls == 0:

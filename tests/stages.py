@@ -1,13 +1,11 @@
 """Test helpers (not tests): move a full model's state dict onto a TP/PP shard, and back to global names."""
 
-import re
-
 import torch
 
 from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.table import layer_name, split_layer_name
 from megatron_prune.slicing.tensor_parallel import logical, partitions, shard
 
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
 def stage_state_dict(full: dict, model: torch.nn.Module) -> dict:
@@ -15,9 +13,9 @@ def stage_state_dict(full: dict, model: torch.nn.Module) -> dict:
     stage, parts, ctx = {}, partitions(model), ParallelContext.from_megatron()
     for key in model.state_dict():
         source = key
-        layer = _LAYER.fullmatch(key)
-        if layer:
-            source = f"decoder.layers.{model.decoder.layers[int(layer[1])].layer_number - 1}.{layer[2]}"
+        index, inner = split_layer_name(key)
+        if index is not None:
+            source = layer_name(model.decoder.layers[index].layer_number - 1, inner)
         if source == "output_layer.weight" and source not in full:  # tied: the last stage holds a copy
             source = "embedding.word_embeddings.weight"
         stage[key] = full[source] if key not in parts else shard(full[source], parts[key], ctx)
@@ -34,8 +32,8 @@ def global_state_dict(model: torch.nn.Module) -> dict:
             continue
         if key == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
             continue
-        layer = _LAYER.fullmatch(key)
-        if layer:
-            key = f"decoder.layers.{model.decoder.layers[int(layer[1])].layer_number - 1}.{layer[2]}"
+        index, inner = split_layer_name(key)
+        if index is not None:
+            key = layer_name(model.decoder.layers[index].layer_number - 1, inner)
         out[key] = logical(value, parts.get(original), ctx).detach().clone()
     return out

@@ -87,9 +87,11 @@ def test_failed_calibration_leaves_no_scores_file(model, tmp_path):
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()), "hooks left behind"
 
 
-def test_forward_loop_that_runs_nothing(model):
-    with pytest.raises(ValueError, match="no calibration data reached the model"):
-        mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=lambda m: None)
+def test_forward_loop_that_runs_nothing_writes_no_scores_file(model, tmp_path):
+    path = tmp_path / "scores.pt"
+    with pytest.raises(mp.PruneConfigError, match="forward_loop ran no forward pass"):
+        mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=lambda m: None, scores_path=str(path))
+    assert not path.exists()  # an empty file would shadow the next, real calibration
 
 
 def test_unsupported_module_type_is_named(mcore):

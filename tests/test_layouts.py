@@ -48,7 +48,15 @@ def merged_weights(runs, name):
     return {**a, **b}
 
 
-@pytest.mark.parametrize("name", ["pp2", "pp2-uneven", "dp2", "tp2"])
+PP_LAYOUTS = {  # name: original global layer numbers on stage 0
+    "pp2": {1, 2},
+    "pp2-uneven": {1},
+    "pp2-account": {1, 2},  # embedding and loss each count as a layer: [E t t | t t L]
+    "pp2-empty-first": set(),  # "E|ttttL": stage 0 holds only the embedding, and keeps holding only that
+}
+
+
+@pytest.mark.parametrize("name", [*PP_LAYOUTS, "dp2", "tp2"])
 def test_same_orders_and_weights_as_one_process(runs, name):
     ref = runs["reference"]
     rank0 = runs["load"](name, 0)
@@ -67,11 +75,11 @@ def test_same_orders_and_weights_as_one_process(runs, name):
         assert rank0["layer_scores"] == ref["result"].importance.layers
 
 
-@pytest.mark.parametrize("name", ["pp2", "pp2-uneven"])
+@pytest.mark.parametrize("name", PP_LAYOUTS)
 def test_pruned_pipeline_model_matches_and_keeps_survivors_on_their_stage(runs, name):
     ref = runs["reference"]
     kept = ref["result"].plan.kept_layers
-    first_stage = {"pp2": {1, 2}, "pp2-uneven": {1}}[name]
+    first_stage = PP_LAYOUTS[name]
     expected = [[n for n in kept if n in first_stage], [n for n in kept if n not in first_stage]]
     rank1 = runs["load"](name, 1)
     assert rank1["stage_layers"] == expected

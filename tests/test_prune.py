@@ -81,7 +81,11 @@ def test_pruned_model_is_what_megatron_builds_from_its_config(mcore, variant, tm
 def test_statistics_equal_values_recomputed_from_captured_activations(mcore):
     model = make()
     data = batches()
-    captured = {"fc2": [], "proj": [], "io": []}
+    captured = {"fc2": [], "proj": [], "io": [], "norms": {}}
+    for i, l in enumerate(model.decoder.layers):
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            captured["norms"][i, name] = []
+            getattr(l, name).register_forward_hook(lambda m, a, o, key=(i, name): captured["norms"][key].append(o.clone()))
     layer = model.decoder.layers[1]
     hooks = [
         layer.mlp.linear_fc2.register_forward_pre_hook(lambda m, a: captured["fc2"].append(a[0].clone())),
@@ -92,6 +96,8 @@ def test_statistics_equal_values_recomputed_from_captured_activations(mcore):
     logits(model, data)
     for h in hooks:
         h.remove()
+    for m in model.modules():
+        m._forward_hooks.clear()
     _, result = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
     imp = result.importance
 
@@ -99,6 +105,9 @@ def test_statistics_equal_values_recomputed_from_captured_activations(mcore):
         return torch.cat([x.abs().mean(0) for x in xs]).pow(2).sum(0).sqrt()
 
     torch.testing.assert_close(imp.ffn[2], minitron(captured["fc2"]))
+    # hidden: a *sum* over every pre-sublayer norm output of its own L2-of-mean-abs statistic
+    hidden = sum(minitron(outputs) for outputs in captured["norms"].values())
+    torch.testing.assert_close(imp.hidden, hidden)
     heads = minitron(captured["proj"]).view(8, -1).norm(dim=1)
     torch.testing.assert_close(imp.heads[2], heads)
     cos = [torch.nn.functional.cosine_similarity(i, o, dim=-1).mean() for i, o in captured["io"]]
@@ -158,8 +167,10 @@ def test_scores_file_reuse_is_bit_identical_and_skips_calibration(mcore, tmp_pat
 
     second, r2 = mp.prune(model, target, forward_loop=must_not_run, scores_path=path)
     assert not r2.calibrated and r2.calibration_calls == len(data)
-    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items()):
-        assert k1 == k2 and (v1 is None and v2 is None or torch.equal(v1, v2)), k1
+    a, b = first.state_dict(), second.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
     other, _ = mp.prune(model, {"num_attention_heads": 4}, scores_path=path)  # another target, no forward_loop
     assert other.config.num_attention_heads == 4
 
@@ -172,6 +183,8 @@ def test_scores_file_of_another_model_is_refused(mcore, tmp_path):
         mp.prune(make(seed=1), {"ffn_hidden_size": 64}, scores_path=path)
     with pytest.raises(mp.ScoresFileError, match="ffn_hidden_size: file 128 vs model 256"):
         mp.prune(make(ffn_hidden_size=256), {"ffn_hidden_size": 64}, scores_path=path)
+    with pytest.raises(mp.ScoresFileError, match="layernorm_epsilon: file 1e-05 vs model 0.01"):
+        mp.prune(make(layernorm_epsilon=1e-2), {"ffn_hidden_size": 64}, scores_path=path)  # same weights
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a torch file")
     with pytest.raises(mp.ScoresFileError, match="not a readable megatron-prune scores file"):
@@ -186,7 +199,7 @@ def test_input_model_is_not_modified_and_pruned_model_trains(mcore):
                          forward_loop=mp.make_forward_loop(data, progress=False))  # fmt: skip
     for k, v in model.state_dict().items():
         assert v is None or torch.equal(v, snapshot[k]), k
-    assert not model.training or True
+    assert model.config.hidden_size == 64 and model.config.ffn_hidden_size == 128
     pruned.train()
     tokens = data[0]
     out = pruned(tokens, torch.arange(SEQ).expand_as(tokens), attention_mask=None, labels=tokens)
@@ -223,18 +236,77 @@ def test_fused_norm_mapping_gives_the_local_spec_statistics(mcore):
     from megatron_prune.importance.hooks import collect_statistics
     from megatron_prune.importance.statistics import rms_norm
 
+    def fuse_norms(model):  # the TE layout, emulated on the local spec
+        for layer in model.decoder.layers:
+            for norm_name, linear in (("input_layernorm", layer.self_attention.linear_qkv), ("pre_mlp_layernorm", layer.mlp.linear_fc1)):
+                linear.layer_norm_weight = getattr(layer, norm_name).weight
+                eps = linear.config.layernorm_epsilon
+                linear.forward = (lambda f, w: lambda x, *a, **k: f(rms_norm(x, w, eps), *a, **k))(linear.forward, linear.layer_norm_weight)
+                setattr(layer, norm_name, IdentityOp())
+        return model
+
     model = make()
     data = batches()
     local = collect_statistics(model, mp.make_forward_loop(data, progress=False))
-    fused = make()  # same seed, same weights
-    for layer in fused.decoder.layers:
-        for norm_name, linear in (("input_layernorm", layer.self_attention.linear_qkv), ("pre_mlp_layernorm", layer.mlp.linear_fc1)):
-            norm = getattr(layer, norm_name)
-            linear.layer_norm_weight = norm.weight
-            eps = linear.config.layernorm_epsilon
-            linear.forward = (lambda f, w: lambda x, *a, **k: f(rms_norm(x, w, eps), *a, **k))(linear.forward, norm.weight)
-            setattr(layer, norm_name, IdentityOp())
+    fused = fuse_norms(make())  # same seed, same weights
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in fused.state_dict()
     torch.testing.assert_close(logits(fused, data), logits(model, data), atol=1e-5, rtol=0)
     emulated = collect_statistics(fused, mp.make_forward_loop(data, progress=False))
     for key in local.keys():
         torch.testing.assert_close(emulated[key], local[key], rtol=1e-4, atol=1e-6)
+    # slicing the fused norm weights (the table's TE entries) gives the local-spec pruned model
+    target = {"hidden_size": 40, "ffn_hidden_size": 64, "num_attention_heads": 4}
+    loop = mp.make_forward_loop(data, progress=False)
+    pruned_local, _ = mp.prune(model, target, forward_loop=loop)
+    builder = lambda cfg: fuse_norms(build_tiny_gpt(cfg, vocab_size=VOCAB))  # noqa: E731
+    pruned_fused, _ = mp.prune(fused, target, forward_loop=loop, model_builder=builder)
+    torch.testing.assert_close(logits(pruned_fused, data), logits(pruned_local, data), atol=1e-5, rtol=0)
+
+
+def test_block_spec_model_keeps_its_final_norm(mcore):
+    """A model built from a block spec (per-layer specs + a final-norm spec) is rebuilt with that spec."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    def build(config):
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=IdentityOp)
+        return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=32, position_embedding_type="rope").eval()
+
+    torch.manual_seed(0)
+    model = build(tiny_gpt_config())
+    assert "decoder.final_layernorm.weight" not in model.state_dict()
+    data = batches()
+    pruned, result = mp.prune(model, {"num_layers": 3, "ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert isinstance(pruned.decoder.final_layernorm, IdentityOp) and len(pruned.decoder.layers) == 3
+    fresh = build(result.config)
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    torch.testing.assert_close(logits(fresh, data), logits(pruned, data), atol=0, rtol=0)
+
+
+def test_rope_scaling_survives_the_rebuild(mcore):
+    """Llama-3.x style rope scaling (a constructor argument the model does not keep) is reproduced."""
+    torch.manual_seed(0)
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    model = GPTModel(tiny_gpt_config(), get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
+                     max_sequence_length=32, position_embedding_type="rope", rope_scaling=True,
+                     rope_scaling_factor=32.0, rotary_base=500000).eval()  # fmt: skip
+    data = batches()
+    before = logits(model, data)
+    pruned, _ = mp.prune(model, full_sizes(model), forward_loop=mp.make_forward_loop(data, progress=False))
+    assert torch.equal(pruned.rotary_pos_emb.inv_freq, model.rotary_pos_emb.inv_freq)
+    torch.testing.assert_close(logits(pruned, data), before, atol=1e-5, rtol=0)
+
+
+def test_module_train_eval_flags_are_preserved(mcore):
+    model = make()
+    model.train()
+    model.decoder.layers[0].eval()  # a user choice the pruning must not overwrite
+    data = batches()
+    pruned, _ = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert model.training and not model.decoder.layers[0].training and model.decoder.layers[1].training
+    assert pruned.training and not pruned.decoder.layers[0].training and pruned.decoder.layers[1].training

@@ -48,8 +48,10 @@ def stat_key(layer_number: int, site: str) -> str:
     return f"layer{layer_number}/{site}"
 
 
-def site_of(key: str) -> str:
-    return key.rpartition("/")[2]
+def parse_stat_key(key: str) -> Tuple[int, str]:
+    """Inverse of `stat_key`: ``"layer3/fc2_in"`` -> (3, ``"fc2_in"``)."""
+    layer, _, site = key.partition("/")
+    return int(layer[len("layer") :]), site
 
 
 def decoder_layers(model: torch.nn.Module) -> Iterator[Tuple[int, torch.nn.Module]]:
@@ -113,7 +115,7 @@ def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.
     """Run `forward_loop(model)` in eval mode without gradients and return this rank's raw statistics."""
     store = S.StatStore()
     handles = register_hooks(model, store)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored module by module, as the user set them
     model.eval()
     try:
         with torch.no_grad():
@@ -121,7 +123,8 @@ def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return store
 
 

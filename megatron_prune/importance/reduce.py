@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_prune.importance.hooks import TP_PARTITIONED_SITES, site_of
+from megatron_prune.importance.hooks import TP_PARTITIONED_SITES, parse_stat_key
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
 
@@ -22,7 +22,7 @@ def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
     stage = local.to_cpu()
     if ctx.tp_size > 1:
         for key in sorted(stage.keys()):  # same keys, same order on every TP rank
-            if site_of(key) in TP_PARTITIONED_SITES:
+            if parse_stat_key(key)[1] in TP_PARTITIONED_SITES:
                 stage.sums[key] = torch.cat(ctx.gather_over_tp(stage.sums[key]))
     stage = stage.reduce(ctx.sum_over_dp)
     parts = ctx.gather_over_pp(stage.state_dict())

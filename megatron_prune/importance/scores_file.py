@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from typing import Dict, Optional
 
@@ -17,13 +16,17 @@ import torch
 
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.table import layer_name, split_layer_name
 from megatron_prune.slicing.tensor_parallel import logical, partitions
 
 FORMAT = "megatron-prune/scores"
 VERSION = 1
+# Config fields that change what a layer computes (and so its activations), besides the weights.
 _FINGERPRINT_FIELDS = (
     "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_layers",
-    "gated_linear_unit", "normalization", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+    "gated_linear_unit", "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma",
+    "add_bias_linear", "add_qkv_bias", "qk_layernorm", "qk_l2_norm", "softmax_scale", "window_size",
+    "apply_residual_connection_post_layernorm", "rotary_interleaved",
 )  # fmt: skip
 
 
@@ -40,8 +43,12 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     arch = {f: getattr(cfg, f, None) for f in _FINGERPRINT_FIELDS}
     arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
     arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
+    arch["activation_func"] = getattr(cfg.activation_func, "__name__", repr(cfg.activation_func))
     arch["vocab_size"] = model.vocab_size
     arch["share_embeddings_and_output_weights"] = bool(model.share_embeddings_and_output_weights)
+    arch["position_embedding_type"] = model.position_embedding_type
+    rope = getattr(model, "rotary_pos_emb", None)
+    arch["rotary_frequencies"] = _tensor_digest(rope.inv_freq) if rope is not None and hasattr(rope, "inv_freq") else None
     local = {}
     numbers = [int(layer.layer_number) for layer in model.decoder.layers]
     parts = partitions(model)
@@ -51,9 +58,9 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
         if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
             continue  # a copy of the embedding that exists only on the last stage when PP > 1
         full = logical(t, parts.get(name), ctx)
-        m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
-        if m:
-            name = f"decoder.layers.{numbers[int(m[1])]}.{m[2]}"
+        index, inner = split_layer_name(name)
+        if index is not None:
+            name = layer_name(numbers[index], inner)
         local[name] = _tensor_digest(full)
     merged = {}
     for part in ctx.gather_over_pp(local):
@@ -65,7 +72,8 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
 
 
 def _tensor_digest(t: torch.Tensor, samples: int = 4096) -> str:
-    """Hash of the shape and an evenly strided sample of the values (cheap for multi-GB tensors)."""
+    """Hash of the shape and an evenly strided sample of at most `samples` values (cheap for multi-GB
+    tensors; a change confined to unsampled values would go unnoticed)."""
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // samples)
     sample = flat[::step][:samples].float().cpu().contiguous()

@@ -1,8 +1,8 @@
-"""The parallel context: ranks, groups and this stage's global layer numbers, built once at the boundary.
+"""The parallel context: ranks and process groups, built once at the boundary.
 
-Owns: reading megatron-core's parallel state *once* (`ParallelContext.from_model`) and the collectives the
-pruning flow needs (sum over data-parallel replicas, object gathers over pipeline stages). Nothing else in
-the package reads Megatron's global parallel state.
+Owns: reading megatron-core's parallel state *once* (`ParallelContext.from_megatron`) and the collectives
+the pruning flow needs (gathers over tensor-parallel ranks and pipeline stages, sums over data-parallel
+replicas, a broadcast from global rank 0). Nothing else in the package reads Megatron's global state.
 """
 
 from __future__ import annotations
@@ -94,6 +94,14 @@ class ParallelContext:
         out: List[Any] = [None] * self.pp_size
         dist.all_gather_object(out, obj, group=self.pp_group)
         return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Global rank 0's `obj` on every rank (e.g. what rank 0 read from a file system others may not see)."""
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():

@@ -13,18 +13,22 @@ from typing import Dict, List, Mapping
 
 import torch
 
-from megatron_prune.config import ModelShape
+from megatron_prune.config import ModelShape, PruneConfigError
 
-_LAYOUT_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout")
+_LAYOUT_FIELDS = (
+    "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout",
+    "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
+)  # fmt: skip
 
 
 def stage_layout(counts: List[int]) -> Dict[str, object]:
     """Config fields that make Megatron build `counts[i]` decoder layers on pipeline stage i.
 
     Even splits use Megatron's default; anything else an explicit `pipeline_model_parallel_layout`
-    ("E" embedding, "t" a transformer layer, "L" loss, "|" between stages), e.g. [3, 2] -> "Ettt|ttL".
+    ("E" embedding, "t" a transformer layer, "L" loss, "|" between stages), e.g. [3, 2] -> "Ettt|ttL",
+    [0, 4] -> "E|ttttL". Every other layout field is reset so that Megatron sees one description.
     """
-    fields: Dict[str, object] = dict.fromkeys(_LAYOUT_FIELDS)
+    fields: Dict[str, object] = {f: False if f.startswith("account_for") else None for f in _LAYOUT_FIELDS}
     if len(set(counts)) > 1:
         last = len(counts) - 1
         fields["pipeline_model_parallel_layout"] = "|".join(
@@ -33,29 +37,29 @@ def stage_layout(counts: List[int]) -> Dict[str, object]:
     return fields
 
 
-def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_counts: List[int]):
-    """A new TransformerConfig with the target sizes; `kv_channels` is pinned to the original head dim."""
+def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_counts: List[int], original_counts: List[int]):
+    """A new TransformerConfig with the target sizes; `kv_channels` is pinned to the original head dim.
+
+    The pipeline layout fields are kept as they are unless depth pruning changed what a stage holds.
+    """
     changes = dict(target)
     changes["kv_channels"] = shape.kv_channels
-    changes.update(stage_layout(stage_counts))
+    if list(stage_counts) != list(original_counts):
+        changes.update(stage_layout(stage_counts))
     with warnings.catch_warnings():  # __post_init__ re-runs and repeats deprecation notes the user has seen
         warnings.simplefilter("ignore")
         return dataclasses.replace(config, **changes)
 
 
-def rebuild_gpt(model: torch.nn.Module, config) -> torch.nn.Module:
+def rebuild_gpt(model: torch.nn.Module, config, num_local_layers: int) -> torch.nn.Module:
     """Build this stage of a GPTModel like `model` (same spec, vocab, embeddings, rope) from `config`.
 
+    A block spec (per-layer specs plus the final norm) is rebuilt with `num_local_layers` copies of its
+    (homogeneous) layer spec and the same final norm. The rotary frequencies are copied from `model`, as
+    they depend on constructor arguments (e.g. the rope scaling factor) that the model does not keep.
     Weights are allocated without initialisation: the caller loads the sliced state dict.
     """
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    spec = model.transformer_layer_spec
-    if isinstance(spec, TransformerBlockSubmodules):
-        specs = spec.layer_specs
-        if any(s is not specs[0] and s != specs[0] for s in specs):
-            raise ValueError("the model uses per-layer block specs; pass model_builder= to prune() to rebuild it")
-        spec = specs[0]
+    spec = _block_spec(model.transformer_layer_spec, num_local_layers)
     kwargs = dict(
         transformer_layer_spec=spec,
         vocab_size=model.vocab_size,
@@ -82,7 +86,23 @@ def rebuild_gpt(model: torch.nn.Module, config) -> torch.nn.Module:
         new = type(model)(config=config, **kwargs)
     finally:
         config.perform_initialization = init
-    if rope is not None and not torch.equal(rope.inv_freq.cpu(), new.rotary_pos_emb.inv_freq.cpu()):
-        raise ValueError("could not rebuild the rotary embedding identically (custom rope scaling?); "
-                         "pass model_builder= to prune()")  # fmt: skip
+    if rope is not None and hasattr(rope, "inv_freq"):
+        new.rotary_pos_emb.inv_freq = rope.inv_freq.clone()
     return new.to(next(model.parameters()).device)
+
+
+def _block_spec(spec, num_local_layers: int):
+    """A layer spec stays as is; a block spec gets `num_local_layers` copies of its single layer spec."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    if isinstance(spec, ModuleSpec) and isinstance(spec.module, type) and issubclass(spec.module, TransformerBlock):
+        spec = spec.submodules
+    if not isinstance(spec, TransformerBlockSubmodules):
+        return spec
+    layers = spec.layer_specs
+    if not layers or num_local_layers == 0:
+        return TransformerBlockSubmodules(layer_specs=layers[:1] * num_local_layers, layer_norm=spec.layer_norm)
+    if any(layer != layers[0] for layer in layers):
+        raise PruneConfigError("the model's block spec has different layer specs per layer; pass model_builder= to prune()")
+    return TransformerBlockSubmodules(layer_specs=[layers[0]] * num_local_layers, layer_norm=spec.layer_norm)

@@ -10,29 +10,12 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from megatron_prune.config import ModelShape
+from megatron_prune.config import ModelShape, UnsupportedModelError
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing import geometry as geo
 from megatron_prune.slicing.plan import LayerKeep, PrunePlan
-from megatron_prune.slicing.table import FC1_ROWS, FFN, HEAD_COLS, HIDDEN, QKV_ROWS, axes_of
+from megatron_prune.slicing.table import FC1_ROWS, FFN, HEAD_COLS, HIDDEN, QKV_ROWS, axes_of, layer_name
 from megatron_prune.slicing.tensor_parallel import gather_full, partition, shard
-
-
-class UnsupportedModelError(ValueError):
-    """The model holds a module the axis table does not describe."""
-
-
-def check_supported(model: torch.nn.Module) -> None:
-    """Refuse, before any work, a model with a tensor no table entry owns (names the module type)."""
-    for name in model.state_dict():
-        if name.endswith("._extra_state"):
-            continue
-        if axes_of(name)[2] is None:
-            module = model.get_submodule(name.rpartition(".")[0])
-            raise UnsupportedModelError(
-                f"unsupported module type {type(module).__name__} at '{name.rpartition('.')[0]}' (tensor '{name}'): "
-                "megatron-prune handles dense GPT layers (SelfAttention + MLP); MoE, Mamba and MLA are not supported yet"
-            )
 
 
 def _index(geometry: str, plan: PrunePlan, keep: Optional[LayerKeep], shape: ModelShape) -> Optional[torch.Tensor]:
@@ -85,12 +68,12 @@ def slice_state_dict(
         if number is not None:
             if number not in plan.layers:
                 continue  # dropped layer
-            name = f"decoder.layers.{new_position[number]}.{inner}"
+            name = layer_name(new_position[number], inner)
         if not isinstance(value, torch.Tensor) or name.endswith("._extra_state"):
             out[name] = value
             continue
         if axes is None:
-            raise UnsupportedModelError(f"no axis-table entry for tensor '{inner}'")
+            raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
         keep = plan.layers[number] if number is not None else None
         index_of = lambda g: _index(g, plan, keep, shape)  # noqa: E731
         part = partition(axes, shape.gated_linear_unit) if ctx is not None and ctx.tp_size > 1 else None

@@ -80,9 +80,18 @@ def _lookup(roles: Mapping[str, Role], name: str) -> Optional[TensorAxes]:
     return None if role is None else role.get(param)
 
 
+def split_layer_name(name: str) -> Tuple[Optional[int], str]:
+    """``decoder.layers.3.mlp.linear_fc1.weight`` -> (3, ``mlp.linear_fc1.weight``); other names -> (None, name)."""
+    m = _LAYER.fullmatch(name)
+    return (int(m[1]), m[2]) if m else (None, name)
+
+
+def layer_name(index: int, inner: str) -> str:
+    """Inverse of `split_layer_name` for a decoder layer."""
+    return f"decoder.layers.{index}.{inner}"
+
+
 def axes_of(name: str) -> Tuple[Optional[int], str, Optional[TensorAxes]]:
     """For a state-dict name: (local decoder-layer index or None, name inside the layer/model, axes or None)."""
-    m = _LAYER.fullmatch(name)
-    if m:
-        return int(m[1]), m[2], _lookup(LAYER_ROLES, m[2])
-    return None, name, _lookup(MODEL_ROLES, name)
+    index, inner = split_layer_name(name)
+    return index, inner, _lookup(MODEL_ROLES if index is None else LAYER_ROLES, inner)

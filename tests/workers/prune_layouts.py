@@ -21,6 +21,8 @@ from tests.tiny import build_tiny_gpt, tiny_gpt_config
 LAYOUTS = {  # name: (tensor-parallel size, pipeline size, extra config)
     "pp2": (1, 2, {}),
     "pp2-uneven": (1, 2, {"num_layers_in_first_pipeline_stage": 1}),
+    "pp2-account": (1, 2, {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}),
+    "pp2-empty-first": (1, 2, {"pipeline_model_parallel_layout": "E|ttttL"}),
     "dp2": (1, 1, {}),
     "tp2": (2, 1, {}),
 }
