@@ -2,12 +2,13 @@
 
     python examples/prune_gpt.py                                   # one process
     torchrun --nproc-per-node 2 examples/prune_gpt.py --pp 2       # two pipeline stages
-    torchrun --nproc-per-node 2 examples/prune_gpt.py --pp 1       # two data-parallel replicas
+    torchrun --nproc-per-node 2 examples/prune_gpt.py --tp 2       # two tensor-parallel ranks
+    torchrun --nproc-per-node 2 examples/prune_gpt.py              # two data-parallel replicas
 
 The model is randomly initialised (bring your own checkpoint in real use); calibration data are random
 token ids. Statistics are cached in --scores: run again with another --export-config and calibration is
 skipped. The file is tied to the model's weights, not to the layout: with a real checkpoint it is reusable
-at any PP/DP size, but random initialisation here differs per pipeline size, so the default path names it.
+at any TP/PP/DP size, but random initialisation here differs per TP/PP size, so the default path names them.
 The pruned model is a stock GPTModel built from the pruned config; its weights are saved per rank to --out.
 """
 
@@ -27,20 +28,21 @@ from megatron_prune.runtime.distributed import init_distributed
 
 def main():
     p = argparse.ArgumentParser(description="Minitron pruning of a small GPT")
+    p.add_argument("--tp", type=int, default=1, help="tensor-model-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-model-parallel size")
     p.add_argument("--export-config", default='{"hidden_size": 192, "ffn_hidden_size": 512, "num_attention_heads": 4, "num_layers": 6}')
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--scores", default=None, help="default: <out>/scores-pp<pp>.pt")
+    p.add_argument("--scores", default=None, help="default: <out>/scores-tp<tp>-pp<pp>.pt")
     p.add_argument("--out", default="outputs/example")
     args = p.parse_args()
 
-    init_distributed(pipeline_model_parallel_size=args.pp, seed=1234)
+    init_distributed(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, seed=1234)
     config = TransformerConfig(
         num_layers=8, hidden_size=256, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=768,
         gated_linear_unit=True, normalization="RMSNorm", add_bias_linear=False, use_cpu_initialization=True,
         params_dtype=torch.float32, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-        pipeline_model_parallel_size=args.pp,
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
     )  # fmt: skip
     model = GPTModel(
         config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=1024, max_sequence_length=args.seq_length,
@@ -56,7 +58,7 @@ def main():
         model,
         export_config=json.loads(args.export_config),
         forward_loop=mp.make_forward_loop(batches),
-        scores_path=args.scores or os.path.join(args.out, f"scores-pp{args.pp}.pt"),
+        scores_path=args.scores or os.path.join(args.out, f"scores-tp{args.tp}-pp{args.pp}.pt"),
     )
     os.makedirs(args.out, exist_ok=True)
     rank = torch.distributed.get_rank()

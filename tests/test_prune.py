@@ -310,3 +310,15 @@ def test_module_train_eval_flags_are_preserved(mcore):
     pruned, _ = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
     assert model.training and not model.decoder.layers[0].training and model.decoder.layers[1].training
     assert pruned.training and not pruned.decoder.layers[0].training and pruned.decoder.layers[1].training
+
+
+def test_bf16_model_keeps_its_dtypes_and_statistics_are_float32(mcore):
+    model = make(params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert torch.bfloat16 in dtypes.values()
+    data = batches()
+    before = logits(model, data).float()
+    pruned, result = mp.prune(model, full_sizes(model), forward_loop=mp.make_forward_loop(data, progress=False))
+    assert {n: p.dtype for n, p in pruned.named_parameters()} == dtypes
+    assert result.importance.hidden.dtype == torch.float32 and result.importance.ffn[1].dtype == torch.float32
+    torch.testing.assert_close(logits(pruned, data).float(), before, atol=2e-2, rtol=0)

