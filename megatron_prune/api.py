@@ -1,7 +1,7 @@
 """`prune()`: validate, score (or reuse cached scores), rank, plan, slice, rebuild. The whole flow.
 
-    model (GPTModel stage, any PP/DP) --hooks + forward_loop--> raw statistics (this rank)
-      --reduce over DP, gather over PP--> statistics of all layers --(cache: scores file)-->
+    model (GPTModel stage, any TP/PP/DP) --hooks + forward_loop--> raw statistics (this rank)
+      --concat over TP, sum over DP, gather over PP--> statistics of all layers --(cache: scores file)-->
       importance --> orders --(export_config)--> plan --> pruned config + sliced state dict
       --> a stock GPTModel built from the pruned config, with the sliced weights loaded (strict)
 
@@ -209,37 +209,50 @@ def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
 
 
 def _check_model(model: torch.nn.Module, ctx: ParallelContext) -> None:
+    """Refuse what megatron-prune cannot prune. Pipeline stages hold different modules, so the stages
+    agree on the verdict first: every rank raises the same error and none is left waiting in a collective."""
+    problems = [p for p in ctx.gather_over_pp(_model_problem(model, ctx)) if p is not None]
+    if problems:
+        error, message = problems[0]
+        raise error(message)
+
+
+def _model_problem(model: torch.nn.Module, ctx: ParallelContext):
+    """(error class, message) for the first unsupported feature of this stage, or None."""
     from megatron.core.models.gpt import GPTModel
 
     if not isinstance(model, GPTModel):
-        raise PruneConfigError(
+        return PruneConfigError, (
             f"model must be an unwrapped megatron.core GPTModel, got {type(model).__name__} "
             "(unwrap DDP/Float16Module first, e.g. megatron.core.utils.unwrap_model)"
         )
     cfg = model.config
     if ctx.tp_size > 1 and cfg.sequence_parallel:
-        raise PruneConfigError(
+        return PruneConfigError, (
             "config.sequence_parallel=True: calibrate with sequence parallelism off (it splits the sequence that "
             "per-sample statistics average over); TP itself is supported"
         )
     if (cfg.context_parallel_size or 1) > 1:
-        raise PruneConfigError(f"config.context_parallel_size={cfg.context_parallel_size}: prune with CP=1")
+        return PruneConfigError, f"config.context_parallel_size={cfg.context_parallel_size}: prune with CP=1"
     if cfg.virtual_pipeline_model_parallel_size or getattr(model, "vp_stage", None) is not None:
-        raise PruneConfigError("virtual pipeline parallelism (virtual_pipeline_model_parallel_size) is not supported: prune without it")
+        return PruneConfigError, "virtual pipeline parallelism (virtual_pipeline_model_parallel_size) is not supported"
     if getattr(cfg, "use_te_op_fuser", False):
-        raise PruneConfigError("config.use_te_op_fuser=True (TEFusedMLP) is not supported: its sub-linears are not called as modules")
+        return PruneConfigError, "config.use_te_op_fuser=True (TEFusedMLP) is not supported: its linears are not called as modules"
     for flag in ("attention_output_gate", "multi_latent_attention", "heterogeneous_block_specs"):
         if getattr(cfg, flag, False):
-            raise PruneConfigError(f"config.{flag}=True is not supported yet by megatron-prune")
+            return PruneConfigError, f"config.{flag}=True is not supported yet by megatron-prune"
     if getattr(model, "mtp_process", False):
-        raise PruneConfigError("multi-token-prediction layers are not supported: build the model without MTP")
+        return PruneConfigError, "multi-token-prediction layers are not supported: build the model without MTP"
     for name in model.state_dict():
-        if not name.endswith("._extra_state") and axes_of(name)[2] is None:
+        index, _, axes = axes_of(name)
+        if not name.endswith("._extra_state") and axes is None:
             path = name.rpartition(".")[0]
-            raise UnsupportedModelError(
-                f"unsupported module type {type(model.get_submodule(path)).__name__} at '{path}' (tensor '{name}'): "
+            where = "" if index is None else f", layer {model.decoder.layers[index].layer_number}"
+            return UnsupportedModelError, (
+                f"unsupported module type {type(model.get_submodule(path)).__name__} at '{path}'{where} (tensor '{name}'): "
                 "megatron-prune handles dense GPT layers (SelfAttention + MLP); MoE, Mamba and MLA are not supported yet"
             )
+    return None
 
 
 def _sizes(sizes: Mapping[str, int]) -> str:

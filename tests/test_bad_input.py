@@ -102,7 +102,7 @@ def test_unsupported_module_type_is_named(mcore):
     moe = GPTModel(config, get_gpt_layer_local_spec(num_experts=4, normalization="RMSNorm"), vocab_size=128,
                    max_sequence_length=32)  # fmt: skip
     loop = Recorder()
-    with pytest.raises(mp.UnsupportedModelError, match=r"unsupported module type TopKRouter at 'decoder.layers.0.mlp.router'"):
+    with pytest.raises(mp.UnsupportedModelError, match=r"unsupported module type TopKRouter at 'decoder.layers.0.mlp.router', layer 1"):
         mp.prune(moe, {"ffn_hidden_size": 64}, forward_loop=loop)
     assert loop.calls == 0
 

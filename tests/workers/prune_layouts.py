@@ -70,8 +70,32 @@ def run(case: dict, out: str, name: str) -> None:
     parallel_state.destroy_model_parallel()
 
 
+def refuse_moe_on_one_stage(out: str) -> None:
+    """Layers 3-4 are MoE, so only stage 1 holds unsupported modules: both stages must raise the same error
+    (rather than stage 0 waiting forever in a collective)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    init_distributed(pipeline_model_parallel_size=2)
+    config = tiny_gpt_config(num_moe_experts=4, moe_layer_freq=[0, 0, 1, 1], moe_ffn_hidden_size=64, moe_router_topk=2)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())  # fmt: skip
+    model = GPTModel(config, spec, vocab_size=128, max_sequence_length=32,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())  # fmt: skip
+    try:
+        mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=lambda m: None)
+        message = "no error"
+    except mp.UnsupportedModelError as e:
+        message = str(e)
+    with open(f"{out}/moe-error-rank{torch.distributed.get_rank()}.txt", "w") as f:
+        f.write(message)
+    parallel_state.destroy_model_parallel()
+
+
 if __name__ == "__main__":
     case_path, out_dir = sys.argv[1:3]
     case = torch.load(case_path, weights_only=False)
     for layout in LAYOUTS:
         run(case, out_dir, layout)
+    refuse_moe_on_one_stage(out_dir)
