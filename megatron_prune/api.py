@@ -24,10 +24,10 @@ from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
 from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
 from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.slicing.model import pruned_config, rebuild_gpt
+from megatron_prune.slicing.model import block_spec_is_homogeneous, pruned_config, rebuild_gpt
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
 from megatron_prune.slicing.state_dict import slice_state_dict
-from megatron_prune.slicing.table import axes_of
+from megatron_prune.slicing.table import axes_of, is_tied_output_copy
 from megatron_prune.slicing.tensor_parallel import partitions
 
 
@@ -65,7 +65,7 @@ def prune(
         forward_loop: `forward_loop(model)` runs calibration forwards (see `make_forward_loop`); with
             data parallelism each replica forwards its own share. Needed unless `scores_path` exists.
         scores_path: a file caching the statistics. If it exists (and matches this model) calibration is
-            skipped; otherwise it is written after calibration. Reusable at any PP/DP layout.
+            skipped; otherwise it is written after calibration. Reusable at any TP/PP/DP layout.
         model_builder: `model_builder(pruned_config) -> GPTModel stage`; by default the model is rebuilt
             with the same constructor arguments as `model`.
 
@@ -74,7 +74,7 @@ def prune(
         holding the original weights sliced; kept channels/heads are in importance order.
     """
     ctx = ParallelContext.from_megatron()
-    _check_model(model, ctx)
+    _check_model(model, ctx, has_builder=model_builder is not None)
     shape = ModelShape.from_config(model.config)
     target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
     numbers = local_layer_numbers(model)  # {global: local}
@@ -110,13 +110,18 @@ def prune(
             f"(kept per stage: {stage_layers}); re-run at a smaller pipeline size: the scores file is reusable there"
         )
 
-    new_config = pruned_config(model.config, shape, target, [len(s) for s in stage_layers], original_counts)
+    counts = [len(s) for s in stage_layers]
+    new_config = pruned_config(model.config, shape, target, counts, original_counts, plan.kept_layers)
     layer_numbers = {local: n for n, local in numbers.items()}
     state = slice_state_dict(model.state_dict(), layer_numbers, plan, shape, ctx)
-    pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config, len(stage_layers[ctx.pp_rank]))
-    pruned.load_state_dict(state, strict=True)
-    for new, old in zip(pruned.modules(), model.modules()):  # same module tree: carry train/eval flags over
-        new.training = old.training
+    pruned, problem = None, None
+    try:  # a failure here (e.g. in a user's model_builder) must not leave other ranks waiting
+        pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config, counts[ctx.pp_rank])
+        pruned.load_state_dict(state, strict=True)
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
+        problem = (RuntimeError, f"building the pruned model failed: {type(e).__name__}: {e}")
+    ctx.raise_first(problem)
+    _copy_train_flags(model, pruned, [numbers[n] for n in stage_layers[ctx.pp_rank]])
     params_after = count_params(pruned, ctx)
     log(f"pruned model: {_sizes(target)}, {params_after:,} parameters ({100 * params_after / params_before:.1f}%)")
     result = PruneResult(
@@ -166,7 +171,7 @@ def _calibrate(model, forward_loop, scores_path: Optional[str], ctx: ParallelCon
 
 
 def _save(scores_path: str, stats: StatStore, model, ctx: ParallelContext) -> None:
-    meta = {"pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
+    meta = {"tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
     save_scores(scores_path, stats, model_fingerprint(model, ctx), ctx, meta=meta)
     log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
 
@@ -174,25 +179,41 @@ def _save(scores_path: str, stats: StatStore, model, ctx: ParallelContext) -> No
 def _load_everywhere(scores_path: str, model, ctx: ParallelContext) -> StatStore:
     """Global rank 0 reads and checks the file; every rank gets its statistics, or the same error."""
     fingerprint = model_fingerprint(model, ctx)  # a collective: every rank computes it
-    payload = None
+    stats, problem = None, None
     if ctx.is_main:
         try:
-            payload = ("ok", load_scores(scores_path, fingerprint).state_dict())
-        except ScoresFileError as e:
-            payload = ("error", str(e))
-    status, value = ctx.broadcast_object(payload)
-    if status == "error":
-        raise ScoresFileError(value)
-    return StatStore.from_state_dict(value)
+            stats = load_scores(scores_path, fingerprint).state_dict()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
+            problem = (ScoresFileError, str(e) if isinstance(e, ScoresFileError) else f"{type(e).__name__}: {e}")
+    ctx.raise_first(problem)
+    return StatStore.from_state_dict(ctx.broadcast_object(stats))
 
 
 def _check_megatron_accepts(config, shape: ModelShape, target: Mapping[str, int], counts: List[int]) -> None:
-    """Build the pruned config (sizes only) now, so Megatron's own checks fail before calibration."""
-    sizes = {k: v for k, v in target.items() if k != "num_layers"}
+    """Build a pruned config now, so Megatron's own checks fail before calibration. Which layers survive
+    is not known yet: it assumes the last ones of the fullest stages go (stages keep at least one)."""
+    provisional = list(counts)
+    for _ in range(shape.num_layers - target["num_layers"]):
+        fullest = max(range(len(provisional)), key=lambda i: (provisional[i], i))
+        provisional[fullest] -= 1
+    kept = list(range(1, target["num_layers"] + 1))
     try:
-        pruned_config(config, shape, {**sizes, "num_layers": shape.num_layers}, counts, counts)
+        pruned_config(config, shape, target, provisional, counts, kept)
     except (AssertionError, ValueError) as e:
-        raise PruneConfigError(f"megatron-core rejects the pruned sizes {sizes}: {e}") from e
+        raise PruneConfigError(f"megatron-core rejects the pruned config {dict(target)}: {e}") from e
+
+
+def _copy_train_flags(model, pruned, kept_local: List[int]) -> None:
+    """Give each module of `pruned` the train/eval flag of its source module in `model`.
+
+    `kept_local[j]`: the position in `model.decoder.layers` of the layer that is now at position j.
+    """
+    source = {name: m.training for name, m in model.named_modules()}
+    for name, module in pruned.named_modules():
+        parts = name.split(".")
+        if name.startswith("decoder.layers.") and len(parts) > 2:
+            parts[2] = str(kept_local[int(parts[2])])
+        module.training = source.get(".".join(parts), module.training)
 
 
 def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
@@ -200,7 +221,7 @@ def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
     output layer counted once."""
     local, split = 0, partitions(model)
     for name, p in model.named_parameters():
-        if name == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
+        if is_tied_output_copy(model, name):
             continue
         if name in split or ctx.tp_rank == 0:
             local += p.numel()
@@ -208,16 +229,13 @@ def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
     return sum(ctx.gather_over_pp(stage))
 
 
-def _check_model(model: torch.nn.Module, ctx: ParallelContext) -> None:
-    """Refuse what megatron-prune cannot prune. Pipeline stages hold different modules, so the stages
+def _check_model(model: torch.nn.Module, ctx: ParallelContext, has_builder: bool = False) -> None:
+    """Refuse what megatron-prune cannot prune. Pipeline stages hold different modules, so the ranks
     agree on the verdict first: every rank raises the same error and none is left waiting in a collective."""
-    problems = [p for p in ctx.gather_over_pp(_model_problem(model, ctx)) if p is not None]
-    if problems:
-        error, message = problems[0]
-        raise error(message)
+    ctx.raise_first(_model_problem(model, ctx, has_builder))
 
 
-def _model_problem(model: torch.nn.Module, ctx: ParallelContext):
+def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bool):
     """(error class, message) for the first unsupported feature of this stage, or None."""
     from megatron.core.models.gpt import GPTModel
 
@@ -243,6 +261,8 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext):
             return PruneConfigError, f"config.{flag}=True is not supported yet by megatron-prune"
     if getattr(model, "mtp_process", False):
         return PruneConfigError, "multi-token-prediction layers are not supported: build the model without MTP"
+    if not has_builder and not block_spec_is_homogeneous(model.transformer_layer_spec):
+        return PruneConfigError, "the model's block spec has a different spec per layer: pass model_builder= to prune()"
     for name in model.state_dict():
         index, _, axes = axes_of(name)
         if not name.endswith("._extra_state") and axes is None:

@@ -98,12 +98,17 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
             f"heads per group, but each group of this model has {shape.heads_per_group}: keep at most "
             f"{groups * shape.heads_per_group} heads, or keep more query groups"
         )
-    for axis in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-        if target[axis] % tp_size:
+    for axis in ("num_attention_heads", "ffn_hidden_size"):
+        if axis in export_config and target[axis] % tp_size:
             raise PruneConfigError(
                 f"export_config[{axis!r}]={target[axis]} is not divisible by the tensor-parallel size {tp_size}: "
                 f"choose a multiple of {tp_size} (or prune at a smaller TP: scores are reusable there)"
             )
+    if "num_query_groups" in export_config and groups % tp_size and tp_size % groups:
+        raise PruneConfigError(
+            f"export_config['num_query_groups']={groups} must be a multiple or a divisor of the tensor-parallel "
+            f"size {tp_size} (Megatron's rule for splitting KV groups over TP ranks)"
+        )
     if target["num_layers"] < pp_size:
         raise PruneConfigError(
             f"export_config['num_layers']={target['num_layers']} is smaller than the pipeline-parallel size "

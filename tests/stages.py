@@ -3,7 +3,7 @@
 import torch
 
 from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.slicing.table import layer_name, split_layer_name
+from megatron_prune.slicing.table import is_tied_output_copy, layer_name, split_layer_name
 from megatron_prune.slicing.tensor_parallel import logical, partitions, shard
 
 
@@ -30,7 +30,7 @@ def global_state_dict(model: torch.nn.Module) -> dict:
         original = key
         if key.endswith("._extra_state"):
             continue
-        if key == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
+        if is_tied_output_copy(model, key):
             continue
         index, inner = split_layer_name(key)
         if index is not None:

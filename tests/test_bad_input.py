@@ -41,6 +41,18 @@ def test_num_layers_below_pipeline_size():
     assert validate_export_config({"num_layers": 2}, SHAPE, pp_size=2)["num_layers"] == 2
 
 
+def test_tensor_parallel_divisibility():
+    with pytest.raises(mp.PruneConfigError, match=r"ffn_hidden_size'\]=100 is not divisible by the tensor-parallel size 8"):
+        validate_export_config({"ffn_hidden_size": 100}, SHAPE, tp_size=8)
+    with pytest.raises(mp.PruneConfigError, match=r"num_attention_heads'\]=4 is not divisible by the tensor-parallel size 8"):
+        validate_export_config({"num_attention_heads": 4}, SHAPE, tp_size=8)
+    with pytest.raises(mp.PruneConfigError, match=r"num_query_groups'\]=3 must be a multiple or a divisor of the tensor-parallel size 2"):
+        validate_export_config({"num_query_groups": 3, "num_attention_heads": 6}, SHAPE, tp_size=2)
+    # fewer KV groups than TP ranks is Megatron-valid (a divisor), as are untouched original sizes
+    assert validate_export_config({"num_query_groups": 1, "num_attention_heads": 2}, SHAPE, tp_size=2)["num_query_groups"] == 1
+    assert validate_export_config({"hidden_size": 48}, SHAPE, tp_size=8)["ffn_hidden_size"] == 128
+
+
 def test_valid_targets_complete_the_sizes():
     target = validate_export_config({"num_attention_heads": 2, "num_query_groups": 2}, SHAPE)
     assert target == dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, num_query_groups=2, num_layers=4)
@@ -110,3 +122,35 @@ def test_unsupported_module_type_is_named(mcore):
 def test_wrapped_model_is_refused(model):
     with pytest.raises(mp.PruneConfigError, match="unwrapped megatron.core GPTModel, got Sequential"):
         mp.prune(torch.nn.Sequential(model), {"ffn_hidden_size": 64}, forward_loop=Recorder())
+
+
+def test_unwritable_scores_path_fails_cleanly(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(mp.ScoresFileError, match="could not write scores_path="):
+        mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop([random_tokens(1, 8, 128, seed=0)], progress=False),
+                 scores_path=str(blocker / "scores.pt"))  # fmt: skip
+
+
+def test_damaged_scores_file_is_refused(model, tmp_path):
+    from megatron_prune.importance.scores_file import FORMAT, VERSION, model_fingerprint
+    from megatron_prune.runtime.parallel import ParallelContext
+
+    path = tmp_path / "scores.pt"
+    fingerprint = model_fingerprint(model, ParallelContext.from_megatron())
+    torch.save({"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "statistics": {"calls": 1}}, path)
+    with pytest.raises(mp.ScoresFileError, match="is damaged: KeyError"):
+        mp.prune(model, {"ffn_hidden_size": 64}, scores_path=str(path))
+
+
+def test_per_layer_block_specs_need_a_builder(mcore):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    specs = [get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=i % 2 == 0) for i in range(4)]
+    model = GPTModel(tiny_gpt_config(), TransformerBlockSubmodules(layer_specs=specs), vocab_size=128, max_sequence_length=32)
+    loop = Recorder()
+    with pytest.raises(mp.PruneConfigError, match="different spec per layer: pass model_builder="):
+        mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=loop)
+    assert loop.calls == 0

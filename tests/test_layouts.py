@@ -110,5 +110,5 @@ def test_scores_from_another_layout_are_reused_at_one_process(runs, name):
 
 def test_a_stage_with_unsupported_modules_fails_every_stage_alike(runs):
     messages = [(runs["out"] / f"moe-error-rank{r}.txt").read_text() for r in (0, 1)]
-    assert messages[0] == messages[1]
+    assert messages[0] == "(raised on rank 1) " + messages[1]  # rank 0 says where the error came from
     assert "unsupported module type TopKRouter at 'decoder.layers.0.mlp.router', layer 3" in messages[0]

@@ -302,14 +302,20 @@ def test_rope_scaling_survives_the_rebuild(mcore):
     torch.testing.assert_close(logits(pruned, data), before, atol=1e-5, rtol=0)
 
 
-def test_module_train_eval_flags_are_preserved(mcore):
+def test_module_train_eval_flags_follow_their_modules(mcore):
     model = make()
+    with torch.no_grad():  # layer 2 is an identity, so depth pruning drops it
+        model.decoder.layers[1].self_attention.linear_proj.weight.zero_()
+        model.decoder.layers[1].mlp.linear_fc2.weight.zero_()
     model.train()
-    model.decoder.layers[0].eval()  # a user choice the pruning must not overwrite
+    model.decoder.layers[3].eval()  # a user choice the pruning must not overwrite
     data = batches()
-    pruned, _ = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
-    assert model.training and not model.decoder.layers[0].training and model.decoder.layers[1].training
-    assert pruned.training and not pruned.decoder.layers[0].training and pruned.decoder.layers[1].training
+    pruned, r = mp.prune(model, {"num_layers": 3}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert r.plan.kept_layers == [1, 3, 4]
+    assert model.training and not model.decoder.layers[3].training and model.decoder.layers[2].training
+    flags = [layer.training for layer in pruned.decoder.layers]
+    assert flags == [True, True, False]  # old layer 4, now at position 2, is the one in eval mode
+    assert pruned.training and pruned.output_layer.training and pruned.decoder.final_layernorm.training
 
 
 def test_bf16_model_keeps_its_dtypes_and_statistics_are_float32(mcore):
@@ -322,3 +328,36 @@ def test_bf16_model_keeps_its_dtypes_and_statistics_are_float32(mcore):
     assert {n: p.dtype for n, p in pruned.named_parameters()} == dtypes
     assert result.importance.hidden.dtype == torch.float32 and result.importance.ffn[1].dtype == torch.float32
     torch.testing.assert_close(logits(pruned, data).float(), before, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("per_layer", [{"no_rope_freq": [0, 0, 1, 0]}, {"window_size": (3, 0), "window_attn_skip_freq": 2}])
+def test_per_layer_config_fields_follow_the_surviving_layers(mcore, per_layer):
+    """Megatron reads these fields by layer number: after dropping layer 2 the old layer 3 is layer 2."""
+    model = make(**per_layer)
+    with torch.no_grad():
+        model.decoder.layers[1].self_attention.linear_proj.weight.zero_()
+        model.decoder.layers[1].mlp.linear_fc2.weight.zero_()
+    data = batches()
+    before = logits(model, data)
+    pruned, r = mp.prune(model, {"num_layers": 3}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert r.plan.kept_layers == [1, 3, 4]
+    field = next(iter(k for k in per_layer if k.endswith("freq")))
+    expected = {"no_rope_freq": [0, 1, 0], "window_attn_skip_freq": [1, 1, 0]}[field]
+    assert getattr(r.config, field) == expected
+    torch.testing.assert_close(logits(pruned, data), before, atol=1e-5, rtol=0)
+
+
+def test_scores_survive_vocabulary_padding(mcore, tmp_path):
+    """Megatron pads the vocabulary to a multiple of TP: the same checkpoint reloaded at another TP has
+    extra embedding rows. Its scores file must still be accepted."""
+    path = str(tmp_path / "scores.pt")
+    torch.manual_seed(0)
+    a = build_tiny_gpt(tiny_gpt_config(), vocab_size=1100)
+    mp.prune(a, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(batches(), progress=False), scores_path=path)
+    b = build_tiny_gpt(tiny_gpt_config(), vocab_size=1152)
+    state = a.state_dict()
+    padded = b.state_dict()["embedding.word_embeddings.weight"].clone()
+    padded[:1100] = state["embedding.word_embeddings.weight"]
+    b.load_state_dict({**state, "embedding.word_embeddings.weight": padded})
+    _, r = mp.prune(b, {"ffn_hidden_size": 64}, scores_path=path)
+    assert not r.calibrated

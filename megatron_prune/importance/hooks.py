@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from megatron_prune.importance import statistics as S
+from megatron_prune.slicing.table import LAYER_ROLES
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,19 @@ class HookSite:
     name: str  # statistic name, the suffix of the store key
     module: str  # path inside a TransformerLayer; "" is the layer itself
     kind: str  # "input" | "normed_input" | "block"
-    tp_partitioned: bool = False  # input of a row-parallel linear: each TP rank sees its own channels
+
+    @property
+    def tp_partitioned(self) -> bool:
+        """Input of a row-parallel linear (the table splits its weight's input dim): each TP rank sees
+        its own slice of the channels."""
+        return self.kind != "block" and LAYER_ROLES[self.module]["weight"].tp_dim == 1
 
 
 LAYER_SITES: Tuple[HookSite, ...] = (
     HookSite("qkv_in", "self_attention.linear_qkv", "normed_input"),
     HookSite("fc1_in", "mlp.linear_fc1", "normed_input"),
-    HookSite("proj_in", "self_attention.linear_proj", "input", tp_partitioned=True),
-    HookSite("fc2_in", "mlp.linear_fc2", "input", tp_partitioned=True),
+    HookSite("proj_in", "self_attention.linear_proj", "input"),
+    HookSite("fc2_in", "mlp.linear_fc2", "input"),
     HookSite("block", "", "block"),
 )
 TP_PARTITIONED_SITES = frozenset(site.name for site in LAYER_SITES if site.tp_partitioned)

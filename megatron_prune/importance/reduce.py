@@ -21,9 +21,11 @@ def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
     """TP concat of partitioned channels, DP sum, then a union over pipeline stages (keys are global)."""
     stage = local.to_cpu()
     if ctx.tp_size > 1:
-        for key in sorted(stage.keys()):  # same keys, same order on every TP rank
-            if parse_stat_key(key)[1] in TP_PARTITIONED_SITES:
-                stage.sums[key] = torch.cat(ctx.gather_over_tp(stage.sums[key]))
+        keys = [k for k in sorted(stage.keys()) if parse_stat_key(k)[1] in TP_PARTITIONED_SITES]
+        flat = torch.cat([stage.sums[k] for k in keys])  # one collective for all of them
+        shards = [s.split([stage.sums[k].numel() for k in keys]) for s in ctx.gather_over_tp(flat)]
+        for i, k in enumerate(keys):
+            stage.sums[k] = torch.cat([parts[i] for parts in shards])
     stage = stage.reduce(ctx.sum_over_dp)
     parts = ctx.gather_over_pp(stage.state_dict())
     full = StatStore()
@@ -34,4 +36,6 @@ def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
         full = full.merge(StatStore.from_state_dict({"sums": part["sums"], "calls": 0}))
     # every stage sees every micro-batch, so the call count is the same on all stages
     full.calls = max(int(p["calls"]) for p in parts)
-    return full
+    # Statistics every TP rank computed for itself (replicated sites) could differ in the last bit between
+    # ranks; ranks must rank channels identically, so all take global rank 0's copy.
+    return StatStore.from_state_dict(ctx.broadcast_object(full.state_dict()))

@@ -1,7 +1,7 @@
 """The scores file: calibration statistics cached on disk, independent of the parallel layout.
 
 One file (written by global rank 0, atomically) holds the raw sums of *all* layers keyed by global layer
-number, so a model loaded at any PP/DP size can reuse it. A fingerprint of the model (architecture and a
+number, so a model loaded at any TP/PP/DP size can reuse it. A fingerprint of the model (architecture and a
 sample of every weight, keyed by global names) guards against reusing scores from a different model.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.slicing.table import layer_name, split_layer_name
+from megatron_prune.slicing.table import is_tied_output_copy, layer_name, split_layer_name
 from megatron_prune.slicing.tensor_parallel import logical, partitions
 
 FORMAT = "megatron-prune/scores"
@@ -26,8 +26,10 @@ _FINGERPRINT_FIELDS = (
     "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_layers",
     "gated_linear_unit", "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma",
     "add_bias_linear", "add_qkv_bias", "qk_layernorm", "qk_l2_norm", "softmax_scale", "window_size",
-    "apply_residual_connection_post_layernorm", "rotary_interleaved",
+    "apply_residual_connection_post_layernorm", "rotary_interleaved", "no_rope_freq", "window_attn_skip_freq",
 )  # fmt: skip
+_VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_VOCAB_ROWS = 1024  # rows of vocabulary-indexed tensors digested: real tokens under any vocabulary padding
 
 
 class ScoresFileError(ValueError):
@@ -35,7 +37,8 @@ class ScoresFileError(ValueError):
 
 
 def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str, object]:
-    """{architecture fields, vocab size, weights digest}; identical at every TP/PP/DP layout of one model.
+    """{architecture and activation-relevant config fields, weights digest}; identical at every TP/PP/DP
+    layout of one model (vocabulary padding, which depends on TP, is left out).
 
     TP shards are digested in their logical full form (one gather per partitioned tensor when TP > 1).
     """
@@ -44,7 +47,6 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
     arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
     arch["activation_func"] = getattr(cfg.activation_func, "__name__", repr(cfg.activation_func))
-    arch["vocab_size"] = model.vocab_size
     arch["share_embeddings_and_output_weights"] = bool(model.share_embeddings_and_output_weights)
     arch["position_embedding_type"] = model.position_embedding_type
     rope = getattr(model, "rotary_pos_emb", None)
@@ -55,9 +57,11 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     for name, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor) or name.endswith("._extra_state"):
             continue
-        if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
-            continue  # a copy of the embedding that exists only on the last stage when PP > 1
+        if is_tied_output_copy(model, name):
+            continue
         full = logical(t, parts.get(name), ctx)
+        if name in _VOCAB_TENSORS:  # Megatron pads the vocabulary to a multiple of TP: skip the padding
+            full = full[:_VOCAB_ROWS]
         index, inner = split_layer_name(name)
         if index is not None:
             name = layer_name(numbers[index], inner)
@@ -81,22 +85,31 @@ def _tensor_digest(t: torch.Tensor, samples: int = 4096) -> str:
 
 
 def save_scores(path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext, meta: Optional[dict] = None) -> None:
-    """Write the file atomically on global rank 0 (temp file + rename), then barrier."""
+    """Write the file atomically on global rank 0 (temp file + rename); every rank returns, or raises
+    the same error, once it is written."""
+    problem = None
     if ctx.is_main:
         payload = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
                    "statistics": stats.state_dict(), "meta": meta or {}}  # fmt: skip
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".scores-", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    ctx.barrier()
+            _write_atomically(path, payload)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            problem = (ScoresFileError, f"could not write scores_path={path!r}: {type(e).__name__}: {e}")
+    ctx.raise_first(problem)
+
+
+def _write_atomically(path: str, payload: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".scores-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_scores(path: str, fingerprint: Dict[str, object]) -> StatStore:
@@ -105,7 +118,7 @@ def load_scores(path: str, fingerprint: Dict[str, object]) -> StatStore:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ScoresFileError(f"scores_path={path!r} is not a readable megatron-prune scores file: {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("fingerprint"), dict):
         raise ScoresFileError(f"scores_path={path!r} is not a megatron-prune scores file")
     if payload.get("version") != VERSION:
         raise ScoresFileError(f"scores_path={path!r} has version {payload.get('version')}, this megatron-prune reads {VERSION}")
@@ -118,4 +131,7 @@ def load_scores(path: str, fingerprint: Dict[str, object]) -> StatStore:
     if theirs["weights"] != ours["weights"]:
         raise ScoresFileError(f"scores_path={path!r} was computed for a model with the same architecture but different "
                               "weights; delete it or choose another scores_path to recalibrate")  # fmt: skip
-    return StatStore.from_state_dict(payload["statistics"])
+    try:
+        return StatStore.from_state_dict(payload["statistics"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ScoresFileError(f"scores_path={path!r} is damaged: {type(e).__name__}: {e}") from e

@@ -8,7 +8,7 @@ replicas, a broadcast from global rank 0). Nothing else in the package reads Meg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -102,6 +102,18 @@ class ParallelContext:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def raise_first(self, problem: Optional[Tuple[type, str]]) -> None:
+        """Agree on errors: every rank passes None or (exception class, message); if any rank has a problem,
+        every rank raises the first one (in global rank order), so no rank is left waiting in a collective."""
+        problems = [problem]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+        for rank, p in enumerate(problems):
+            if p is not None:
+                error, message = p
+                raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
 
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():

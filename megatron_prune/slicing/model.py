@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping
 
 import torch
 
-from megatron_prune.config import ModelShape, PruneConfigError
+from megatron_prune.config import ModelShape
 
 _LAYOUT_FIELDS = (
     "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout",
@@ -37,15 +37,35 @@ def stage_layout(counts: List[int]) -> Dict[str, object]:
     return fields
 
 
-def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_counts: List[int], original_counts: List[int]):
+def per_layer_fields(config) -> Dict[str, list]:
+    """Config fields that say something per layer, as explicit 0/1 lists over layers 1..L, so depth
+    pruning can keep the entries of the surviving layers (Megatron reads them by layer number)."""
+    layers = range(1, config.num_layers + 1)
+    fields = {}
+    window = config.window_attn_skip_freq  # 1 = sliding-window layer
+    if isinstance(window, int):
+        fields["window_attn_skip_freq"] = [int(n % window != 0) for n in layers]
+    elif isinstance(window, list):
+        fields["window_attn_skip_freq"] = list(window)
+    no_rope = config.no_rope_freq  # 1 = layer without rope; __post_init__ already expanded an int
+    if no_rope:
+        fields["no_rope_freq"] = [int(n % no_rope == 0) for n in layers] if isinstance(no_rope, int) else list(no_rope)
+    return fields
+
+
+def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_counts: List[int],
+                  original_counts: List[int], kept_layers: List[int]):  # fmt: skip
     """A new TransformerConfig with the target sizes; `kv_channels` is pinned to the original head dim.
 
-    The pipeline layout fields are kept as they are unless depth pruning changed what a stage holds.
+    The pipeline layout fields are kept as they are unless depth pruning changed what a stage holds;
+    per-layer fields keep the entries of `kept_layers` (global 1-indexed numbers, ascending).
     """
     changes = dict(target)
     changes["kv_channels"] = shape.kv_channels
     if list(stage_counts) != list(original_counts):
         changes.update(stage_layout(stage_counts))
+    if len(kept_layers) != config.num_layers:
+        changes.update({f: [v[n - 1] for n in kept_layers] for f, v in per_layer_fields(config).items()})
     with warnings.catch_warnings():  # __post_init__ re-runs and repeats deprecation notes the user has seen
         warnings.simplefilter("ignore")
         return dataclasses.replace(config, **changes)
@@ -92,17 +112,27 @@ def rebuild_gpt(model: torch.nn.Module, config, num_local_layers: int) -> torch.
 
 
 def _block_spec(spec, num_local_layers: int):
-    """A layer spec stays as is; a block spec gets `num_local_layers` copies of its single layer spec."""
+    """A layer spec stays as is; a block spec gets `num_local_layers` copies of its (single) layer spec."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    block = _block_submodules(spec)
+    if block is None:
+        return spec
+    # layer specs are homogeneous (checked before calibration); a stage may hold none
+    return TransformerBlockSubmodules(layer_specs=block.layer_specs[:1] * num_local_layers, layer_norm=block.layer_norm)
+
+
+def block_spec_is_homogeneous(spec) -> bool:
+    """True unless `spec` is a block spec whose layers have different specs (those need a model_builder)."""
+    block = _block_submodules(spec)
+    return block is None or all(layer == block.layer_specs[0] for layer in block.layer_specs)
+
+
+def _block_submodules(spec):
+    """The TransformerBlockSubmodules a GPTModel's `transformer_layer_spec` describes, or None for a layer spec."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     if isinstance(spec, ModuleSpec) and isinstance(spec.module, type) and issubclass(spec.module, TransformerBlock):
         spec = spec.submodules
-    if not isinstance(spec, TransformerBlockSubmodules):
-        return spec
-    layers = spec.layer_specs
-    if not layers or num_local_layers == 0:
-        return TransformerBlockSubmodules(layer_specs=layers[:1] * num_local_layers, layer_norm=spec.layer_norm)
-    if any(layer != layers[0] for layer in layers):
-        raise PruneConfigError("the model's block spec has different layer specs per layer; pass model_builder= to prune()")
-    return TransformerBlockSubmodules(layer_specs=[layers[0]] * num_local_layers, layer_norm=spec.layer_norm)
+    return spec if isinstance(spec, TransformerBlockSubmodules) else None

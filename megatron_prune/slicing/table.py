@@ -95,3 +95,8 @@ def axes_of(name: str) -> Tuple[Optional[int], str, Optional[TensorAxes]]:
     """For a state-dict name: (local decoder-layer index or None, name inside the layer/model, axes or None)."""
     index, inner = split_layer_name(name)
     return index, inner, _lookup(MODEL_ROLES if index is None else LAYER_ROLES, inner)
+
+
+def is_tied_output_copy(model, name: str) -> bool:
+    """The last stage's copy of a tied embedding (PP > 1): not a parameter of its own."""
+    return name == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process
