@@ -19,6 +19,8 @@ from megatron_prune.slicing.table import TensorAxes, axes_of
 
 @dataclass(frozen=True)
 class Partition:
+    """How a tensor is split over TP ranks: along `dim`, in `stride` independently split sub-blocks."""
+
     dim: int
     stride: int = 1
 
