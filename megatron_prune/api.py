@@ -26,7 +26,7 @@ from megatron_prune.ranking import Importance, Orders, rank_orders, score_import
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing.model import block_spec_is_homogeneous, pruned_config, rebuild_gpt
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
-from megatron_prune.slicing.state_dict import slice_state_dict
+from megatron_prune.slicing.state_dict import load_streaming, sliced_tensors
 from megatron_prune.slicing.table import axes_of, is_tied_output_copy
 from megatron_prune.slicing.tensor_parallel import partitions
 
@@ -112,15 +112,14 @@ def prune(
 
     counts = [len(s) for s in stage_layers]
     new_config = pruned_config(model.config, shape, target, counts, original_counts, plan.kept_layers)
-    layer_numbers = {local: n for n, local in numbers.items()}
-    state = slice_state_dict(model.state_dict(), layer_numbers, plan, shape, ctx)
     pruned, problem = None, None
     try:  # a failure here (e.g. in a user's model_builder) must not leave other ranks waiting
         pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config, counts[ctx.pp_rank])
-        pruned.load_state_dict(state, strict=True)
     except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
         problem = (RuntimeError, f"building the pruned model failed: {type(e).__name__}: {e}")
     ctx.raise_first(problem)
+    layer_numbers = {local: n for n, local in numbers.items()}
+    load_streaming(pruned, sliced_tensors(model.state_dict(), layer_numbers, plan, shape, ctx))
     _copy_train_flags(model, pruned, [numbers[n] for n in stage_layers[ctx.pp_rank]])
     params_after = count_params(pruned, ctx)
     log(f"pruned model: {_sizes(target)}, {params_after:,} parameters ({100 * params_after / params_before:.1f}%)")

@@ -1,12 +1,14 @@
-"""Slice a rank's state dict according to a plan, reading dims from the axis table.
+"""Slice a rank's state dict according to a plan, reading dims from the axis table, tensor by tensor.
 
 Decoder layers are renamed to their new local position (survivors keep their relative order), so the
-result loads with `strict=True` into the stage a stock MCore model builds from the pruned config.
+tensors fit exactly the stage a stock MCore model builds from the pruned config. `sliced_tensors` yields
+them one at a time and `load_streaming` copies each into the pruned model as it comes, so pruning holds
+the original model, the pruned one and a single extra tensor at a time.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -45,14 +47,14 @@ def slice_tensor(t: torch.Tensor, dims: Mapping[int, str], index_of) -> torch.Te
     return out.detach().clone().contiguous() if out is t else out.contiguous()
 
 
-def slice_state_dict(
+def sliced_tensors(
     state: Mapping[str, torch.Tensor],
     layer_numbers: Mapping[int, int],
     plan: PrunePlan,
     shape: ModelShape,
     ctx: ParallelContext | None = None,
-) -> Dict[str, object]:
-    """Slice this rank's state dict.
+) -> Iterator[Tuple[str, object]]:
+    """Slice this rank's state dict: yields (pruned-model name, tensor or extra state), in state-dict order.
 
     `layer_numbers`: {local index in decoder.layers: global layer number} for this rank. A tensor split
     across TP ranks along a dim being sliced is gathered to its logical full form, sliced with global
@@ -61,7 +63,6 @@ def slice_state_dict(
     """
     survivors = [n for n in sorted(layer_numbers.values()) if n in plan.layers]
     new_position = {n: i for i, n in enumerate(survivors)}
-    out: Dict[str, object] = {}
     for name, value in state.items():
         local, inner, axes = axes_of(name)
         number = None if local is None else layer_numbers[local]
@@ -70,7 +71,7 @@ def slice_state_dict(
                 continue  # dropped layer
             name = layer_name(new_position[number], inner)
         if not isinstance(value, torch.Tensor) or name.endswith("._extra_state"):
-            out[name] = value
+            yield name, value
             continue
         if axes is None:
             raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
@@ -78,7 +79,29 @@ def slice_state_dict(
         index_of = lambda g: _index(g, plan, keep, shape)  # noqa: E731
         part = partition(axes, shape.gated_linear_unit) if ctx is not None and ctx.tp_size > 1 else None
         if part is not None and part.dim in axes.dims and index_of(axes.dims[part.dim]) is not None:
-            out[name] = shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), part, ctx)
+            yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), part, ctx)
         else:
-            out[name] = slice_tensor(value, axes.dims, index_of)
-    return out
+            yield name, slice_tensor(value, axes.dims, index_of)
+
+
+def load_streaming(model: torch.nn.Module, items: Iterable[Tuple[str, object]]) -> None:
+    """Copy (name, tensor) pairs into `model` one at a time, as strictly as `load_state_dict(strict=True)`:
+    every key of the model exactly once, no unknown key, identical shapes."""
+    target = model.state_dict(keep_vars=True)
+    seen, extra = set(), {}
+    for name, value in items:
+        if name not in target:
+            raise KeyError(f"unexpected key '{name}' for the pruned model")
+        seen.add(name)
+        if name.endswith("._extra_state"):
+            extra[name] = value
+            continue
+        if tuple(target[name].shape) != tuple(value.shape):
+            raise ValueError(f"size mismatch for '{name}': sliced {tuple(value.shape)}, model {tuple(target[name].shape)}")
+        with torch.no_grad():
+            target[name].copy_(value)
+    missing = sorted(set(target) - seen)
+    if missing:
+        raise KeyError(f"the pruned model has tensors nothing was sliced for: {missing[:5]}")
+    if extra:
+        model.load_state_dict(extra, strict=False)
