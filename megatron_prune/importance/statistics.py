@@ -84,9 +84,6 @@ class StatStore:
     def __getitem__(self, key: str) -> Tensor:
         return self.sums[key]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.sums
-
     def to_cpu(self) -> "StatStore":
         return StatStore(self.sums, self.calls)
 

@@ -115,10 +115,6 @@ class ParallelContext:
                 error, message = p
                 raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
 
-    def barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
