@@ -89,10 +89,12 @@ def prune(
     log(f"original model: {_sizes(shape.sizes())}, {params_before:,} parameters; "
         f"TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}")  # fmt: skip
     if have_scores:
-        stats = _load_everywhere(scores_path, model, ctx)
+        stats = _load_everywhere(scores_path, model_fingerprint(model, ctx), ctx)
         log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
     else:
-        stats = _calibrate(model, forward_loop, scores_path, ctx)
+        stats = _calibrate(model, forward_loop, ctx)
+        if scores_path:
+            _save(scores_path, stats, model_fingerprint(model, ctx), ctx)
 
     importance = score_importance(stats, shape)
     orders = rank_orders(importance, shape)
@@ -146,38 +148,38 @@ def calibrate(
     """
     ctx = ParallelContext.from_megatron()
     _check_model(model, ctx)
+    # a collective (a TP gather per split tensor), so computed once and only when a file is involved
+    fingerprint = model_fingerprint(model, ctx) if scores_path else None
     previous = None
     if ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path)):
         if not extend:
             raise PruneConfigError(f"scores_path={scores_path!r} exists: pass extend=True to add to it, or another path")
-        previous = _load_everywhere(scores_path, model, ctx)
-    stats = _calibrate(model, forward_loop, None, ctx)
+        previous = _load_everywhere(scores_path, fingerprint, ctx)
+    stats = _calibrate(model, forward_loop, ctx)
     if previous is not None:
         stats = previous.merge(stats)
     if scores_path:
-        _save(scores_path, stats, model, ctx)
+        _save(scores_path, stats, fingerprint, ctx)
     return stats
 
 
-def _calibrate(model, forward_loop, scores_path: Optional[str], ctx: ParallelContext) -> StatStore:
+def _calibrate(model, forward_loop, ctx: ParallelContext) -> StatStore:
     log("calibrating: collecting activation statistics")
     stats = reduce_statistics(collect_statistics(model, forward_loop), ctx)
     if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
         raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
-    if scores_path:
-        _save(scores_path, stats, model, ctx)
     return stats
 
 
-def _save(scores_path: str, stats: StatStore, model, ctx: ParallelContext) -> None:
+def _save(scores_path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext) -> None:
     meta = {"tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
-    save_scores(scores_path, stats, model_fingerprint(model, ctx), ctx, meta=meta)
+    save_scores(scores_path, stats, fingerprint, ctx, meta=meta)
     log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
 
 
-def _load_everywhere(scores_path: str, model, ctx: ParallelContext) -> StatStore:
-    """Global rank 0 reads and checks the file; every rank gets its statistics, or the same error."""
-    fingerprint = model_fingerprint(model, ctx)  # a collective: every rank computes it
+def _load_everywhere(scores_path: str, fingerprint: Dict[str, object], ctx: ParallelContext) -> StatStore:
+    """Global rank 0 reads the file and checks it against `fingerprint`; every rank gets its statistics,
+    or the same error."""
     stats, problem = None, None
     if ctx.is_main:
         try:

@@ -3,8 +3,8 @@
 Tensor-parallel ranks see disjoint channels of the row-parallel inputs (heads of linear_proj, FFN
 channels of linear_fc2), concatenated here in rank order, and identical copies of everything else. Each
 pipeline stage holds the statistics of its own layers; data-parallel replicas of a stage hold partial
-sums over their share of the calibration batches. `reduce_statistics` returns, on every rank,
-the statistics of *all* layers summed over all replicas: the same numbers a single process would have
+sums over their share of the calibration batches. `reduce_statistics` returns, identically on every
+rank, the statistics of *all* layers summed over all replicas: the same numbers a single process would have
 accumulated over the same batches (up to float summation order across DP replicas).
 """
 
@@ -28,14 +28,14 @@ def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
             stage.sums[k] = torch.cat([parts[i] for parts in shards])
     stage = stage.reduce(ctx.sum_over_dp)
     parts = ctx.gather_over_pp(stage.state_dict())
-    full = StatStore()
-    for part in parts:
-        overlap = set(full.keys()) & set(part["sums"])
+    sums = {}
+    for part in parts:  # stages hold disjoint layers: a union, not a sum
+        overlap = sums.keys() & part["sums"].keys()
         if overlap:
             raise RuntimeError(f"two pipeline stages reported the same statistics: {sorted(overlap)[:4]}")
-        full = full.merge(StatStore.from_state_dict({"sums": part["sums"], "calls": 0}))
+        sums.update(part["sums"])
     # every stage sees every micro-batch, so the call count is the same on all stages
-    full.calls = max(int(p["calls"]) for p in parts)
+    full = StatStore(sums, calls=max(int(p["calls"]) for p in parts))
     # Statistics every TP rank computed for itself (replicated sites) could differ in the last bit between
     # ranks; ranks must rank channels identically, so all take global rank 0's copy.
     return StatStore.from_state_dict(ctx.broadcast_object(full.state_dict()))
