@@ -26,15 +26,32 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
 6. `LanguageModule.setup_embeddings_and_output_layer` runs with `Tensor.cuda` answering the tensor itself:
    with tied embeddings and PP>1 it moves the last stage's copy of the word embeddings with `.cuda()`
    before all-reducing it from the first stage. Only for the duration of that call, once per model build.
+7. Mamba: `megatron.core.ssm.mamba_mixer` is imported with the pure-torch kernels of
+   `megatron_prune.runtime.mamba_kernels` in the place of mamba-ssm's, and without Transformer Engine
+   `MambaStack`'s final norm (hard-coded `TENorm`) is `WrappedTorchNorm` (`install_mamba_kernels()`).
+8. Megatron-Bridge imports without Transformer Engine: its LoRA modules (`megatron.bridge.peft.lora`,
+   `lora_layers`) import `transformer_engine.pytorch` unconditionally and subclass `te.Linear`. A meta-path
+   finder gives exactly those two modules, while they execute, a stub whose `Linear`/`LayerNormLinear` are
+   classes nothing is an instance of; the stub leaves `sys.modules` when they are done, so megatron-core
+   keeps `HAVE_TE=False` everywhere. Installed always (cheap); it acts only if the bridge is imported.
+9. `torch.cuda.get_rng_state()` returns the CPU generator's state: Megatron-Bridge's checkpoint writer records
+   the CUDA RNG state even with `save_rng=False`.
+10. Megatron-Bridge at TP>1 (`apply_bridge_cpu_support()`, called once the bridge is imported): its row-parallel
+   mapping splits HF weights with `torch.chunk(dim=1)`, i.e. into non-contiguous views, and gloo's scatter
+   sends the bytes of the underlying storage, not of the view: the shards are made contiguous first.
 
 Not patched, because a pruning forward/backward never reaches them: the literal "cuda" tensors in
 `megatron.core.utils` (grad-norm helper, hybrid context parallel packing), `tensor_parallel.broadcast_data`
 (Megatron-LM's batch loader, `.cuda()`), gradient clipping, the optimizers and `param_and_grad_buffer`
-(training only), MoE and Mamba (handled elsewhere).
+(training only), MoE (handled elsewhere).
 """
 
 import contextlib
 import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 import types
 
 import torch
@@ -43,6 +60,8 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer import utils as transformer_utils
+
+from megatron_prune.runtime.mamba_kernels import install_mamba_kernels
 
 _TENSOR_FACTORIES = ("arange", "empty", "full", "ones", "tensor", "zeros")
 _applied = False
@@ -76,6 +95,10 @@ def apply_cpu_support() -> bool:
     LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
         LanguageModule.setup_embeddings_and_output_layer
     )
+    install_mamba_kernels()
+    torch.cuda.get_rng_state = _cpu_rng_state
+    if not any(isinstance(f, _BridgeWithoutTransformerEngine) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BridgeWithoutTransformerEngine())
 
     _applied = True
     return True
@@ -156,3 +179,75 @@ def _with_tensor_cuda_as_identity(function):
             torch.Tensor.cuda = cuda
 
     return run
+
+
+def apply_bridge_cpu_support() -> bool:
+    """Patch 10 (see the module docstring), on a machine without CUDA. Idempotent; imports the bridge."""
+    if torch.cuda.is_available():
+        return False
+    apply_cpu_support()
+    from megatron.bridge.models.conversion.param_mapping import MegatronParamMapping
+
+    scatter = MegatronParamMapping.scatter_to_tp_ranks
+    if not getattr(scatter, "_contiguous_splits", False):
+
+        @functools.wraps(scatter)
+        def scatter_contiguous(self, splits, *args, **kwargs):
+            splits = [s.contiguous() for s in splits] if splits else splits
+            return scatter(self, splits, *args, **kwargs)
+
+        scatter_contiguous._contiguous_splits = True
+        MegatronParamMapping.scatter_to_tp_ranks = scatter_contiguous
+    return True
+
+
+def _cpu_rng_state(device="cuda") -> torch.Tensor:
+    """Stands in for `torch.cuda.get_rng_state()`: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+class _BridgeWithoutTransformerEngine(importlib.abc.MetaPathFinder):
+    """Finds Megatron-Bridge's LoRA modules as usual, but executes them with a Transformer Engine stub."""
+
+    MODULES = ("megatron.bridge.peft.lora", "megatron.bridge.peft.lora_layers")
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and importlib.util.find_spec("transformer_engine") is None:
+            spec.loader = _ExecutingWithStub(spec.loader)
+        return spec
+
+
+class _ExecutingWithStub(importlib.abc.Loader):
+    """Wraps a module loader: `transformer_engine` is in `sys.modules` only while the module executes."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        stub = _transformer_engine_stub()
+        saved = {name: sys.modules.get(name) for name in stub}
+        sys.modules.update(stub)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            for name, previous in saved.items():
+                if previous is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = previous
+
+
+def _transformer_engine_stub() -> dict:
+    """`transformer_engine` and `transformer_engine.pytorch` with the names the bridge's LoRA modules bind."""
+    te, te_torch = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
+    te.__path__, te.pytorch = [], te_torch
+    te_torch.Linear = type("Linear", (torch.nn.Module,), {"__doc__": "Transformer Engine stub: never built."})
+    te_torch.LayerNormLinear = type("LayerNormLinear", (torch.nn.Module,), {"__doc__": "Transformer Engine stub."})
+    te_torch.ops = types.SimpleNamespace(Sequential=type("Sequential", (torch.nn.Module,), {}))  # annotations
+    return {"transformer_engine": te, "transformer_engine.pytorch": te_torch}
