@@ -44,7 +44,7 @@ def run_forward(
         raise ValueError(f"micro-batches must be token-id tensors [B, S] of one shape, got shapes {sorted(shapes)}")
     mbs, seq = next(iter(shapes))
     device = next(model.parameters()).device
-    meter = _Progress(progress, len(mine)) if progress else None
+    meter = _Progress(progress, len(mine), mbs) if progress else None
 
     def forward_step(data_iterator, model):
         tokens = next(data_iterator).to(device)
@@ -83,10 +83,12 @@ def make_forward_loop(batches: Sequence[torch.Tensor], progress: bool = True) ->
 
 
 class _Progress:
-    """Prints `label: i/n micro-batches, x/s, ETA` on rank 0 at most every 10% and every 2 s (or after 30 s)."""
+    """Prints `label: i/n micro-batches, x samples/s, ETA` at most every 10% and every 2 s (or after 30 s).
 
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done_n = label, total, 0
+    Counts this rank's micro-batches; every data-parallel replica processes as many (rank 0 prints)."""
+
+    def __init__(self, label: str, total: int, micro_batch_size: int = 1):
+        self.label, self.total, self.done_n, self.mbs = label, total, 0, micro_batch_size
         self.start = self.last = time.perf_counter()
         self.every = max(1, total // 10)
 
@@ -97,7 +99,8 @@ class _Progress:
             self.last = now
             rate = self.done_n / max(now - self.start, 1e-9)
             eta = (self.total - self.done_n) / max(rate, 1e-9)
-            log(f"{self.label}: {self.done_n}/{self.total} micro-batches, {rate:.2f}/s, ETA {eta:.0f}s")
+            log(f"{self.label}: {self.done_n}/{self.total} micro-batches, {rate * self.mbs:.2f} samples/s, ETA {eta:.0f}s")
 
     def done(self) -> None:
-        log(f"{self.label}: {self.total} micro-batches in {time.perf_counter() - self.start:.1f}s")
+        seconds = time.perf_counter() - self.start
+        log(f"{self.label}: {self.total} micro-batches in {seconds:.1f}s ({self.total * self.mbs / max(seconds, 1e-9):.2f} samples/s)")

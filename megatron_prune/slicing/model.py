@@ -68,7 +68,10 @@ def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_co
         changes.update({f: [v[n - 1] for n in kept_layers] for f, v in per_layer_fields(config).items()})
     with warnings.catch_warnings():  # __post_init__ re-runs and repeats deprecation notes the user has seen
         warnings.simplefilter("ignore")
-        return dataclasses.replace(config, **changes)
+        new = dataclasses.replace(config, **changes)
+        if callable(getattr(new, "finalize", None)):  # Megatron-Bridge providers defer __post_init__ to finalize()
+            new.finalize()
+        return new
 
 
 def rebuild_gpt(model: torch.nn.Module, config, num_local_layers: int) -> torch.nn.Module:

@@ -1,0 +1,142 @@
+"""Write a pruned model as a Hugging Face folder and as a Megatron-Bridge checkpoint; read the latter back.
+
+Both writers are collective (every rank calls them: the bridge gathers TP shards and PP stages) and write
+into a directory the caller owns; `megatron_prune.output` makes the whole output directory atomic.
+
+- HF: the bridge converts the pruned MCore tensors to HF names; global rank 0 writes safetensors shards,
+  the bridge's artifacts (tokenizer, generation config, custom code) and the pruned config.
+- Megatron: Megatron-Bridge's native format (`iter_0000000/` with a torch_dist checkpoint, the tokenizer and
+  `run_config.yaml` holding the model provider), so `AutoBridge.load_megatron_model` and the Bridge's
+  training/distillation recipes (`checkpoint.pretrained_checkpoint`) build the student from it unaided. The
+  recorded config is made layout-free: no pipeline layout, the bridge's own (GPU) layer spec, no CPU init.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.bridge.hf_config import pruned_hf_config
+from megatron_prune.bridge.hf_import import ImportedModel
+from megatron_prune.log import log
+
+_SHARD_BYTES = 2 * 1024**3
+
+
+def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Sequence[int], out_dir: str) -> None:
+    """Write `pruned` (this rank's stage) as an HF model folder that `from_pretrained` loads without extra code."""
+    out = Path(out_dir)
+    config = pruned_hf_config(imported.bridge.hf_pretrained.config, pruned.config, kept_layers)
+    tensors = imported.bridge.export_hf_weights([pruned], cpu=True, show_progress=False)
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        imported.bridge.hf_pretrained.save_artifacts(out)  # tokenizer, generation config, remote code...
+        config.save_pretrained(out)  # ...then the pruned config over the original one
+        _write_safetensors(tensors, out)
+    else:
+        for _ in tensors:  # the gathers are collective
+            pass
+    _barrier()
+    log(f"wrote Hugging Face model to {out}")
+
+
+def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str) -> None:
+    """Write `pruned` as a Megatron-Bridge checkpoint (weights + model config + tokenizer) in `out_dir`."""
+    imported.bridge.save_megatron_model([pruned], out_dir, hf_tokenizer_path=tokenizer_path)
+    if _rank() == 0:
+        _make_config_portable(Path(out_dir), imported.saved_layer_spec)
+    _barrier()
+    log(f"wrote Megatron checkpoint to {out_dir}")
+
+
+def load_megatron_checkpoint(path: str) -> torch.nn.Module:
+    """This rank's GPTModel stage, built from the config a `save_megatron` checkpoint carries and loaded.
+
+    Uses the parallel layout already initialised; on a machine without CUDA, megatron-core's local spec.
+    """
+    from megatron.bridge.training.model_load_save import build_and_load_model, load_model_config
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    from megatron_prune.runtime.cpu import apply_bridge_cpu_support
+
+    apply_bridge_cpu_support()
+    iteration = _latest_iteration(Path(path))
+    config, _ = load_model_config(str(iteration))
+    config.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    config.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
+    config.perform_initialization = False
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        from megatron.bridge.models.gpt_provider import local_layer_spec
+
+        config.transformer_layer_spec = local_layer_spec
+        config.apply_rope_fusion = config.persist_layer_norm = config.gradient_accumulation_fusion = False
+    stages = build_and_load_model(str(iteration), config, use_cpu_init=cpu, skip_temp_dist_context=True)
+    return unwrap_model(stages if isinstance(stages, list) else [stages])[0].eval()
+
+
+def _write_safetensors(tensors: Iterable[Tuple[str, torch.Tensor]], out: Path) -> None:
+    """Shards of at most `_SHARD_BYTES`, with `model.safetensors.index.json` when there is more than one."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > _SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = tensor.detach().contiguous().clone(), size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _make_config_portable(out: Path, layer_spec) -> None:
+    """Rewrite the recorded model config so that it does not depend on how this machine ran the prune."""
+    import yaml
+
+    for run_config in out.glob("iter_*/run_config.yaml"):
+        data = yaml.safe_load(run_config.read_text())
+        model = data["model"]
+        model["pipeline_model_parallel_layout"] = None  # stage boundaries of this run only; counts are global
+        model["use_cpu_initialization"] = False
+        if callable(layer_spec) and hasattr(layer_spec, "__qualname__"):
+            model["transformer_layer_spec"] = {"_call_": False, "_target_": f"{layer_spec.__module__}.{layer_spec.__qualname__}"}
+        tmp = run_config.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.replace(tmp, run_config)
+
+
+def _latest_iteration(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no Megatron checkpoint directory at {path}")
+    iterations = sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+    if iterations:
+        return iterations[-1]
+    if (path / "run_config.yaml").is_file():
+        return path
+    raise FileNotFoundError(f"{path} holds no iter_* directory with a run_config.yaml: not a Megatron-Bridge checkpoint")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

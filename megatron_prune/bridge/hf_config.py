@@ -1,0 +1,63 @@
+"""The pruned sizes written into a copy of the model's Hugging Face config.
+
+    hidden_size <- hidden_size          intermediate_size   <- ffn_hidden_size
+    num_attention_heads <- num_attention_heads   num_key_value_heads <- num_query_groups
+    head_dim <- kv_channels (always written: a pruned hidden size need not be heads x head_dim)
+    num_hidden_layers <- num_layers     per-layer lists (e.g. Qwen3's `layer_types`) keep the surviving entries
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Sequence
+
+_SIZES = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels",
+    "num_hidden_layers": "num_layers",
+}
+
+
+def pruned_hf_config(hf_config, config, kept_layers: Sequence[int]):
+    """A copy of `hf_config` with the sizes of the pruned `config` (a TransformerConfig).
+
+    `kept_layers`: the original 1-indexed numbers of the surviving layers, ascending. The original is not
+    modified. Warns under transformers 5, which refuses a hidden size that is not heads x head_dim.
+    """
+    original_layers = hf_config.num_hidden_layers
+    pruned = copy.deepcopy(hf_config)
+    for hf_field, mcore_field in _SIZES.items():
+        setattr(pruned, hf_field, int(getattr(config, mcore_field) or _default(config, mcore_field)))
+    for name, value in vars(hf_config).items():
+        if isinstance(value, list) and len(value) == original_layers and original_layers != len(kept_layers):
+            setattr(pruned, name, [value[n - 1] for n in kept_layers])
+    if isinstance(getattr(hf_config, "max_window_layers", None), int):  # Qwen2/3: layers below it use full attention
+        pruned.max_window_layers = sum(1 for n in kept_layers if n <= hf_config.max_window_layers)
+    _warn_transformers_5(pruned)
+    return pruned
+
+
+def _default(config, field: str) -> int:
+    if field == "num_query_groups":
+        return config.num_attention_heads
+    if field == "kv_channels":
+        return config.hidden_size // config.num_attention_heads
+    raise ValueError(f"pruned config has no {field}")
+
+
+def _warn_transformers_5(pruned) -> None:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major >= 5 and pruned.hidden_size != pruned.num_attention_heads * pruned.head_dim:
+        warnings.warn(
+            f"transformers {transformers.__version__}: hidden_size={pruned.hidden_size} is not num_attention_heads x "
+            f"head_dim = {pruned.num_attention_heads} x {pruned.head_dim}; transformers 5 refuses such a config at save "
+            "and load time. Load the exported model with transformers<5 (which Megatron-Bridge 0.3.1 requires).",
+            stacklevel=2,
+        )
+

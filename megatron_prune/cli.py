@@ -1,0 +1,220 @@
+"""`megatron-prune`: prune a Hugging Face model with Minitron and write pruned HF and Megatron checkpoints.
+
+    torchrun --nproc-per-node P -m megatron_prune --hf-model PATH --target-ffn-hidden-size 1024 --output-dir OUT
+    megatron-prune --output-dir OUT          # the offline default: SmolLM2-135M to ~70% of its parameters
+
+Every check of the user's input runs before the model's weights are read; calibration data is tokenised
+before the model is imported. OUT appears complete or not at all:
+    OUT/hf/                  the pruned model as a Hugging Face folder (config, tokenizer, safetensors)
+    OUT/megatron/            a Megatron-Bridge checkpoint that carries its model config and tokenizer
+    OUT/prune_summary.json   sizes, parameters, per-layer importance, round-trip results
+    OUT/prune_report.png     block influence, hidden-channel importance, FFN/head keep masks
+    OUT/importance_scores.pt calibration statistics (unless --scores-path): reuse them to re-prune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, UnsupportedModelError
+
+# The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 70.2% of its 134.5M parameters.
+DEFAULT_TARGET = {"hidden_size": 512, "ffn_hidden_size": 1024}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megatron-prune",
+        description="Minitron structured pruning of a Hugging Face causal LM through Megatron-core and Megatron-Bridge. "
+        "Run under torchrun for TP/PP/DP; data parallelism is WORLD_SIZE / (TP x PP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    m = p.add_argument_group("model and output")
+    m.add_argument("--hf-model", default=None, help="HF model folder or hub id; default: SmolLM2-135M-Instruct, offline")
+    m.add_argument("--output-dir", required=True, help="new directory for the pruned checkpoints and the report")
+    m.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists and is not empty")
+    m.add_argument("--save-format", choices=("hf", "megatron", "both"), default="both")
+    m.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="weights while pruning and in the output")
+    m.add_argument("--trust-remote-code", action="store_true")
+
+    t = p.add_argument_group("targets (TransformerConfig names)")
+    t.add_argument("--export-config", default=None, help='JSON, e.g. \'{"hidden_size": 512, "ffn_hidden_size": 1024}\'')
+    for axis in SUPPORTED_AXES:
+        t.add_argument(f"--target-{axis.replace('_', '-')}", type=int, default=None, dest=f"target_{axis}")
+
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-data", default="default", help="'default' (packaged public-domain text), files, a directory, a glob, or a dataset name")
+    c.add_argument("--calib-text-field", default="text", help="column holding the text (JSON/Parquet/datasets)")
+    c.add_argument("--calib-split", default="train", help="split of a named dataset")
+    c.add_argument("--calib-samples", type=int, default=64)
+    c.add_argument("--seq-length", type=int, default=256)
+    c.add_argument("--micro-batch-size", type=int, default=4)
+    c.add_argument("--seed", type=int, default=1234, help="choice of calibration samples")
+    c.add_argument("--scores-path", default=None, help="statistics file: reused if it exists (no calibration), else written")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+
+    chk = p.add_argument_group("checks and report")
+    chk.add_argument("--skip-roundtrip-check", action="store_true", help="skip the HF/MCore logits comparisons")
+    chk.add_argument("--roundtrip-tolerance", type=float, default=None, help="relative logits error allowed (default 1e-4 fp32, 2e-2 bf16)")
+    chk.add_argument("--no-report", action="store_true", help="skip the PNG (the JSON summary is always written)")
+    return p
+
+
+def export_config_from_args(args: argparse.Namespace) -> Optional[Dict[str, int]]:
+    """Targets from --export-config and --target-* (the two may be combined if they agree); None if none given."""
+    target: Dict[str, int] = {}
+    if args.export_config:
+        try:
+            target = json.loads(args.export_config)
+        except json.JSONDecodeError as e:
+            raise PruneConfigError(f"--export-config is not valid JSON: {e}") from None
+        if not isinstance(target, dict):
+            raise PruneConfigError(f"--export-config must be a JSON object of axis: size, got {args.export_config!r}")
+    for axis in SUPPORTED_AXES:
+        value = getattr(args, f"target_{axis}")
+        if value is not None:
+            if axis in target and target[axis] != value:
+                raise PruneConfigError(f"--target-{axis.replace('_', '-')}={value} contradicts --export-config {axis}={target[axis]}")
+            target[axis] = value
+    return target or None
+
+
+def check_world(args: argparse.Namespace) -> int:
+    """The data-parallel size, or PruneConfigError when the world size does not fit TP x PP."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise PruneConfigError(f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1")
+    if world % (tp * pp):
+        raise PruneConfigError(
+            f"world size {world} (torchrun --nproc-per-node x nodes) is not a multiple of "
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}"
+        )
+    return world // (tp * pp)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole job; returns the JSON summary. Collective under torchrun."""
+    from megatron_prune.api import prune
+    from megatron_prune.bridge import check_hf_source, compare_with_hf, import_hf_model, save_hf, save_megatron
+    from megatron_prune.bridge.offline_model import smollm2_folder
+    from megatron_prune.config import ModelShape, validate_export_config
+    from megatron_prune.data.calibration import calibration_tokens, micro_batches
+    from megatron_prune.data.forward import make_forward_loop
+    from megatron_prune.log import log
+    from megatron_prune.output import atomic_output_dir, check_output_dir
+    from megatron_prune.report import format_tables, parameter_groups, plot, summary
+    from megatron_prune.runtime.distributed import init_distributed
+    from megatron_prune.runtime.parallel import ParallelContext
+
+    started = time.perf_counter()
+    target = export_config_from_args(args)
+    default_job = args.hf_model is None
+    if target is None:
+        if not default_job:
+            raise PruneConfigError("no target given: pass --export-config or --target-* sizes")
+        target = dict(DEFAULT_TARGET)
+    dp = check_world(args)
+    check_output_dir(args.output_dir, args.overwrite)
+    if args.scores_path and os.path.isdir(args.scores_path):
+        raise PruneConfigError(f"--scores-path {args.scores_path!r} is a directory; give a file path")
+    dtype = _DTYPES[args.dtype]
+    tolerance = args.roundtrip_tolerance or (1e-4 if dtype == torch.float32 else 2e-2)
+
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    ctx = ParallelContext.from_megatron()
+    source = smollm2_folder() if default_job else args.hf_model
+    hf_config, provider = check_hf_source(source, args.trust_remote_code)
+    shape = ModelShape.from_config(provider)
+    validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    samples = calibration_tokens(args.calib_data, tokenizer, args.calib_samples, args.seq_length, args.seed,
+                                 args.calib_text_field, args.calib_split)  # fmt: skip
+    batches = micro_batches(samples, args.micro_batch_size)
+    if len(batches) < dp:
+        raise PruneConfigError(f"{len(batches)} micro-batches cannot feed {dp} data-parallel replicas: raise --calib-samples")
+    log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {args.calib_data!r}, "
+        f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
+
+    imported = import_hf_model(source, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    check_tokens = samples[:2, : min(args.seq_length, 64)]
+    checks: List = []
+    if not args.skip_roundtrip_check:
+        checks.append(_checked(compare_with_hf(imported.model, source, check_tokens, "HF source vs imported MCore", tolerance)))
+
+    groups_before = parameter_groups(imported.model, ctx)
+    with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
+        scores_path = args.scores_path or os.path.join(tmp, "importance_scores.pt")
+        pruned, result = prune(imported.model, target, make_forward_loop(batches), scores_path=scores_path)
+        groups_after = parameter_groups(pruned, ctx)
+        if ctx.is_main:
+            print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True)
+        hf_dir = os.path.join(tmp, "hf")
+        if args.save_format in ("hf", "both"):
+            save_hf(imported, pruned, result.plan.kept_layers, hf_dir)
+            if not args.skip_roundtrip_check:
+                checks.append(_checked(compare_with_hf(pruned, hf_dir, check_tokens, "pruned MCore vs exported HF", tolerance)))
+        if args.save_format in ("megatron", "both"):
+            tokenizer_path = hf_dir if args.save_format == "both" else source
+            save_megatron(imported, pruned, os.path.join(tmp, "megatron"), tokenizer_path)
+        final_dir = os.path.abspath(os.path.expanduser(args.output_dir))
+        record = summary(result, groups_before, groups_after, extra={
+            "source": str(source), "output_dir": final_dir, "save_format": args.save_format, "dtype": args.dtype,
+            "parallelism": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
+            "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_length": args.seq_length,
+                            "micro_batch_size": args.micro_batch_size, "seed": args.seed},
+            "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in checks],
+            "wall_time_s": round(time.perf_counter() - started, 1),
+        })  # fmt: skip
+        if not args.scores_path:
+            record["scores_path"] = os.path.join(final_dir, "importance_scores.pt")
+        if ctx.is_main:
+            with open(os.path.join(tmp, "prune_summary.json"), "w") as f:
+                json.dump(record, f, indent=2)
+                f.write("\n")
+            if not args.no_report:
+                plot(result, os.path.join(tmp, "prune_report.png"), title=f"{os.path.basename(str(source).rstrip('/'))}: {_sizes(result)}")
+    log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
+        f"({100 * result.params_after / result.params_before:.1f}%), written to {final_dir}")  # fmt: skip
+    return record
+
+
+def _checked(check):
+    from megatron_prune.log import log
+
+    log(str(check))
+    if not check.ok:
+        raise RuntimeError(f"round-trip check failed: {check} (nothing was written; --skip-roundtrip-check skips it)")
+    return check
+
+
+def _sizes(result) -> str:
+    return ", ".join(f"{k} {result.original_sizes[k]}→{v}" for k, v in result.export_config.items() if result.original_sizes[k] != v)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (PruneConfigError, UnsupportedModelError) as e:
+        print(f"megatron-prune: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from megatron_prune.runtime.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0

@@ -1,0 +1,122 @@
+"""Calibration data: text from files or a dataset, tokenised and packed into fixed-length samples.
+
+    source ──(datasets)──> documents ──tokenizer, EOS between──> one token stream
+      ──> rows of seq_length ──seeded choice of num_samples rows──> [N, S] ──> micro-batches [B, S]
+
+Sources: "default" (the public-domain corpus shipped in `megatron_prune/data/corpus/`), a file, a directory
+(every .txt/.md/.rst/.json/.jsonl/.parquet file in it, recursively, sorted), a glob, several of those separated
+by commas, or a dataset name for `datasets.load_dataset` ("name" or "name:config"). Same source, tokenizer,
+sizes and seed give the same samples.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterator, List
+
+import torch
+
+from megatron_prune.config import PruneConfigError
+
+DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "jargon_file_4.4.7_excerpt.txt.gz"
+_BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_POOL_FACTOR = 4  # tokenise up to this many times the tokens needed, then choose rows from that pool
+
+
+def calibration_tokens(source: str, tokenizer, num_samples: int, seq_length: int, seed: int = 1234,
+                       text_field: str = "text", split: str = "train") -> torch.LongTensor:  # fmt: skip
+    """[num_samples, seq_length] token ids packed from `source`.
+
+    Raises PruneConfigError, before anything is calibrated, when the source yields fewer than
+    num_samples x seq_length tokens, or cannot be read.
+    """
+    if num_samples < 1 or seq_length < 1:
+        raise PruneConfigError(f"--calib-samples ({num_samples}) and --seq-length ({seq_length}) must be >= 1")
+    needed = num_samples * seq_length
+    stream = _token_stream(_documents(source, text_field, split), tokenizer, limit=_POOL_FACTOR * needed)
+    if stream.numel() < needed:
+        raise PruneConfigError(
+            f"--calib-data {source!r} has {stream.numel():,} tokens; --calib-samples {num_samples} x --seq-length "
+            f"{seq_length} needs {needed:,}: give more text or ask for fewer/shorter samples"
+        )
+    rows = stream[: stream.numel() // seq_length * seq_length].view(-1, seq_length)
+    chosen = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return rows[chosen.sort().values].clone()
+
+
+def micro_batches(tokens: torch.Tensor, micro_batch_size: int) -> List[torch.Tensor]:
+    """Split [N, S] into N / micro_batch_size micro-batches [B, S] (N must be a multiple of B)."""
+    if micro_batch_size < 1 or tokens.shape[0] % micro_batch_size:
+        raise PruneConfigError(
+            f"--calib-samples ({tokens.shape[0]}) must be a multiple of --micro-batch-size ({micro_batch_size})"
+        )
+    return list(tokens.split(micro_batch_size))
+
+
+def resolve_files(source: str) -> List[str]:
+    """The data files `source` names (sorted, deduplicated), or [] when it names no local path (a dataset)."""
+    if source == "default":
+        return [str(DEFAULT_CORPUS)]
+    files: List[str] = []
+    for part in (p.strip() for p in source.split(",") if p.strip()):
+        path = Path(os.path.expanduser(part))
+        if path.is_dir():
+            files += [str(f) for f in sorted(path.rglob("*")) if f.is_file() and _builder(f.name)]
+        elif path.is_file():
+            files.append(str(path))
+        elif glob.has_magic(part):
+            files += sorted(f for f in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(f))
+        elif os.sep in part or part.startswith("."):
+            raise PruneConfigError(f"--calib-data: {part!r} does not exist")
+    return list(dict.fromkeys(files))
+
+
+def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = resolve_files(source)
+    try:
+        if files:
+            builders = {_builder(f) for f in files}
+            if None in builders or len(builders) != 1:
+                kinds = sorted({Path(f).suffix or Path(f).name for f in files})
+                raise PruneConfigError(
+                    f"--calib-data {source!r}: files must be all text (.txt/.md/.rst[.gz]), all JSON lines or all Parquet; got {kinds}"
+                )
+            builder = builders.pop()
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            data = datasets.load_dataset(builder, data_files=files, split="train", **extra)
+        else:
+            name, _, config = source.partition(":")
+            data = datasets.load_dataset(name, config or None, split=split)
+    except PruneConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the source and the cause
+        raise PruneConfigError(f"--calib-data {source!r} cannot be loaded: {type(e).__name__}: {e}") from e
+    if text_field not in data.column_names:
+        raise PruneConfigError(f"--calib-data {source!r} has no column {text_field!r} (columns: {data.column_names}); set --calib-text-field")
+    for row in data:
+        if row[text_field]:
+            yield row[text_field]
+
+
+def _token_stream(documents: Iterator[str], tokenizer, limit: int) -> torch.LongTensor:
+    """Token ids of the documents in order, an EOS token after each, until `limit` tokens."""
+    eos = tokenizer.eos_token_id
+    ids: List[int] = []
+    for doc in documents:
+        ids += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= limit:
+            break
+    return torch.tensor(ids[:limit], dtype=torch.long)
+
+
+def _builder(name: str):
+    stem = name[:-3] if name.endswith(".gz") else name
+    return _BUILDERS.get(Path(stem).suffix.lower())
+

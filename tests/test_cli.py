@@ -1,0 +1,107 @@
+"""The `megatron-prune` CLI end to end on a tiny local model (PP=1 and PP=2), and its input checks.
+
+The end-to-end runs are real processes (torchrun at PP=2). Pruning at PP=1 and at PP=2, each calibrating
+on its own, must export identical weights. Every bad input fails before calibration with a message that
+names the flag, and leaves no output directory behind.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_prune.cli import main
+from tests.tiny_hf import file_digests, make_hf_model
+from tests.torchrun import REPO_ROOT, run_torchrun
+
+TARGETS = ["--target-hidden-size", "48", "--target-ffn-hidden-size", "96", "--target-num-attention-heads", "2",
+           "--target-num-layers", "3"]  # fmt: skip
+CALIB = ["--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_hf_model(tmp_path_factory.mktemp("src") / "llama", "llama")
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_cli_pp1_and_pp2_export_identical_models(source, tmp_path):
+    untouched = file_digests(source)
+    out1, out2 = tmp_path / "pp1", tmp_path / "pp2"
+    cmd = [sys.executable, "-m", "megatron_prune", "--hf-model", str(source), "--output-dir", str(out1), *TARGETS, *CALIB]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "HF source vs imported MCore" in run.stdout and "pruned MCore vs exported HF" in run.stdout
+    assert "samples/s" in run.stdout and "layers dropped" in run.stdout  # progress and the before/after tables
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, "--hf-model", source, "--output-dir", out2,
+                 "--pipeline-model-parallel-size", "2", *TARGETS, *CALIB)  # fmt: skip
+
+    for out in (out1, out2):
+        names = sorted(p.name for p in out.iterdir())
+        assert names == ["hf", "importance_scores.pt", "megatron", "prune_report.png", "prune_summary.json"], names
+        assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    s1, s2 = (json.loads((o / "prune_summary.json").read_text()) for o in (out1, out2))
+    assert s1["kept_layers"] == s2["kept_layers"] and len(s1["kept_layers"]) == 3
+    assert s1["params_after"] == s2["params_after"] < s1["params_before"]
+    assert all(c["ok"] for c in s1["roundtrip_checks"] + s2["roundtrip_checks"]) and len(s2["roundtrip_checks"]) == 2
+    w1, w2 = _weights(out1 / "hf"), _weights(out2 / "hf")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+    assert file_digests(source) == untouched
+
+
+def _fails(capsys, *argv, match):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert match in err, err
+    return err
+
+
+def test_bad_inputs_fail_early_and_write_nothing(source, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    common = ["--output-dir", out, *CALIB]
+    _fails(capsys, "--hf-model", tmp_path / "missing", *common, *TARGETS, match="no such directory")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, "--hf-model", tmp_path / "empty", *common, *TARGETS, match="no config.json")
+    _fails(capsys, "--hf-model", source, *common, match="no target given")
+    _fails(capsys, "--hf-model", source, *common, "--target-num-attention-heads", "3", match="num_attention_heads")
+    _fails(capsys, "--hf-model", source, *common, "--export-config", "{bad", match="--export-config is not valid JSON")
+    _fails(capsys, "--hf-model", source, *common, "--export-config", '{"hidden_size": 40}', "--target-hidden-size", "48",
+           match="contradicts")  # fmt: skip
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    _fails(capsys, "--hf-model", source, *common, *TARGETS, "--calib-data", short, match="needs 256")
+    _fails(capsys, "--hf-model", source, *common, *TARGETS, "--calib-samples", "7", match="multiple of --micro-batch-size")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    _fails(capsys, "--hf-model", source, *common, *TARGETS, "--tensor-model-parallel-size", "2", match="world size 3")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    _fails(capsys, "--hf-model", source, *common, *TARGETS, match="exists and is not empty")
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_unsupported_architectures_are_named_before_weights_are_read(tmp_path, capsys):
+    from transformers import LlamaConfig, Qwen3MoeConfig
+
+    foo = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    foo.architectures = ["FooForCausalLM"]
+    foo.save_pretrained(tmp_path / "foo")  # a config only: the check must not need weights
+    _fails(capsys, "--hf-model", tmp_path / "foo", "--output-dir", tmp_path / "o", *TARGETS, match="'FooForCausalLM']")
+    moe = Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    moe.architectures = ["Qwen3MoeForCausalLM"]
+    moe.save_pretrained(tmp_path / "moe")
+    _fails(capsys, "--hf-model", tmp_path / "moe", "--output-dir", tmp_path / "o", *TARGETS, match="MoE (num_moe_experts=4)")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,53 @@
+"""Test helpers (not tests): tiny Hugging Face causal LMs made locally from configs, with a tokenizer."""
+
+from pathlib import Path
+
+import torch
+
+TOKENIZER_TEXT = [
+    "the quick brown fox jumps over the lazy dog while pruning removes channels heads and layers",
+    "calibration data flows through the pipeline schedule; importance ranks every width axis",
+]
+VOCAB = 288
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained here on two sentences (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])  # fmt: skip
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def make_hf_model(path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised tiny `family` ("llama" or "qwen3") causal LM and a tokenizer to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+                  rope_theta=10000.0)  # fmt: skip
+    fields.update(overrides)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**fields)).float()
+    with torch.no_grad():  # norms away from 1, so that a wrong or missing norm shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return Path(path)
+
+
+def file_digests(folder) -> dict:
+    """{relative path: sha256} of every file under `folder`: proof that a source was left untouched."""
+    import hashlib
+
+    root = Path(folder)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}

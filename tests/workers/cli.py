@@ -1,0 +1,8 @@
+"""Worker (under torchrun): the megatron-prune CLI with the given arguments."""
+
+import sys
+
+from megatron_prune.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
