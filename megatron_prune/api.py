@@ -5,6 +5,9 @@
       importance --> orders --(export_config)--> plan --> pruned config + sliced state dict
       --> a stock GPTModel built from the pruned config, with the sliced weights loaded (strict)
 
+With NAS budgets (`constraints=`) the target is chosen by search/nas.py: the whole search space is counted
+before calibration, and after the one calibration each top-k candidate is built by the same
+plan/slice/rebuild step (`_build`), scored and freed; the winner is built last.
 The input model is never modified; the pruned model is a new object.
 """
 
@@ -24,6 +27,7 @@ from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
 from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
 from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.search.nas import SearchResult, prepare_search, run_search
 from megatron_prune.slicing.model import block_spec_is_homogeneous, pruned_config, rebuild_gpt
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
 from megatron_prune.slicing.state_dict import load_streaming, sliced_tensors
@@ -47,16 +51,41 @@ class PruneResult:
     calibrated: bool  # False when statistics came from the scores file
     calibration_calls: int = 0
     scores_path: Optional[str] = None
+    search: Optional[SearchResult] = None  # NAS: the space, the scored candidates and the winner
+
+
+@dataclass
+class _Source:
+    """The model to prune and what one calibration (or the scores file) gives every prune of it."""
+
+    model: torch.nn.Module
+    ctx: ParallelContext
+    shape: ModelShape
+    numbers: Dict[int, int]  # {global layer number: position in this stage's decoder.layers}
+    stage_layers: List[List[int]]  # original global layer numbers of each pipeline stage
+    importance: Importance
+    orders: Orders
+    params_before: int
+    calibrated: bool
+    calls: int
+    scores_path: Optional[str]
+    model_builder: Optional[Callable[[object], torch.nn.Module]]
 
 
 def prune(
     model: torch.nn.Module,
-    export_config: Mapping[str, int],
+    export_config: Optional[Mapping[str, int]] = None,
     forward_loop: Optional[Callable[[torch.nn.Module], None]] = None,
     scores_path: Optional[str] = None,
     model_builder: Optional[Callable[[object], torch.nn.Module]] = None,
+    *,
+    constraints: Optional[Mapping[str, float]] = None,
+    score_func: Optional[Callable[[torch.nn.Module], float]] = None,
+    search=None,
+    importance: Optional[Importance] = None,
 ):
-    """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`.
+    """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`, or to the
+    best-scoring architecture within the budgets in `constraints` (NAS).
 
     Args:
         model: an unwrapped GPTModel stage at any TP/PP/DP layout (sequence parallel off); not modified.
@@ -64,48 +93,128 @@ def prune(
             num_query_groups and num_layers (TransformerConfig field names).
         forward_loop: `forward_loop(model)` runs calibration forwards (see `make_forward_loop`); with
             data parallelism each replica forwards its own share. Needed unless `scores_path` exists.
-        scores_path: a file caching the statistics. If it exists (and matches this model) calibration is
-            skipped; otherwise it is written after calibration. Reusable at any TP/PP/DP layout.
+        scores_path: a file caching the statistics (and NAS candidate scores). If it exists (and matches
+            this model) calibration is skipped; otherwise it is written after calibration. Reusable at
+            any TP/PP/DP layout.
         model_builder: `model_builder(pruned_config) -> GPTModel stage`; by default the model is rebuilt
             with the same constructor arguments as `model`.
+        constraints: NAS budgets instead of `export_config`: upper bounds on any of `params`,
+            `active_params`, `memory_mb` (the first of these present is the primary budget).
+        score_func: NAS: `score_func(model) -> float`, higher is better (e.g. `lm_loss_score(batches)`);
+            every rank uses the value of the last pipeline stage. Required unless `search` has top_k=1.
+            Scores are cached in the scores file under its `score_name` attribute (the built-ins name
+            their data) or else its qualified name: rename it when its data change.
+        search: NAS options: a `SearchConfig` or a dict of its fields (divisors, max_width_pruning, ...).
+        importance: rank with this `Importance` instead of calibration statistics (e.g. a baseline such as
+            random or weight-magnitude selection): no calibration, no scores file. Manual pruning only.
 
     Returns:
         (pruned_model, PruneResult). The pruned model is a stock GPTModel built from `result.config`
-        holding the original weights sliced; kept channels/heads are in importance order.
+        holding the original weights sliced; kept channels/heads are in importance order. With NAS,
+        `result.search` holds the search space, the scored candidates and the winner.
     """
     ctx = ParallelContext.from_megatron()
     _check_model(model, ctx, has_builder=model_builder is not None)
     shape = ModelShape.from_config(model.config)
-    target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
     numbers = local_layer_numbers(model)  # {global: local}
-    original_counts = [len(s) for s in ctx.gather_over_pp(sorted(numbers))]
-    _check_megatron_accepts(model.config, shape, target, original_counts)
-    have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
-    if not have_scores and forward_loop is None:
-        where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
-        raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
-
+    stage_layers = ctx.gather_over_pp(sorted(numbers))
+    original_counts = [len(s) for s in stage_layers]
     params_before = count_params(model, ctx)
     log(f"original model: {_sizes(shape.sizes())}, {params_before:,} parameters; "
         f"TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}")  # fmt: skip
-    if have_scores:
-        stats = _load_everywhere(scores_path, model_fingerprint(model, ctx), ctx)
-        log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
-    else:
-        stats = _calibrate(model, forward_loop, ctx)
-        if scores_path:
-            _save(scores_path, stats, model_fingerprint(model, ctx), ctx)
 
-    importance = score_importance(stats, shape)
-    orders = rank_orders(importance, shape)
-    plan = plan_pruning(orders, shape, target, requested=export_config)
-    stage_layers = ctx.gather_over_pp([n for n in sorted(numbers) if n in plan.layers])
-    if plan.dropped_layers:
+    def megatron_problem(target: Mapping[str, int]) -> Optional[str]:
+        return _megatron_problem(model.config, shape, target, original_counts)
+
+    nas = None
+    if constraints is None:
+        if export_config is None:
+            raise PruneConfigError("give export_config= (target sizes) or constraints= (NAS budgets)")
+        if score_func is not None or search is not None:
+            raise PruneConfigError("score_func and search are NAS options: they need budgets in constraints=")
+        target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
+        problem = megatron_problem(target)
+        if problem:
+            raise PruneConfigError(problem)
+    else:
+        if export_config is not None:
+            raise PruneConfigError("export_config cannot be combined with constraints (NAS budgets): give one of them")
+        nas = prepare_search(model, ctx, shape, constraints, search, score_func, megatron_problem)
+    if importance is not None:
+        if nas is not None:
+            raise PruneConfigError("importance= ranks a manual prune: it cannot be combined with constraints (NAS)")
+        _check_importance(importance, shape)
+        stats, calibrated = StatStore(), False
+    else:
+        have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
+        if not have_scores and forward_loop is None:
+            where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
+            raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
+
+        # a collective (a TP gather per split tensor), so computed once and only when a file is involved
+        fingerprint = model_fingerprint(model, ctx) if scores_path else None
+        if have_scores:
+            stats, cache = _load_everywhere(scores_path, fingerprint, ctx)
+            log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
+        else:
+            stats, cache = _calibrate(model, forward_loop, ctx), {}
+            if scores_path:
+                _save(scores_path, stats, fingerprint, ctx)
+        importance, calibrated = score_importance(stats, shape), not have_scores
+
+    src = _Source(
+        model=model, ctx=ctx, shape=shape, numbers=numbers, stage_layers=stage_layers, importance=importance,
+        orders=rank_orders(importance, shape), params_before=params_before, calibrated=calibrated,
+        calls=stats.calls, scores_path=scores_path, model_builder=model_builder,
+    )  # fmt: skip
+    if nas is None:
+        return _build(src, target, requested=export_config)
+
+    def save(search_cache: dict) -> None:
+        if scores_path:
+            save_scores(scores_path, stats, fingerprint, ctx, meta=_meta(ctx), search=search_cache)
+
+    def build_candidate(candidate) -> torch.nn.Module:
+        return _build(src, {**shape.sizes(), **candidate.export_config}, candidate.export_config, verbose=False)[0]
+
+    def keeps_every_stage(candidate) -> bool:  # depth pruning keeps the top of the layer ranking, on its stage
+        kept = src.orders.layer_ranking[: {**shape.sizes(), **candidate.export_config}["num_layers"]]
+        return not _emptied_stages(stage_layers, kept)
+
+    found = run_search(nas, keeps_every_stage, build_candidate, score_func, cache, save, ctx)
+    pruned, result = _build(src, {**shape.sizes(), **found.best.export_config}, found.best.export_config)
+    result.search = found
+    return pruned, result
+
+
+def _check_importance(importance: Importance, shape: ModelShape) -> None:
+    """A caller's Importance must cover every layer with one value per channel/head."""
+    layers = list(range(1, shape.num_layers + 1))
+    sizes = {"hidden": (importance.hidden.shape, (shape.hidden_size,))}
+    for name, per_layer, size in (("ffn", importance.ffn, shape.ffn_hidden_size), ("heads", importance.heads, shape.num_attention_heads)):
+        if sorted(per_layer) != layers:
+            raise PruneConfigError(f"importance.{name} must have an entry for each layer 1..{shape.num_layers}")
+        sizes.update({f"{name}[{n}]": (per_layer[n].shape, (size,)) for n in layers})
+    if sorted(importance.layers) != layers:
+        raise PruneConfigError(f"importance.layers must have an entry for each layer 1..{shape.num_layers}")
+    for name, (got, want) in sizes.items():
+        if tuple(got) != want:
+            raise PruneConfigError(f"importance.{name} has shape {tuple(got)}, expected {want}")
+
+
+def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int], verbose: bool = True):
+    """Plan, slice and rebuild: (pruned model, PruneResult) for complete target sizes; the axes in
+    `requested` are sorted by importance (the others keep their original order). A NAS candidate
+    (`verbose=False`) logs nothing and gets no PruneResult (None)."""
+    ctx, shape, numbers = src.ctx, src.shape, src.numbers
+    plan = plan_pruning(src.orders, shape, target, requested=requested)
+    stage_layers = [[n for n in stage if n in plan.layers] for stage in src.stage_layers]
+    if verbose and plan.dropped_layers:
         log(f"dropping layers {plan.dropped_layers} (1-indexed, lowest block influence)")
-    if ctx.pp_size > 1:
+    if verbose and ctx.pp_size > 1:
         log("layers kept per pipeline stage (no rebalancing): "
             + ", ".join(f"stage {i}: {s}" for i, s in enumerate(stage_layers)))  # fmt: skip
-    emptied = [i for i, s in enumerate(stage_layers) if not s and original_counts[i]]
+    emptied = _emptied_stages(src.stage_layers, plan.kept_layers)
     if emptied:
         raise PruneConfigError(
             f"export_config['num_layers']={target['num_layers']} would leave pipeline stage(s) {emptied} without layers "
@@ -113,23 +222,27 @@ def prune(
         )
 
     counts = [len(s) for s in stage_layers]
-    new_config = pruned_config(model.config, shape, target, counts, original_counts, plan.kept_layers)
+    original_counts = [len(s) for s in src.stage_layers]
+    new_config = pruned_config(src.model.config, shape, target, counts, original_counts, plan.kept_layers)
     pruned, problem = None, None
     try:  # a failure here (e.g. in a user's model_builder) must not leave other ranks waiting
-        pruned = model_builder(new_config) if model_builder else rebuild_gpt(model, new_config, counts[ctx.pp_rank])
+        builder = src.model_builder
+        pruned = builder(new_config) if builder else rebuild_gpt(src.model, new_config, counts[ctx.pp_rank])
     except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
         problem = (RuntimeError, f"building the pruned model failed: {type(e).__name__}: {e}")
     ctx.raise_first(problem)
     layer_numbers = {local: n for n, local in numbers.items()}
-    load_streaming(pruned, sliced_tensors(model.state_dict(), layer_numbers, plan, shape, ctx))
-    _copy_train_flags(model, pruned, [numbers[n] for n in stage_layers[ctx.pp_rank]])
+    load_streaming(pruned, sliced_tensors(src.model.state_dict(), layer_numbers, plan, shape, ctx))
+    _copy_train_flags(src.model, pruned, [numbers[n] for n in stage_layers[ctx.pp_rank]])
+    if not verbose:
+        return pruned, None
     params_after = count_params(pruned, ctx)
-    log(f"pruned model: {_sizes(target)}, {params_after:,} parameters ({100 * params_after / params_before:.1f}%)")
+    log(f"pruned model: {_sizes(target)}, {params_after:,} parameters ({100 * params_after / src.params_before:.1f}%)")
     result = PruneResult(
-        config=new_config, export_config=target, original_sizes=shape.sizes(), importance=importance,
-        orders=orders, plan=plan, stage_layers=stage_layers, params_before=params_before,
-        params_after=params_after, calibrated=not have_scores, calibration_calls=stats.calls,
-        scores_path=scores_path,
+        config=new_config, export_config=dict(target), original_sizes=shape.sizes(), importance=src.importance,
+        orders=src.orders, plan=plan, stage_layers=stage_layers, params_before=src.params_before,
+        params_after=params_after, calibrated=src.calibrated, calibration_calls=src.calls,
+        scores_path=src.scores_path,
     )  # fmt: skip
     return pruned, result
 
@@ -154,7 +267,7 @@ def calibrate(
     if ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path)):
         if not extend:
             raise PruneConfigError(f"scores_path={scores_path!r} exists: pass extend=True to add to it, or another path")
-        previous = _load_everywhere(scores_path, fingerprint, ctx)
+        previous = _load_everywhere(scores_path, fingerprint, ctx)[0]  # cached NAS scores are dropped with the old sums
     stats = _calibrate(model, forward_loop, ctx)
     if previous is not None:
         stats = previous.merge(stats)
@@ -171,28 +284,41 @@ def _calibrate(model, forward_loop, ctx: ParallelContext) -> StatStore:
     return stats
 
 
+def _emptied_stages(stage_layers: List[List[int]], kept) -> List[int]:
+    """Pipeline stages that held layers (global numbers) but would keep none of `kept`."""
+    kept = set(kept)
+    return [i for i, stage in enumerate(stage_layers) if stage and not kept.intersection(stage)]
+
+
+def _meta(ctx: ParallelContext) -> dict:
+    return {"tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
+
+
 def _save(scores_path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext) -> None:
-    meta = {"tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
-    save_scores(scores_path, stats, fingerprint, ctx, meta=meta)
+    """Write fresh statistics (a new calibration: any cached NAS scores belonged to the old ones)."""
+    save_scores(scores_path, stats, fingerprint, ctx, meta=_meta(ctx))
     log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
 
 
-def _load_everywhere(scores_path: str, fingerprint: Dict[str, object], ctx: ParallelContext) -> StatStore:
-    """Global rank 0 reads the file and checks it against `fingerprint`; every rank gets its statistics,
-    or the same error."""
-    stats, problem = None, None
+def _load_everywhere(scores_path: str, fingerprint: Dict[str, object], ctx: ParallelContext):
+    """Global rank 0 reads the file and checks it against `fingerprint`; every rank gets its statistics
+    and NAS cache, or the same error."""
+    loaded, problem = None, None
     if ctx.is_main:
         try:
-            stats = load_scores(scores_path, fingerprint).state_dict()
+            stats, search = load_scores(scores_path, fingerprint)
+            loaded = (stats.state_dict(), search)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
             problem = (ScoresFileError, str(e) if isinstance(e, ScoresFileError) else f"{type(e).__name__}: {e}")
     ctx.raise_first(problem)
-    return StatStore.from_state_dict(ctx.broadcast_object(stats))
+    stats, search = ctx.broadcast_object(loaded)
+    return StatStore.from_state_dict(stats), search
 
 
-def _check_megatron_accepts(config, shape: ModelShape, target: Mapping[str, int], counts: List[int]) -> None:
-    """Build a pruned config now, so Megatron's own checks fail before calibration. Which layers survive
-    is not known yet: it assumes the last ones of the fullest stages go (stages keep at least one)."""
+def _megatron_problem(config, shape: ModelShape, target: Mapping[str, int], counts: List[int]) -> Optional[str]:
+    """Build a pruned config now, so Megatron's own checks fail before calibration; returns why Megatron
+    refuses it (None if it builds). Which layers survive is not known yet: it assumes the last ones of the
+    fullest stages go (stages keep at least one)."""
     provisional = list(counts)
     for _ in range(shape.num_layers - target["num_layers"]):
         fullest = max(range(len(provisional)), key=lambda i: (provisional[i], i))
@@ -201,7 +327,8 @@ def _check_megatron_accepts(config, shape: ModelShape, target: Mapping[str, int]
     try:
         pruned_config(config, shape, target, provisional, counts, kept)
     except (AssertionError, ValueError) as e:
-        raise PruneConfigError(f"megatron-core rejects the pruned config {dict(target)}: {e}") from e
+        return f"megatron-core rejects the pruned config {dict(target)}: {e}"
+    return None
 
 
 def _copy_train_flags(model, pruned, kept_local: List[int]) -> None:

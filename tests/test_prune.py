@@ -361,3 +361,28 @@ def test_scores_survive_vocabulary_padding(mcore, tmp_path):
     b.load_state_dict({**state, "embedding.word_embeddings.weight": padded})
     _, r = mp.prune(b, {"ffn_hidden_size": 64}, scores_path=path)
     assert not r.calibrated
+
+
+def test_given_importance_ranks_without_calibration(mcore):
+    """`importance=` (e.g. a baseline) replaces the statistics: no forward_loop is needed, and the kept
+    channels, heads and layers are exactly the top of the given importance."""
+    from megatron_prune.config import PruneConfigError
+    from megatron_prune.ranking import Importance
+
+    model = build_tiny_gpt(tiny_gpt_config())
+    g = torch.Generator().manual_seed(0)
+    imp = Importance(
+        hidden=torch.rand(64, generator=g),
+        ffn={n: torch.rand(128, generator=g) for n in range(1, 5)},
+        heads={n: torch.rand(8, generator=g) for n in range(1, 5)},
+        layers={1: 0.4, 2: 0.1, 3: 0.9, 4: 0.3},
+    )
+    target = {"hidden_size": 32, "ffn_hidden_size": 64, "num_layers": 3}
+    pruned, result = mp.prune(model, target, importance=imp)
+    assert result.plan.kept_layers == [1, 3, 4] and not result.calibrated
+    assert torch.equal(result.plan.hidden, torch.argsort(imp.hidden, descending=True, stable=True)[:32])
+    assert torch.equal(result.plan.layers[3].ffn, torch.argsort(imp.ffn[3], descending=True, stable=True)[:64])
+    assert pruned.config.hidden_size == 32
+    bad = Importance(hidden=imp.hidden[:10], ffn=imp.ffn, heads=imp.heads, layers=imp.layers)
+    with pytest.raises(PruneConfigError, match=r"importance.hidden has shape \(10,\), expected \(64,\)"):
+        mp.prune(model, target, importance=bad)

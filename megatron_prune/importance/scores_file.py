@@ -3,6 +3,8 @@
 One file (written by global rank 0, atomically) holds the raw sums of *all* layers keyed by global layer
 number, so a model loaded at any TP/PP/DP size can reuse it. A fingerprint of the model (architecture and a
 sample of every weight, keyed by global names) guards against reusing scores from a different model.
+The optional `search` section caches NAS candidates and their scores per budget (plain dicts, lists and
+numbers); files written before it existed read as having an empty one.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -84,13 +86,14 @@ def _tensor_digest(t: torch.Tensor, samples: int = 4096) -> str:
     return f"{tuple(t.shape)}:" + hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
 
 
-def save_scores(path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext, meta: Optional[dict] = None) -> None:
+def save_scores(path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext,
+                meta: Optional[dict] = None, search: Optional[dict] = None) -> None:  # fmt: skip
     """Write the file atomically on global rank 0 (temp file + rename); every rank returns, or raises
-    the same error, once it is written."""
+    the same error, once it is written. `search`: the NAS cache (global rank 0's is written)."""
     problem = None
     if ctx.is_main:
         payload = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-                   "statistics": stats.state_dict(), "meta": meta or {}}  # fmt: skip
+                   "statistics": stats.state_dict(), "meta": meta or {}, "search": search or {}}  # fmt: skip
         try:
             _write_atomically(path, payload)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
@@ -112,8 +115,9 @@ def _write_atomically(path: str, payload: dict) -> None:
         raise
 
 
-def load_scores(path: str, fingerprint: Dict[str, object]) -> StatStore:
-    """Load and check a scores file against this model's fingerprint; raises ScoresFileError on mismatch."""
+def load_scores(path: str, fingerprint: Dict[str, object]) -> Tuple[StatStore, dict]:
+    """Load and check a scores file against this model's fingerprint; raises ScoresFileError on mismatch.
+    Returns the statistics and the NAS cache (empty for files without one)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -131,7 +135,10 @@ def load_scores(path: str, fingerprint: Dict[str, object]) -> StatStore:
     if theirs["weights"] != ours["weights"]:
         raise ScoresFileError(f"scores_path={path!r} was computed for a model with the same architecture but different "
                               "weights; delete it or choose another scores_path to recalibrate")  # fmt: skip
+    search = payload.get("search") or {}
     try:
-        return StatStore.from_state_dict(payload["statistics"])
+        if not isinstance(search, dict):
+            raise TypeError(f"search section is a {type(search).__name__}")
+        return StatStore.from_state_dict(payload["statistics"]), search
     except (KeyError, TypeError, AttributeError) as e:
         raise ScoresFileError(f"scores_path={path!r} is damaged: {type(e).__name__}: {e}") from e

@@ -1,0 +1,80 @@
+"""Command-line flags for NAS (the CLI adds them to its parser): budgets, score function, search options.
+
+    parser = argparse.ArgumentParser(); add_search_arguments(parser)
+    options = search_options_from_args(parser.parse_args())
+    prune(model, constraints=options.constraints, search=options.search, score_func=make_score_func(options.score, ...))
+
+Divisor flags and defaults come from `SearchConfig`'s fields, so a new `*_divisor` field is a new flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from megatron_prune.config import BUDGETS, SearchConfig
+from megatron_prune.data.scores import ScoreSpec
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    constraints: Optional[Dict[str, float]]  # None: no budget flag given (manual pruning)
+    search: SearchConfig
+    score: ScoreSpec
+
+
+def count(text: str) -> float:
+    """A number, optionally with a K/M/B/T suffix: "1.5B" -> 1.5e9."""
+    text = text.strip()
+    scale = _UNITS.get(text[-1:].upper(), 1)
+    try:
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 3e9, 3B, 350M)") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the NAS flags in their own argument group and return it."""
+    g = parser.add_argument_group("NAS auto pruning", "give any of the --target-* budgets to search instead of a fixed export config")
+    for budget in BUDGETS:
+        unit = "MB of inference memory" if budget == "memory_mb" else budget.replace("_", " ") + " (e.g. 3B, 350M)"
+        g.add_argument(_flag(f"target_{budget}"), type=count, default=None, help=f"upper bound on {unit}")
+    g.add_argument("--score-func", choices=("lm_loss", "mmlu"), default="lm_loss",
+                   help="lm_loss: minus the LM loss on held-out batches; mmlu: accuracy on --score-data")  # fmt: skip
+    g.add_argument("--score-data", default=None, help="mmlu: a JSONL file of {question, choices, answer}")
+    g.add_argument("--score-fraction", type=float, default=1.0, help="mmlu: share of the questions scored")
+    g.add_argument("--score-seed", type=int, default=0, help="mmlu: seed of the sample")
+    g.add_argument("--score-batch-size", type=int, default=1, help="micro-batch size while scoring")
+    g.add_argument("--top-k", type=int, default=_DEFAULTS["top_k"], help="candidates built and scored")
+    for name in ("max_width_pruning", "max_depth_pruning"):
+        g.add_argument(_flag(name), type=float, default=_DEFAULTS[name], help="largest share of an axis' choices dropped")
+    g.add_argument("--axes-to-skip", nargs="+", default=[], metavar="AXIS", help="axes kept at their original size")
+    for name, default in _DEFAULTS.items():
+        if name.endswith("_divisor"):
+            g.add_argument(_flag(name), type=int, default=default, help=f"{name[: -len('_divisor')]} choices are multiples of this")
+    g.add_argument("--search-query-groups", action="store_true", help="also search num_query_groups (KV groups)")
+    g.add_argument("--inference-seq-length", type=int, default=_DEFAULTS["seq_length"], help="memory budget: KV cache tokens per sequence")
+    g.add_argument("--inference-batch-size", type=int, default=_DEFAULTS["batch_size"], help="memory budget: sequences")
+    return g
+
+
+def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
+    """Budgets, SearchConfig and score spec from parsed flags (invalid values raise PruneConfigError)."""
+    budgets = {b: getattr(args, f"target_{b}") for b in BUDGETS if getattr(args, f"target_{b}") is not None}
+    divisors = {name: getattr(args, name) for name in _DEFAULTS if name.endswith("_divisor")}
+    search = SearchConfig(
+        top_k=args.top_k, max_width_pruning=args.max_width_pruning, max_depth_pruning=args.max_depth_pruning,
+        axes_to_skip=tuple(args.axes_to_skip), search_query_groups=args.search_query_groups,
+        seq_length=args.inference_seq_length, batch_size=args.inference_batch_size, **divisors,
+    )  # fmt: skip
+    score = ScoreSpec(args.score_func, args.score_data, args.score_fraction, args.score_seed, args.score_batch_size)
+    return SearchOptions(budgets or None, search, score)

@@ -1,0 +1,119 @@
+"""Tier 2: the analytic counters equal the parameter count of the model Megatron builds (one process;
+PP=2 in test_search_layouts.py), and hand-checked memory figures."""
+
+import pytest
+import torch
+
+import megatron_prune as mp
+from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.search.counting import MemorySpec
+from tests.tiny import build_tiny_gpt, tiny_gpt_config
+
+VOCAB, MAX_SEQ = 128, 32
+VARIANTS = {  # TransformerConfig overrides; "tied" and "pos" go to the GPTModel
+    "gqa-swiglu-tied": dict(),
+    "gqa-plain-tied": dict(gated_linear_unit=False),
+    "mha-swiglu-untied": dict(num_query_groups=8, tied=False),
+    "mha-plain-untied-layernorm-bias-learned": dict(num_query_groups=8, gated_linear_unit=False, normalization="LayerNorm",
+                                                    add_bias_linear=True, tied=False, pos="learned_absolute"),
+    "gqa-qk-layernorm-kv-channels-qkv-bias": dict(qk_layernorm=True, kv_channels=16, num_attention_heads=4,
+                                                  num_query_groups=2, add_qkv_bias=True),
+}  # fmt: skip
+TARGETS = [  # applied to each variant (heads/groups scaled to the variant below)
+    dict(hidden_size=48),
+    dict(ffn_hidden_size=64, num_layers=3),
+    dict(hidden_size=32, ffn_hidden_size=96, num_layers=2, heads_per_group=1, groups=0.5),
+]
+
+
+def split(variant):
+    opts = dict(VARIANTS[variant])
+    return opts, dict(tied=opts.pop("tied", True), pos=opts.pop("pos", "rope"))
+
+
+def build(config_overrides, tied, pos, seed=0):
+    torch.manual_seed(seed)
+    return build_tiny_gpt(tiny_gpt_config(**config_overrides), vocab_size=VOCAB, max_seq_length=MAX_SEQ, tied=tied,
+                          position_embedding_type=pos)  # fmt: skip
+
+
+def live(model):
+    return mp.count_params(model, ParallelContext.from_megatron())
+
+
+def complete(model, target):
+    """Complete target sizes from a TARGETS entry, heads and groups scaled to the model."""
+    cfg = model.config
+    sizes = dict(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
+                 num_query_groups=cfg.num_query_groups, num_layers=cfg.num_layers)  # fmt: skip
+    target = dict(target)
+    groups = max(1, int(cfg.num_query_groups * target.pop("groups", 1)))
+    per_group = target.pop("heads_per_group", cfg.num_attention_heads // cfg.num_query_groups)
+    sizes.update(target, num_query_groups=groups, num_attention_heads=groups * per_group)
+    return sizes
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_counts_equal_the_live_model_megatron_builds(mcore, variant):
+    opts, model_args = split(variant)
+    model = build(opts, **model_args)
+    ctx = ParallelContext.from_megatron()
+    inventory = mp.inventory_of(model, ctx)
+    from_config = mp.inventory_of_config(model.config, VOCAB, model_args["tied"], model_args["pos"], MAX_SEQ)
+    assert from_config == inventory  # the same tensors with the same shapes, read from the config alone
+    d = model.config.kv_channels
+    for target in [{}, *TARGETS]:
+        sizes = complete(model, target)
+        counts = inventory.count(sizes)
+        pruned = build({**opts, **sizes, "kv_channels": d}, **model_args)  # what Megatron builds for the candidate
+        assert counts.params == counts.active_params == live(pruned), sizes
+        assert from_config.count(sizes) == counts
+
+
+def test_block_spec_without_final_norm_is_counted_as_built(mcore):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = TransformerBlockSubmodules(layer_specs=[get_gpt_layer_local_spec(normalization="RMSNorm")] * 4, layer_norm=IdentityOp)
+    model = GPTModel(tiny_gpt_config(), spec, vocab_size=VOCAB, max_sequence_length=MAX_SEQ)
+    inventory = mp.inventory_of(model, ParallelContext.from_megatron())
+    assert "decoder.final_layernorm.weight" not in inventory.model
+    assert inventory.count(complete(model, {})).params == live(model)
+
+
+def test_layers_holding_different_tensors_are_refused(mcore):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    specs = [get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=i == 2) for i in range(4)]
+    model = GPTModel(tiny_gpt_config(), TransformerBlockSubmodules(layer_specs=specs), vocab_size=VOCAB, max_sequence_length=MAX_SEQ)
+    with pytest.raises(ValueError, match="decoder layer 3 holds different tensors than layer 1"):
+        mp.inventory_of(model, ParallelContext.from_megatron())
+
+
+def llama_8b_config():
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                             num_query_groups=8, kv_channels=128, gated_linear_unit=True, normalization="RMSNorm",
+                             add_bias_linear=False)  # fmt: skip
+
+
+def test_llama_3_1_8b_counts_by_hand():
+    """Llama-3.1-8B has 8,030,261,248 parameters (untied 128256-token vocabulary). Its bf16 KV cache for
+    one 4096-token sequence: 32 layers x (K, V) x 8 groups x 128 channels x 4096 tokens x 2 bytes = 512 MiB."""
+    inventory = mp.inventory_of_config(llama_8b_config(), 128256, share_embeddings_and_output_weights=False)
+    sizes = dict(hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8, num_layers=32)
+    counts = inventory.count(sizes)
+    assert counts.params == counts.active_params == 8_030_261_248
+    assert counts.memory_mb == pytest.approx(8_030_261_248 * 2 / 2**20 + 512, abs=1e-9)
+    fp8_kv = inventory.count(sizes, MemorySpec(seq_length=8192, batch_size=4, dtype_bytes=2, kv_cache_dtype_bytes=1))
+    assert fp8_kv.memory_mb == pytest.approx(8_030_261_248 * 2 / 2**20 + 512 * 2 * 4 / 2, abs=1e-9)
+    # pruned by hand: 28 layers of hidden 3072, FFN 9216, 24 heads in 8 groups (d = 128 stays)
+    layer = 2 * 3072 + (24 + 16) * 128 * 3072 + 3072 * 24 * 128 + 3 * 3072 * 9216
+    pruned = inventory.count(dict(hidden_size=3072, ffn_hidden_size=9216, num_attention_heads=24, num_query_groups=8, num_layers=28))
+    assert pruned.params == 2 * 128256 * 3072 + 3072 + 28 * layer
+    assert pruned.memory_mb == pytest.approx(pruned.params * 2 / 2**20 + 512 * 28 / 32, abs=1e-9)
