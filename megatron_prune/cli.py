@@ -25,7 +25,7 @@ import torch
 
 from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, UnsupportedModelError
 
-# The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 70.2% of its 134.5M parameters.
+# The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 71.3% of its 134.5M parameters.
 DEFAULT_TARGET = {"hidden_size": 512, "ffn_hidden_size": 1024}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+
+    from megatron_prune.search.args import add_search_arguments
+
+    nas = add_search_arguments(p)
+    nas.add_argument("--score-samples", type=int, default=16,
+                     help="lm_loss: held-out samples of --seq-length tokens (from --score-data text if given, else "
+                          "rows of --calib-data disjoint from the calibration rows)")  # fmt: skip
 
     chk = p.add_argument_group("checks and report")
     chk.add_argument("--skip-roundtrip-check", action="store_true", help="skip the HF/MCore logits comparisons")
@@ -118,12 +125,23 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prune.runtime.distributed import init_distributed
     from megatron_prune.runtime.parallel import ParallelContext
 
+    from megatron_prune.config import validate_budgets
+    from megatron_prune.data.scores import make_score_func
+    from megatron_prune.search.args import search_options_from_args
+
     started = time.perf_counter()
     target = export_config_from_args(args)
+    search = search_options_from_args(args)
     default_job = args.hf_model is None
-    if target is None:
+    if search.constraints is not None:
+        if target is not None:
+            raise PruneConfigError("--export-config/--target-<axis> sizes cannot be combined with NAS budgets (--target-params...): give one")
+        validate_budgets(search.constraints)
+        if search.score.name == "mmlu" and not args.score_data:
+            raise PruneConfigError("--score-func mmlu needs --score-data (a JSONL file of question/choices/answer)")
+    elif target is None:
         if not default_job:
-            raise PruneConfigError("no target given: pass --export-config or --target-* sizes")
+            raise PruneConfigError("no target given: pass --export-config or --target-<axis> sizes, or a NAS budget (--target-params)")
         target = dict(DEFAULT_TARGET)
     dp = check_world(args)
     check_output_dir(args.output_dir, args.overwrite)
@@ -142,9 +160,17 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
-    samples = calibration_tokens(args.calib_data, tokenizer, args.calib_samples, args.seq_length, args.seed,
-                                 args.calib_text_field, args.calib_split)  # fmt: skip
+    held_out_rows = args.score_samples if search.constraints and search.score.name == "lm_loss" and not args.score_data else 0
+    rows = calibration_tokens(args.calib_data, tokenizer, args.calib_samples + held_out_rows, args.seq_length, args.seed,
+                              args.calib_text_field, args.calib_split)  # fmt: skip
+    samples, held_out = rows[: args.calib_samples], rows[args.calib_samples :]
     batches = micro_batches(samples, args.micro_batch_size)
+    score_func = None
+    if search.constraints is not None:
+        if search.score.name == "lm_loss" and args.score_data:
+            held_out = calibration_tokens(args.score_data, tokenizer, args.score_samples, args.seq_length, args.seed)
+        score_batches = micro_batches(held_out, search.score.batch_size) if len(held_out) else None
+        score_func = make_score_func(search.score, score_batches, tokenizer)
     if len(batches) < dp:
         raise PruneConfigError(f"{len(batches)} micro-batches cannot feed {dp} data-parallel replicas: raise --calib-samples")
     log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {args.calib_data!r}, "
@@ -159,7 +185,8 @@ def run(args: argparse.Namespace) -> dict:
     groups_before = parameter_groups(imported.model, ctx)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         scores_path = args.scores_path or os.path.join(tmp, "importance_scores.pt")
-        pruned, result = prune(imported.model, target, make_forward_loop(batches), scores_path=scores_path)
+        nas = dict(constraints=search.constraints, score_func=score_func, search=search.search) if search.constraints else {}
+        pruned, result = prune(imported.model, target, make_forward_loop(batches), scores_path=scores_path, **nas)
         groups_after = parameter_groups(pruned, ctx)
         if ctx.is_main:
             print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True)
@@ -180,8 +207,14 @@ def run(args: argparse.Namespace) -> dict:
             "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in checks],
             "wall_time_s": round(time.perf_counter() - started, 1),
         })  # fmt: skip
+        if result.search is not None:
+            record["nas"] = _nas_record(result.search)
         if not args.scores_path:
             record["scores_path"] = os.path.join(final_dir, "importance_scores.pt")
+        if ctx.is_main and result.search is not None and not args.no_report:
+            from megatron_prune.search.plot import plot_candidates
+
+            plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
         if ctx.is_main:
             with open(os.path.join(tmp, "prune_summary.json"), "w") as f:
                 json.dump(record, f, indent=2)
@@ -191,6 +224,17 @@ def run(args: argparse.Namespace) -> dict:
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
         f"({100 * result.params_after / result.params_before:.1f}%), written to {final_dir}")  # fmt: skip
     return record
+
+
+def _nas_record(search) -> dict:
+    import dataclasses
+
+    return {
+        "budgets": dict(search.budgets), "space": {k: list(v) for k, v in search.space.items()},
+        "space_size": search.space_size, "num_fitting": search.num_fitting, "winner": search.winner,
+        "candidates": [{"export_config": dict(c.export_config), **dataclasses.asdict(c.counts), "score": c.score}
+                       for c in search.candidates],
+    }  # fmt: skip
 
 
 def _checked(check):

@@ -47,7 +47,8 @@ def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Seque
 
 def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str) -> None:
     """Write `pruned` as a Megatron-Bridge checkpoint (weights + model config + tokenizer) in `out_dir`."""
-    imported.bridge.save_megatron_model([pruned], out_dir, hf_tokenizer_path=tokenizer_path)
+    imported.bridge.save_megatron_model([pruned], out_dir, hf_tokenizer_path=tokenizer_path,
+                                        hf_tokenizer_kwargs={"use_fast": True})  # megatron's default is the slow one
     if _rank() == 0:
         _make_config_portable(Path(out_dir), imported.saved_layer_spec)
     _barrier()

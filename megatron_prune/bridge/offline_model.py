@@ -2,7 +2,9 @@
 
 The package ships one 4-bit GGUF file. transformers dequantises it to float32 (about 16 s) into a
 `LlamaForCausalLM` (30 layers, hidden 576, 9 query heads in 3 KV groups, FFN 1536, tied embeddings,
-134.5M parameters); that is saved once as a normal HF folder in the cache and reused afterwards.
+134.5M parameters); that is saved once as a normal HF folder in the cache and reused afterwards. Its
+tokenizer is saved in the fast format only (transformers' GGUF loader would copy the whole GGUF file as the
+"slow" tokenizer.model).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _convert(folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp, legacy_format=False)  # the fast tokenizer only: its "slow" file is the GGUF
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
