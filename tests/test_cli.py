@@ -105,3 +105,23 @@ def test_unsupported_architectures_are_named_before_weights_are_read(tmp_path, c
     moe.save_pretrained(tmp_path / "moe")
     _fails(capsys, "--hf-model", tmp_path / "moe", "--output-dir", tmp_path / "o", *TARGETS, match="MoE (num_moe_experts=4)")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_nas_applies_the_best_scored_candidate(source, tmp_path):
+    from transformers import AutoConfig
+
+    out = tmp_path / "nas"
+    search = ["--target-params", "120000", "--top-k", "3", "--hidden-size-divisor", "16", "--ffn-hidden-size-divisor", "32",
+              "--num-layers-divisor", "1", "--max-depth-pruning", "0.5", "--score-samples", "4"]  # fmt: skip
+    assert main(["--hf-model", str(source), "--output-dir", str(out), "--save-format", "hf", *CALIB, *search]) == 0
+    record = json.loads((out / "prune_summary.json").read_text())
+    nas = record["nas"]
+    assert len(nas["candidates"]) == 3 and all(c["params"] <= 120000 for c in nas["candidates"])
+    scores = [c["score"] for c in nas["candidates"]]
+    assert nas["winner"] == scores.index(max(scores))
+    winner = nas["candidates"][nas["winner"]]
+    assert record["params_after"] == winner["params"]  # the analytic count is the live count
+    config = AutoConfig.from_pretrained(out / "hf")
+    sizes = {"hidden_size": config.hidden_size, "ffn_hidden_size": config.intermediate_size, "num_layers": config.num_hidden_layers}
+    assert {k: sizes[k] for k in winner["export_config"]} == winner["export_config"]
+    assert (out / "nas_candidates.png").is_file() and all(c["ok"] for c in record["roundtrip_checks"])
