@@ -31,8 +31,7 @@ from megatron_prune.search.nas import SearchResult, prepare_search, run_search
 from megatron_prune.slicing.model import block_spec_is_homogeneous, pruned_config, rebuild_gpt
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
 from megatron_prune.slicing.state_dict import load_streaming, sliced_tensors
-from megatron_prune.slicing.table import axes_of, is_tied_output_copy
-from megatron_prune.slicing.tensor_parallel import partitions
+from megatron_prune.slicing.table import axes_of
 
 
 @dataclass
@@ -144,7 +143,7 @@ def prune(
         if nas is not None:
             raise PruneConfigError("importance= ranks a manual prune: it cannot be combined with constraints (NAS)")
         _check_importance(importance, shape)
-        stats, calibrated = StatStore(), False
+        stats, calibrated, scores_path = StatStore(), False, None
     else:
         have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
         if not have_scores and forward_loop is None:
@@ -346,15 +345,10 @@ def _copy_train_flags(model, pruned, kept_local: List[int]) -> None:
 
 def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
     """Parameters of the whole model: TP shards summed, replicated tensors once, stages summed, a tied
-    output layer counted once."""
-    local, split = 0, partitions(model)
-    for name, p in model.named_parameters():
-        if is_tied_output_copy(model, name):
-            continue
-        if name in split or ctx.tp_rank == 0:
-            local += p.numel()
-    stage = int(sum(t.item() for t in ctx.gather_over_tp(torch.tensor([local], dtype=torch.float64))))
-    return sum(ctx.gather_over_pp(stage))
+    output layer counted once (the sum of `report.parameter_groups`)."""
+    from megatron_prune.report import parameter_groups
+
+    return sum(parameter_groups(model, ctx).values())
 
 
 def _check_model(model: torch.nn.Module, ctx: ParallelContext, has_builder: bool = False) -> None:

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, UnsupportedModelError
+from megatron_prune.importance.scores_file import ScoresFileError
 
 # The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 71.3% of its 134.5M parameters.
 DEFAULT_TARGET = {"hidden_size": 512, "ffn_hidden_size": 1024}
@@ -117,16 +118,16 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prune.bridge import check_hf_source, compare_with_hf, import_hf_model, save_hf, save_megatron
     from megatron_prune.bridge.offline_model import smollm2_folder
     from megatron_prune.config import ModelShape, validate_export_config
-    from megatron_prune.data.calibration import calibration_tokens, micro_batches
     from megatron_prune.data.forward import make_forward_loop
     from megatron_prune.log import log
     from megatron_prune.output import atomic_output_dir, check_output_dir
-    from megatron_prune.report import format_tables, parameter_groups, plot, summary
+    from megatron_prune.report import format_tables, parameter_groups, write_report
+    from megatron_prune.search.nas import search_record
+    from megatron_prune.search.plot import plot_candidates
     from megatron_prune.runtime.distributed import init_distributed
     from megatron_prune.runtime.parallel import ParallelContext
 
     from megatron_prune.config import validate_budgets
-    from megatron_prune.data.scores import make_score_func
     from megatron_prune.search.args import search_options_from_args
 
     started = time.perf_counter()
@@ -144,16 +145,18 @@ def run(args: argparse.Namespace) -> dict:
             raise PruneConfigError("no target given: pass --export-config or --target-<axis> sizes, or a NAS budget (--target-params)")
         target = dict(DEFAULT_TARGET)
     dp = check_world(args)
-    check_output_dir(args.output_dir, args.overwrite)
+    out = check_output_dir(args.output_dir, args.overwrite)
+    _check_apart(out, {"--hf-model": args.hf_model, "--scores-path": args.scores_path, "--calib-data": args.calib_data,
+                       "--score-data": args.score_data})  # fmt: skip
     if args.scores_path and os.path.isdir(args.scores_path):
         raise PruneConfigError(f"--scores-path {args.scores_path!r} is a directory; give a file path")
     dtype = _DTYPES[args.dtype]
-    tolerance = args.roundtrip_tolerance or (1e-4 if dtype == torch.float32 else 2e-2)
+    tolerance = args.roundtrip_tolerance if args.roundtrip_tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
 
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
     ctx = ParallelContext.from_megatron()
     source = smollm2_folder() if default_job else args.hf_model
-    hf_config, provider = check_hf_source(source, args.trust_remote_code)
+    _, provider = check_hf_source(source, args.trust_remote_code)
     shape = ModelShape.from_config(provider)
     if target is not None:  # NAS budgets are checked against the model by prune(), before calibration
         validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
@@ -161,81 +164,106 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
-    held_out_rows = args.score_samples if search.constraints and search.score.name == "lm_loss" and not args.score_data else 0
-    rows = calibration_tokens(args.calib_data, tokenizer, args.calib_samples + held_out_rows, args.seq_length, args.seed,
-                              args.calib_text_field, args.calib_split)  # fmt: skip
-    samples, held_out = rows[: args.calib_samples], rows[args.calib_samples :]
-    batches = micro_batches(samples, args.micro_batch_size)
-    score_func = None
-    if search.constraints is not None:
-        if search.score.name == "lm_loss" and args.score_data:
-            held_out = calibration_tokens(args.score_data, tokenizer, args.score_samples, args.seq_length, args.seed)
-        score_batches = micro_batches(held_out, search.score.batch_size) if len(held_out) else None
-        score_func = make_score_func(search.score, score_batches, tokenizer)
+    batches, score_func = _calibration_and_score(args, search, tokenizer)
     if len(batches) < dp:
         raise PruneConfigError(f"{len(batches)} micro-batches cannot feed {dp} data-parallel replicas: raise --calib-samples")
     log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {args.calib_data!r}, "
         f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
 
     imported = import_hf_model(source, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    check_tokens = samples[:2, : min(args.seq_length, 64)]
+    check_tokens = batches[0][:2, :64]
     checks: List = []
-    if not args.skip_roundtrip_check:
-        checks.append(_checked(compare_with_hf(imported.model, source, check_tokens, "HF source vs imported MCore", tolerance)))
 
+    def check(model, hf_dir: str, name: str) -> None:
+        if not args.skip_roundtrip_check:
+            checks.append(_checked(compare_with_hf(model, hf_dir, check_tokens, name, tolerance, args.trust_remote_code)))
+
+    check(imported.model, source, "HF source vs imported MCore")
     groups_before = parameter_groups(imported.model, ctx)
+    # the statistics live outside the temporary directory, so a failed or interrupted run keeps them: the same
+    # command resumes without calibrating (and NAS at the next unscored candidate)
+    scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
-        scores_path = args.scores_path or os.path.join(tmp, "importance_scores.pt")
         nas = dict(constraints=search.constraints, score_func=score_func, search=search.search) if search.constraints else {}
         pruned, result = prune(imported.model, target, make_forward_loop(batches), scores_path=scores_path, **nas)
         groups_after = parameter_groups(pruned, ctx)
-        if ctx.is_main:
-            print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True)
+        ctx.on_main(lambda: print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True))
         hf_dir = os.path.join(tmp, "hf")
         if args.save_format in ("hf", "both"):
             save_hf(imported, pruned, result.plan.kept_layers, hf_dir)
-            if not args.skip_roundtrip_check:
-                checks.append(_checked(compare_with_hf(pruned, hf_dir, check_tokens, "pruned MCore vs exported HF", tolerance)))
+            check(pruned, hf_dir, "pruned MCore vs exported HF")
         if args.save_format in ("megatron", "both"):
             tokenizer_path = hf_dir if args.save_format == "both" else source
             save_megatron(imported, pruned, os.path.join(tmp, "megatron"), tokenizer_path)
-        final_dir = os.path.abspath(os.path.expanduser(args.output_dir))
-        record = summary(result, groups_before, groups_after, extra={
-            "source": str(source), "output_dir": final_dir, "save_format": args.save_format, "dtype": args.dtype,
+        extra = {
+            "source": str(source), "output_dir": str(out), "save_format": args.save_format, "dtype": args.dtype,
             "parallelism": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
             "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_length": args.seq_length,
                             "micro_batch_size": args.micro_batch_size, "seed": args.seed},
             "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in checks],
             "wall_time_s": round(time.perf_counter() - started, 1),
-        })  # fmt: skip
-        if result.search is not None:
-            record["nas"] = _nas_record(result.search)
+        }  # fmt: skip
         if not args.scores_path:
-            record["scores_path"] = os.path.join(final_dir, "importance_scores.pt")
-        if ctx.is_main and result.search is not None and not args.no_report:
-            from megatron_prune.search.plot import plot_candidates
+            extra["scores_path"] = str(out / "importance_scores.pt")
+        if result.search is not None:
+            extra["nas"] = search_record(result.search)
+        title = f"{os.path.basename(str(source).rstrip('/'))}: {_sizes(result)}"
 
-            plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
-        if ctx.is_main:
-            with open(os.path.join(tmp, "prune_summary.json"), "w") as f:
-                json.dump(record, f, indent=2)
-                f.write("\n")
-            if not args.no_report:
-                plot(result, os.path.join(tmp, "prune_report.png"), title=f"{os.path.basename(str(source).rstrip('/'))}: {_sizes(result)}")
+        def write_outputs() -> None:
+            write_report(result, str(tmp), groups_before, groups_after, extra, title, plot_png=not args.no_report)
+            if result.search is not None and not args.no_report:
+                plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
+            if not args.scores_path:  # published with the rest
+                os.replace(scores_path, os.path.join(tmp, "importance_scores.pt"))
+
+        ctx.on_main(write_outputs)
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
-        f"({100 * result.params_after / result.params_before:.1f}%), written to {final_dir}")  # fmt: skip
-    return record
+        f"({100 * result.params_after / result.params_before:.1f}%), written to {out}")  # fmt: skip
+    return extra
 
 
-def _nas_record(search) -> dict:
-    import dataclasses
+def _calibration_and_score(args, search, tokenizer):
+    """Calibration micro-batches and, for NAS, the score function. lm_loss scores on --score-samples rows of
+    --score-data, or else on rows of --calib-data drawn with the calibration rows (so never the same rows)."""
+    from megatron_prune.data.calibration import calibration_tokens, micro_batches
+    from megatron_prune.data.scores import make_score_func
 
-    return {
-        "budgets": dict(search.budgets), "space": {k: list(v) for k, v in search.space.items()},
-        "space_size": search.space_size, "num_fitting": search.num_fitting, "winner": search.winner,
-        "candidates": [{"export_config": dict(c.export_config), **dataclasses.asdict(c.counts), "score": c.score}
-                       for c in search.candidates],
-    }  # fmt: skip
+    scored = search.constraints is not None and search.search.top_k > 1  # one candidate needs no score
+    carve = args.score_samples if scored and search.score.name == "lm_loss" and not args.score_data else 0
+    try:
+        rows = calibration_tokens(args.calib_data, tokenizer, args.calib_samples + carve, args.seq_length, args.seed,
+                                  args.calib_text_field, args.calib_split)  # fmt: skip
+    except PruneConfigError as e:
+        raise PruneConfigError(f"{e}" + (f" (--calib-samples {args.calib_samples} + --score-samples {carve} held-out rows)" if carve else "")) from None
+    batches = micro_batches(rows[: args.calib_samples], args.micro_batch_size)
+    if not scored:
+        return batches, None
+    held_out = rows[args.calib_samples :]
+    if search.score.name == "lm_loss" and args.score_data:
+        held_out = calibration_tokens(args.score_data, tokenizer, args.score_samples, args.seq_length, args.seed + 1,
+                                      args.calib_text_field, args.calib_split)  # fmt: skip
+    try:
+        if search.score.name == "lm_loss" and len(held_out) % search.score.batch_size:
+            raise ValueError(f"--score-samples ({len(held_out)}) must be a multiple of --score-batch-size ({search.score.batch_size})")
+        score_batches = list(held_out.split(search.score.batch_size)) if len(held_out) else None
+        return batches, make_score_func(search.score, score_batches, tokenizer)
+    except (ValueError, OSError) as e:
+        raise PruneConfigError(f"score function {search.score.name}: {e}") from None
+
+
+def _check_apart(out, inputs) -> None:
+    """Refuse an --output-dir that is, holds, or lies inside an input: publishing (or --overwrite) would
+    replace it, or the source folder would be written into."""
+    for flag, value in inputs.items():
+        if not value or value == "default":
+            continue
+        for part in str(value).split(","):
+            path = os.path.abspath(os.path.expanduser(part.strip()))
+            if not os.path.exists(path) and flag != "--scores-path":  # e.g. a hub id or a dataset name
+                continue
+            inside = os.path.commonpath([path, str(out)])
+            if inside in (path, str(out)):
+                raise PruneConfigError(f"--output-dir {str(out)!r} overlaps {flag} {part.strip()!r}: choose a separate directory")
 
 
 def _checked(check):
@@ -255,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (PruneConfigError, UnsupportedModelError) as e:
+    except (PruneConfigError, UnsupportedModelError, ScoresFileError) as e:
         print(f"megatron-prune: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

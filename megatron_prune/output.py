@@ -4,7 +4,9 @@
     with atomic_output_dir(path, overwrite) as tmp:  every rank writes under `tmp` (a sibling of `path`)
         ...                                # on success rank 0 renames it to `path`; on error it is deleted
 
-Collective under torch.distributed: every rank enters and leaves the context together.
+Collective under torch.distributed: every rank enters and leaves the context together. On leaving, the
+ranks agree: if the body failed on any rank (outside a collective), every rank raises and the temporary
+directory is removed.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_prune.config import PruneConfigError
+from megatron_prune.runtime.parallel import ParallelContext, as_problem
 
 
 def check_output_dir(path: str, overwrite: bool = False) -> Path:
@@ -32,27 +33,26 @@ def check_output_dir(path: str, overwrite: bool = False) -> Path:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str, overwrite: bool = False):
-    """Yield a fresh temporary directory next to `path`; publish it as `path` if the body succeeds."""
+    """Yield a fresh temporary directory next to `path`; publish it as `path` if the body succeeds everywhere."""
     out = check_output_dir(path, overwrite)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tmp = out.parent / f".{out.name}.partial-{int(time.time())}-{os.getpid()}"
-    if dist.is_initialized():  # one name for every rank: rank 0's
-        box = [str(tmp)]
-        dist.broadcast_object_list(box, src=0)
-        tmp = Path(box[0])
-    if rank0:
-        tmp.mkdir(parents=True)
-    _barrier()
+    ctx = ParallelContext.from_megatron()
+    tmp = Path(ctx.broadcast_object(str(out.parent / f".{out.name}.partial-{int(time.time())}-{os.getpid()}")))
+    ctx.on_main(lambda: tmp.mkdir(parents=True))
+    failure = None
     try:
         yield tmp
-        _barrier()
-    except BaseException:
-        if rank0:
+    except BaseException as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        failure = e
+    problems = ctx.gather_all(None if failure is None else as_problem(failure))
+    if any(problems):
+        if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if rank0:
-        _publish(tmp, out)
-    _barrier()
+        if failure is not None:
+            raise failure
+        rank, (error, message) = next((r, p) for r, p in enumerate(problems) if p)
+        raise error(f"(raised on rank {rank}) {message}")
+    ctx.on_main(lambda: _publish(tmp, out))
+    ctx.barrier()
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -64,8 +64,3 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -156,16 +156,20 @@ def plot(result, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_report(result, out_dir: str, groups_before=None, groups_after=None, extra=None, title: str = "") -> List[str]:
-    """Write `prune_summary.json` and `prune_report.png` into `out_dir`; returns their paths."""
+def write_report(result, out_dir: str, groups_before=None, groups_after=None, extra=None, title: str = "",
+                 plot_png: bool = True) -> List[str]:  # fmt: skip
+    """Write `prune_summary.json` (and `prune_report.png` unless `plot_png` is False) into `out_dir`; returns
+    the paths written."""
     import os
 
-    json_path, png_path = os.path.join(out_dir, "prune_summary.json"), os.path.join(out_dir, "prune_report.png")
-    with open(json_path, "w") as f:
+    paths = [os.path.join(out_dir, "prune_summary.json")]
+    with open(paths[0], "w") as f:
         json.dump(summary(result, groups_before, groups_after, extra), f, indent=2)
         f.write("\n")
-    plot(result, png_path, title)
-    return [json_path, png_path]
+    if plot_png:
+        paths.append(os.path.join(out_dir, "prune_report.png"))
+        plot(result, paths[1], title)
+    return paths
 
 
 def _mask(size: int, kept: torch.Tensor) -> torch.Tensor:

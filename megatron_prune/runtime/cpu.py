@@ -61,7 +61,7 @@ from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer import utils as transformer_utils
 
-from megatron_prune.runtime.mamba_kernels import install_mamba_kernels
+from megatron_prune.runtime.mamba_kernels import install_mamba_kernels, modules_in_place
 
 _TENSOR_FACTORIES = ("arange", "empty", "full", "ones", "tensor", "zeros")
 _applied = False
@@ -230,17 +230,8 @@ class _ExecutingWithStub(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        stub = _transformer_engine_stub()
-        saved = {name: sys.modules.get(name) for name in stub}
-        sys.modules.update(stub)
-        try:
+        with modules_in_place(_transformer_engine_stub()):
             self.loader.exec_module(module)
-        finally:
-            for name, previous in saved.items():
-                if previous is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = previous
 
 
 def _transformer_engine_stub() -> dict:

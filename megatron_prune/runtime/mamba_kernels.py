@@ -201,9 +201,9 @@ def install_mamba_kernels() -> None:
     if mixer is None:
         importlib.import_module(_TRITON_USER.rpartition(".")[0])  # parent packages, outside the stub's reach
         triton_stub = {} if importlib.util.find_spec("triton") else _triton_stub()
-        with _modules_in_place(triton_stub):
+        with modules_in_place(triton_stub):
             importlib.import_module(_TRITON_USER)
-        with _modules_in_place(_mamba_ssm_stub()):
+        with modules_in_place(_mamba_ssm_stub()):
             mixer = importlib.import_module(_MIXER)
     if mixer.RMSNormGated is not GatedRMSNorm:
         warnings.warn(
@@ -251,7 +251,7 @@ def _mamba_ssm_stub() -> dict:
 
 
 @contextlib.contextmanager
-def _modules_in_place(modules: dict):
+def modules_in_place(modules: dict):
     """Put `modules` (name -> module) in `sys.modules` for the duration; then restore what was there."""
     saved = {name: sys.modules.get(name) for name in modules}
     sys.modules.update(modules)

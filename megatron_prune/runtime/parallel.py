@@ -8,7 +8,7 @@ replicas, a broadcast from global rank 0). Nothing else in the package reads Meg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ class ParallelContext:
     dp_size: int = 1
     dp_rank: int = 0
     global_rank: int = 0
+    ep_size: int = 1  # expert-parallel size (MoE experts split over ranks)
     tp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     pp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
@@ -61,6 +62,7 @@ class ParallelContext:
             dp_size=ps.get_data_parallel_world_size(),
             dp_rank=ps.get_data_parallel_rank(),
             global_rank=dist.get_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
             tp_group=ps.get_tensor_model_parallel_group(),
             pp_group=ps.get_pipeline_model_parallel_group(),
             dp_group=ps.get_data_parallel_group(),
@@ -103,17 +105,48 @@ class ParallelContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_all(self, obj: Any) -> List[Any]:
+        """All-gather a picklable object over every rank of the world, in global rank order."""
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return [obj]
+        out: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def on_main(self, action: Callable[[], Any]) -> Any:
+        """Run `action()` on global rank 0 only (e.g. a file write) and return its result there (None
+        elsewhere); if it raises, every rank raises, so none is left waiting in a later collective."""
+        result, problem = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
+                problem = as_problem(e)
+        self.raise_first(problem)
+        return result
+
     def raise_first(self, problem: Optional[Tuple[type, str]]) -> None:
         """Agree on errors: every rank passes None or (exception class, message); if any rank has a problem,
         every rank raises the first one (in global rank order), so no rank is left waiting in a collective."""
-        problems = [problem]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            problems = [None] * dist.get_world_size()
-            dist.all_gather_object(problems, problem)
-        for rank, p in enumerate(problems):
+        for rank, p in enumerate(self.gather_all(problem)):
             if p is not None:
                 error, message = p
                 raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
+
+
+def as_problem(error: Exception) -> Tuple[type, str]:
+    """(class, message) of an exception for `raise_first`: the package's own errors keep their class, any
+    other becomes a RuntimeError naming the original type."""
+    from megatron_prune.config import PruneConfigError, UnsupportedModelError
+    from megatron_prune.importance.scores_file import ScoresFileError
+
+    if isinstance(error, (PruneConfigError, UnsupportedModelError, ScoresFileError)):
+        return type(error), str(error)
+    return RuntimeError, f"{type(error).__name__}: {error}"
 
 
 def _device() -> torch.device:

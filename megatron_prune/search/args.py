@@ -50,7 +50,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         g.add_argument(_flag(f"target_{budget}"), type=count, default=None, help=f"upper bound on {unit}")
     g.add_argument("--score-func", choices=("lm_loss", "mmlu"), default="lm_loss",
                    help="lm_loss: minus the LM loss on held-out batches; mmlu: accuracy on --score-data")  # fmt: skip
-    g.add_argument("--score-data", default=None, help="mmlu: a JSONL file of {question, choices, answer}")
+    g.add_argument("--score-data", default=None,
+                   help="mmlu: a JSONL file of {question, choices, answer}; lm_loss (CLI): held-out text, else rows of --calib-data")
     g.add_argument("--score-fraction", type=float, default=1.0, help="mmlu: share of the questions scored")
     g.add_argument("--score-seed", type=int, default=0, help="mmlu: seed of the sample")
     g.add_argument("--score-batch-size", type=int, default=1, help="micro-batch size while scoring")

@@ -202,6 +202,13 @@ def _key(export_config: Mapping[str, int]):
     return tuple(sorted(export_config.items()))
 
 
+def search_record(search: SearchResult) -> dict:
+    """A JSON-serialisable record of a search: budgets, space, candidates with counts and scores, the winner."""
+    return {"budgets": dict(search.budgets), "space": {k: list(v) for k, v in search.space.items()},
+            "space_size": search.space_size, "num_fitting": search.num_fitting, "winner": search.winner,
+            "candidates": [_record(c) for c in search.candidates]}  # fmt: skip
+
+
 def _record(c: Candidate) -> dict:
     return {"export_config": dict(c.export_config), "params": c.counts.params, "active_params": c.counts.active_params,
             "memory_mb": c.counts.memory_mb, "score": c.score}  # fmt: skip
