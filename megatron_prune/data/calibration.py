@@ -12,6 +12,7 @@ sizes and seed give the same samples.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from pathlib import Path
 from typing import Iterator, List
@@ -89,16 +90,20 @@ def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
             builder = builders.pop()
             extra = {"sample_by": "document"} if builder == "text" else {}
             data = datasets.load_dataset(builder, data_files=files, split="train", **extra)
-        else:
+        else:  # streamed: only the rows the token pool needs are downloaded
             name, _, config = source.partition(":")
-            data = datasets.load_dataset(name, config or None, split=split)
+            data = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        rows = iter(data)
+        first = next(rows, None)
     except PruneConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - name the source and the cause
         raise PruneConfigError(f"--calib-data {source!r} cannot be loaded: {type(e).__name__}: {e}") from e
-    if text_field not in data.column_names:
-        raise PruneConfigError(f"--calib-data {source!r} has no column {text_field!r} (columns: {data.column_names}); set --calib-text-field")
-    for row in data:
+    if first is None:
+        return
+    if text_field not in first:
+        raise PruneConfigError(f"--calib-data {source!r} has no column {text_field!r} (columns: {sorted(first)}); set --calib-text-field")
+    for row in itertools.chain([first], rows):
         if row[text_field]:
             yield row[text_field]
 
