@@ -24,6 +24,8 @@ CASES = {
                                    dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_hidden_layers=4)),
     "qwen3-groups-depth": ("qwen3", {}, {"num_query_groups": 1, "num_attention_heads": 2, "num_layers": 2, "hidden_size": 40},
                            dict(hidden_size=40, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_hidden_layers=2)),
+    "mistral-untied-ffn-depth": ("mistral", {"tie_word_embeddings": False}, {"ffn_hidden_size": 64, "num_layers": 3},
+                                 dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=3)),
 }  # fmt: skip
 
 
