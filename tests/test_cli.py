@@ -32,9 +32,9 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_cli_pp1_and_pp2_export_identical_models(source, tmp_path):
+def test_cli_pp1_pp2_and_tp2_export_identical_models(source, tmp_path):
     untouched = file_digests(source)
-    out1, out2 = tmp_path / "pp1", tmp_path / "pp2"
+    out1, out2, out3 = tmp_path / "pp1", tmp_path / "pp2", tmp_path / "tp2"
     cmd = [sys.executable, "-m", "megatron_prune", "--hf-model", str(source), "--output-dir", str(out1), *TARGETS, *CALIB]
     run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -42,6 +42,8 @@ def test_cli_pp1_and_pp2_export_identical_models(source, tmp_path):
     assert "samples/s" in run.stdout and "layers dropped" in run.stdout  # progress and the before/after tables
     run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, "--hf-model", source, "--output-dir", out2,
                  "--pipeline-model-parallel-size", "2", *TARGETS, *CALIB)  # fmt: skip
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, "--hf-model", source, "--output-dir", out3,
+                 "--tensor-model-parallel-size", "2", "--save-format", "hf", *TARGETS, *CALIB)  # fmt: skip
 
     for out in (out1, out2):
         names = sorted(p.name for p in out.iterdir())
@@ -51,10 +53,10 @@ def test_cli_pp1_and_pp2_export_identical_models(source, tmp_path):
     assert s1["kept_layers"] == s2["kept_layers"] and len(s1["kept_layers"]) == 3
     assert s1["params_after"] == s2["params_after"] < s1["params_before"]
     assert all(c["ok"] for c in s1["roundtrip_checks"] + s2["roundtrip_checks"]) and len(s2["roundtrip_checks"]) == 2
-    w1, w2 = _weights(out1 / "hf"), _weights(out2 / "hf")
-    assert w1.keys() == w2.keys()
-    for name in w1:
-        assert torch.equal(w1[name], w2[name]), name
+    w1, w2, w3 = _weights(out1 / "hf"), _weights(out2 / "hf"), _weights(out3 / "hf")
+    assert w1.keys() == w2.keys() == w3.keys()
+    for name in w1:  # TP=2: the bridge scatters and gathers shards; statistics are concatenated over TP
+        assert torch.equal(w1[name], w2[name]) and torch.equal(w1[name], w3[name]), name
     assert file_digests(source) == untouched
 
 
