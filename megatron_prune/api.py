@@ -1,9 +1,9 @@
 """`prune()`: validate, score (or reuse cached scores), rank, plan, slice, rebuild. The whole flow.
 
-    model (GPTModel stage, any TP/PP/DP) --hooks + forward_loop--> raw statistics (this rank)
+    model (GPTModel or hybrid MambaModel stage, any TP/PP/DP) --hooks + forward_loop--> raw statistics (this rank)
       --concat over TP, sum over DP, gather over PP--> statistics of all layers --(cache: scores file)-->
       importance --> orders --(export_config)--> plan --> pruned config + sliced state dict
-      --> a stock GPTModel built from the pruned config, with the sliced weights loaded (strict)
+      --> a stock GPTModel / MambaModel built from the pruned config, with the sliced weights loaded (strict)
 
 With NAS budgets (`constraints=`) the target is chosen by search/nas.py: the whole search space is counted
 before calibration, and after the one calibration each top-k candidate is built by the same
@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from megatron_prune.config import SUPPORTED_AXES, ModelShape, PruneConfigError, UnsupportedModelError, validate_export_config
+from megatron_prune.config import (
+    SUPPORTED_AXES, ModelShape, PruneConfigError, UnsupportedModelError, layer_symbols, validate_export_config,
+)
 from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers
 from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
@@ -28,7 +30,7 @@ from megatron_prune.log import log
 from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.search.nas import SearchResult, prepare_search, run_search
-from megatron_prune.slicing.model import block_spec_is_homogeneous, pruned_config, rebuild_gpt
+from megatron_prune.slicing.model import block_spec_layers, hybrid_pattern_of, pruned_config, rebuild
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
 from megatron_prune.slicing.state_dict import load_streaming, sliced_tensors
 from megatron_prune.slicing.table import axes_of
@@ -69,6 +71,7 @@ class _Source:
     calls: int
     scores_path: Optional[str]
     model_builder: Optional[Callable[[object], torch.nn.Module]]
+    pattern: Optional[str] = None  # a hybrid model's layer pattern (whole model)
 
 
 def prune(
@@ -87,9 +90,11 @@ def prune(
     best-scoring architecture within the budgets in `constraints` (NAS).
 
     Args:
-        model: an unwrapped GPTModel stage at any TP/PP/DP layout (sequence parallel off); not modified.
-        export_config: target sizes, any subset of hidden_size, ffn_hidden_size, num_attention_heads,
-            num_query_groups and num_layers (TransformerConfig field names).
+        model: an unwrapped GPTModel stage at any TP/PP/DP layout (sequence parallel off), or a hybrid
+            MambaModel stage (TP=1); MoE layers at TP=EP=1; not modified.
+        export_config: target sizes, any subset of the model's axes (`SUPPORTED_AXES`: hidden_size,
+            ffn_hidden_size, num_attention_heads, num_query_groups, num_moe_experts, moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size, num_layers; TransformerConfig field names).
         forward_loop: `forward_loop(model)` runs calibration forwards (see `make_forward_loop`); with
             data parallelism each replica forwards its own share. Needed unless `scores_path` exists.
         scores_path: a file caching the statistics (and NAS candidate scores). If it exists (and matches
@@ -114,7 +119,8 @@ def prune(
     """
     ctx = ParallelContext.from_megatron()
     _check_model(model, ctx, has_builder=model_builder is not None)
-    shape = ModelShape.from_config(model.config)
+    pattern = hybrid_pattern_of(model)  # None for a GPTModel
+    shape = ModelShape.from_config(model.config, pattern)
     numbers = local_layer_numbers(model)  # {global: local}
     stage_layers = ctx.gather_over_pp(sorted(numbers))
     original_counts = [len(s) for s in stage_layers]
@@ -123,7 +129,7 @@ def prune(
         f"TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}")  # fmt: skip
 
     def megatron_problem(target: Mapping[str, int]) -> Optional[str]:
-        return _megatron_problem(model.config, shape, target, original_counts)
+        return _megatron_problem(model.config, shape, target, original_counts, pattern)
 
     nas = None
     if constraints is None:
@@ -131,7 +137,7 @@ def prune(
             raise PruneConfigError("give export_config= (target sizes) or constraints= (NAS budgets)")
         if score_func is not None or search is not None:
             raise PruneConfigError("score_func and search are NAS options: they need budgets in constraints=")
-        target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
+        target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size, ep_size=ctx.ep_size)
         problem = megatron_problem(target)
         if problem:
             raise PruneConfigError(problem)
@@ -142,7 +148,7 @@ def prune(
     if importance is not None:
         if nas is not None:
             raise PruneConfigError("importance= ranks a manual prune: it cannot be combined with constraints (NAS)")
-        _check_importance(importance, shape)
+        _check_importance(importance, shape, layer_symbols(model.config, pattern))
         stats, calibrated, scores_path = StatStore(), False, None
     else:
         have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
@@ -164,7 +170,7 @@ def prune(
     src = _Source(
         model=model, ctx=ctx, shape=shape, numbers=numbers, stage_layers=stage_layers, importance=importance,
         orders=rank_orders(importance, shape), params_before=params_before, calibrated=calibrated,
-        calls=stats.calls, scores_path=scores_path, model_builder=model_builder,
+        calls=stats.calls, scores_path=scores_path, model_builder=model_builder, pattern=pattern,
     )  # fmt: skip
     if nas is None:
         return _build(src, target, requested=export_config)
@@ -176,29 +182,46 @@ def prune(
     def build_candidate(candidate) -> torch.nn.Module:
         return _build(src, {**shape.sizes(), **candidate.export_config}, candidate.export_config, verbose=False)[0]
 
-    def keeps_every_stage(candidate) -> bool:  # depth pruning keeps the top of the layer ranking, on its stage
-        kept = src.orders.layer_ranking[: {**shape.sizes(), **candidate.export_config}["num_layers"]]
-        return not _emptied_stages(stage_layers, kept)
+    def kept_layers(candidate) -> List[int]:  # depth pruning keeps the top of the layer ranking, on its stage
+        return sorted(src.orders.layer_ranking[: {**shape.sizes(), **candidate.export_config}["num_layers"]])
 
-    found = run_search(nas, keeps_every_stage, build_candidate, score_func, cache, save, ctx)
+    def keeps_every_stage(candidate) -> bool:
+        return not _emptied_stages(stage_layers, kept_layers(candidate))
+
+    found = run_search(nas, keeps_every_stage, build_candidate, score_func, cache, save, ctx, kept_layers)
     pruned, result = _build(src, {**shape.sizes(), **found.best.export_config}, found.best.export_config)
     result.search = found
     return pruned, result
 
 
-def _check_importance(importance: Importance, shape: ModelShape) -> None:
-    """A caller's Importance must cover every layer with one value per channel/head."""
+def _check_importance(importance: Importance, shape: ModelShape, symbols: List[str]) -> None:
+    """A caller's Importance must cover every layer that has a module with one value per channel/head/expert.
+    `symbols[n - 1]`: what layer n holds, in hybrid-pattern symbols (`config.layer_symbols`)."""
     layers = list(range(1, shape.num_layers + 1))
-    sizes = {"hidden": (importance.hidden.shape, (shape.hidden_size,))}
-    for name, per_layer, size in (("ffn", importance.ffn, shape.ffn_hidden_size), ("heads", importance.heads, shape.num_attention_heads)):
-        if sorted(per_layer) != layers:
-            raise PruneConfigError(f"importance.{name} must have an entry for each layer 1..{shape.num_layers}")
-        sizes.update({f"{name}[{n}]": (per_layer[n].shape, (size,)) for n in layers})
     if sorted(importance.layers) != layers:
         raise PruneConfigError(f"importance.layers must have an entry for each layer 1..{shape.num_layers}")
-    for name, (got, want) in sizes.items():
-        if tuple(got) != want:
-            raise PruneConfigError(f"importance.{name} has shape {tuple(got)}, expected {want}")
+
+    def having(symbol: str) -> List[int]:
+        return [n for n in layers if symbol in symbols[n - 1]]
+
+    E, Fm, Fs = shape.num_moe_experts, shape.moe_ffn_hidden_size, shape.moe_shared_expert_intermediate_size
+    expected = {  # field: (layers that must have an entry, shape of each)
+        "heads": (having("*"), (shape.num_attention_heads,)),
+        "ffn": (having("-"), (shape.ffn_hidden_size,)),
+        "experts": (having("E"), (E,)),
+        "moe_ffn": (having("E"), (E, Fm)),
+        "shared_ffn": (having("E") if Fs else [], (Fs,)),
+        "mamba": (having("M"), (shape.mamba_num_heads, shape.mamba_head_dim)),
+    }
+    if tuple(importance.hidden.shape) != (shape.hidden_size,):
+        raise PruneConfigError(f"importance.hidden has shape {tuple(importance.hidden.shape)}, expected ({shape.hidden_size},)")
+    for name, (needed, want) in expected.items():
+        per_layer = getattr(importance, name)
+        if sorted(per_layer) != needed:
+            raise PruneConfigError(f"importance.{name} must have an entry for each of layers {needed}, got {sorted(per_layer)}")
+        for n in needed:
+            if tuple(per_layer[n].shape) != want:
+                raise PruneConfigError(f"importance.{name}[{n}] has shape {tuple(per_layer[n].shape)}, expected {want}")
 
 
 def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int], verbose: bool = True):
@@ -222,17 +245,18 @@ def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int]
 
     counts = [len(s) for s in stage_layers]
     original_counts = [len(s) for s in src.stage_layers]
-    new_config = pruned_config(src.model.config, shape, target, counts, original_counts, plan.kept_layers)
+    new_config = pruned_config(src.model.config, shape, target, counts, original_counts, plan.kept_layers, src.pattern)
+    kept_local = [numbers[n] for n in stage_layers[ctx.pp_rank]]
     pruned, problem = None, None
     try:  # a failure here (e.g. in a user's model_builder) must not leave other ranks waiting
         builder = src.model_builder
-        pruned = builder(new_config) if builder else rebuild_gpt(src.model, new_config, counts[ctx.pp_rank])
+        pruned = builder(new_config) if builder else rebuild(src.model, new_config, kept_local, plan.kept_layers)
     except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
         problem = (RuntimeError, f"building the pruned model failed: {type(e).__name__}: {e}")
     ctx.raise_first(problem)
     layer_numbers = {local: n for n, local in numbers.items()}
     load_streaming(pruned, sliced_tensors(src.model.state_dict(), layer_numbers, plan, shape, ctx))
-    _copy_train_flags(src.model, pruned, [numbers[n] for n in stage_layers[ctx.pp_rank]])
+    _copy_train_flags(src.model, pruned, kept_local)
     if not verbose:
         return pruned, None
     params_after = count_params(pruned, ctx)
@@ -314,7 +338,8 @@ def _load_everywhere(scores_path: str, fingerprint: Dict[str, object], ctx: Para
     return StatStore.from_state_dict(stats), search
 
 
-def _megatron_problem(config, shape: ModelShape, target: Mapping[str, int], counts: List[int]) -> Optional[str]:
+def _megatron_problem(config, shape: ModelShape, target: Mapping[str, int], counts: List[int],
+                      pattern: Optional[str] = None) -> Optional[str]:  # fmt: skip
     """Build a pruned config now, so Megatron's own checks fail before calibration; returns why Megatron
     refuses it (None if it builds). Which layers survive is not known yet: it assumes the last ones of the
     fullest stages go (stages keep at least one)."""
@@ -324,7 +349,7 @@ def _megatron_problem(config, shape: ModelShape, target: Mapping[str, int], coun
         provisional[fullest] -= 1
     kept = list(range(1, target["num_layers"] + 1))
     try:
-        pruned_config(config, shape, target, provisional, counts, kept)
+        pruned_config(config, shape, target, provisional, counts, kept, pattern)
     except (AssertionError, ValueError) as e:
         return f"megatron-core rejects the pruned config {dict(target)}: {e}"
     return None
@@ -361,9 +386,9 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
     """(error class, message) for the first unsupported feature of this stage, or None."""
     from megatron.core.models.gpt import GPTModel
 
-    if not isinstance(model, GPTModel):
+    if not isinstance(model, GPTModel) and not _is_mamba_model(model):
         return PruneConfigError, (
-            f"model must be an unwrapped megatron.core GPTModel, got {type(model).__name__} "
+            f"model must be an unwrapped megatron.core GPTModel or MambaModel, got {type(model).__name__} "
             "(unwrap DDP/Float16Module first, e.g. megatron.core.utils.unwrap_model)"
         )
     cfg = model.config
@@ -383,8 +408,21 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
             return PruneConfigError, f"config.{flag}=True is not supported yet by megatron-prune"
     if getattr(model, "mtp_process", False):
         return PruneConfigError, "multi-token-prediction layers are not supported: build the model without MTP"
-    if not has_builder and not block_spec_is_homogeneous(model.transformer_layer_spec):
-        return PruneConfigError, "the model's block spec has a different spec per layer: pass model_builder= to prune()"
+    specs = block_spec_layers(getattr(model, "transformer_layer_spec", None))
+    if not has_builder and specs is not None and specs != len(model.decoder.layers):
+        return PruneConfigError, (
+            f"the model's block spec has {specs} layer specs for the {len(model.decoder.layers)} layers of this "
+            "stage: pass model_builder= to prune()"
+        )
+    if cfg.num_moe_experts:
+        problem = _moe_problem(cfg, ctx)
+        if problem:
+            return PruneConfigError, problem
+    mixers = [layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer")]
+    if mixers:
+        problem = _mamba_problem(mixers, cfg, ctx)
+        if problem:
+            return PruneConfigError, problem
     for name in model.state_dict():
         index, _, axes = axes_of(name)
         if not name.endswith("._extra_state") and axes is None:
@@ -392,8 +430,48 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
             where = "" if index is None else f", layer {model.decoder.layers[index].layer_number}"
             return UnsupportedModelError, (
                 f"unsupported module type {type(model.get_submodule(path)).__name__} at '{path}'{where} (tensor '{name}'): "
-                "megatron-prune handles dense GPT layers (SelfAttention + MLP); MoE, Mamba and MLA are not supported yet"
+                "megatron-prune handles SelfAttention, MLP, MoE (SequentialMLP experts, optional shared expert) and "
+                "Mamba layers of GPT and hybrid models; MLA is not supported yet"
             )
+    return None
+
+
+def _is_mamba_model(model: torch.nn.Module) -> bool:
+    if not hasattr(model, "mamba_stack_spec"):
+        return False
+    from megatron.core.models.mamba import MambaModel
+
+    return isinstance(model, MambaModel)
+
+
+def _mamba_problem(mixers: List[torch.nn.Module], cfg, ctx: ParallelContext) -> Optional[str]:
+    """Why this stage's Mamba mixers cannot be pruned (None if they can)."""
+    if ctx.tp_size > 1:
+        return (f"Mamba layers at tensor_model_parallel_size={ctx.tp_size}: prune hybrid models at TP=1 (in_proj and "
+                "conv1d are split over TP ranks per segment, which megatron-prune does not gather yet)")  # fmt: skip
+    mixer = mixers[0]
+    if mixer.D_has_hdim:
+        return "Mamba mixers with D_has_hdim=True (a D per channel) are not supported yet"
+    if cfg.mamba_num_heads is None:
+        return (f"config.mamba_num_heads is not set: set it to the mixers' {mixer.nheads} heads (MambaMixer derives "
+                "it from its expand factor, which the config does not record)")  # fmt: skip
+    return None
+
+
+def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
+    """Why the MoE layers of `cfg` cannot be pruned at this layout (None if they can)."""
+    if cfg.moe_grouped_gemm:
+        return ("config.moe_grouped_gemm=True (grouped-GEMM experts) is not supported yet: build the model with "
+                "moe_grouped_gemm=False (SequentialMLP experts; the weights are the same)")  # fmt: skip
+    if ctx.ep_size > 1:
+        return (f"expert_model_parallel_size={ctx.ep_size}: prune MoE models at expert-parallel size 1 (routed-expert "
+                "statistics and weights are not gathered over expert-parallel ranks yet)")  # fmt: skip
+    if ctx.tp_size > 1 or (cfg.expert_tensor_parallel_size or 1) > 1:
+        return (f"MoE layers at tensor_model_parallel_size={ctx.tp_size} (expert_tensor_parallel_size="
+                f"{cfg.expert_tensor_parallel_size}): prune MoE models at TP=1 (each rank's routed-expert outputs are "
+                "partial sums there, and MoE with TP needs sequence parallelism, which calibration cannot use)")  # fmt: skip
+    if getattr(cfg, "moe_latent_size", None):
+        return f"config.moe_latent_size={cfg.moe_latent_size} (latent MoE) is not supported yet"
     return None
 
 

@@ -45,8 +45,8 @@ def parameter_groups(model: torch.nn.Module, ctx) -> Dict[str, int]:
 def keep_masks(result) -> Dict[str, torch.Tensor]:
     """Boolean keep masks in original index order: hidden [H], ffn [L, F], heads [L, N], layers [L]."""
     plan, sizes = result.plan, result.original_sizes
-    L, H, N = sizes["num_layers"], sizes["hidden_size"], sizes["num_attention_heads"]
-    F, G = sizes["ffn_hidden_size"], sizes["num_query_groups"]
+    L, H, N = sizes["num_layers"], sizes["hidden_size"], sizes.get("num_attention_heads", 0)
+    F, G = sizes.get("ffn_hidden_size", 0), sizes.get("num_query_groups", 1)  # absent: no dense MLP / attention
     q = N // G
     hidden = torch.ones(H, dtype=torch.bool) if plan.hidden is None else _mask(H, plan.hidden)
     ffn, heads = torch.zeros(L, F, dtype=torch.bool), torch.zeros(L, N, dtype=torch.bool)
@@ -67,14 +67,14 @@ def summary(result, groups_before: Optional[Mapping[str, int]] = None, groups_af
     imp, masks = result.importance, keep_masks(result)
     layers = []
     for n in range(1, result.original_sizes["num_layers"] + 1):
-        ffn, heads = imp.ffn[n], imp.heads[n]
+        ffn, heads = imp.ffn.get(n), imp.heads.get(n)  # None: the layer has no dense MLP / no attention
         layers.append({
             "layer": n,
             "kept": bool(masks["layers"][n - 1]),
             "block_influence": float(imp.layers[n]),
-            "ffn_importance_kept_share": _share(ffn, masks["ffn"][n - 1]),
-            "heads_kept": [int(h) for h in masks["heads"][n - 1].nonzero().flatten()],
-            "head_importance": [float(v) for v in heads],
+            "ffn_importance_kept_share": None if ffn is None else _share(ffn, masks["ffn"][n - 1]),
+            "heads_kept": [] if heads is None else [int(h) for h in masks["heads"][n - 1].nonzero().flatten()],
+            "head_importance": [] if heads is None else [float(v) for v in heads],
         })  # fmt: skip
     return {
         "original_sizes": dict(result.original_sizes),
@@ -111,7 +111,8 @@ def format_tables(result, groups_before: Optional[Mapping[str, int]] = None,
     rows = []
     for layer in record["layers"]:
         rows.append((layer["layer"], f"{layer['block_influence']:.4f}", "kept" if layer["kept"] else "DROPPED",
-                     f"{100 * layer['ffn_importance_kept_share']:.0f}%", _heads(layer["heads_kept"], len(layer["head_importance"]))))  # fmt: skip
+                     "-" if layer["ffn_importance_kept_share"] is None else f"{100 * layer['ffn_importance_kept_share']:.0f}%",
+                     _heads(layer["heads_kept"], len(layer["head_importance"]))))  # fmt: skip
     out.append(_table(["layer", "block influence", "status", "FFN importance kept", "heads kept"], rows))
     if result.plan.dropped_layers:
         out.append(f"layers dropped (lowest block influence): {result.plan.dropped_layers}")
@@ -144,7 +145,12 @@ def plot(result, path: str, title: str = "") -> None:
 
     for a, name, values in ((ax[1, 0], "FFN channels", imp.ffn), (ax[1, 1], "attention heads", imp.heads)):
         key = "ffn" if name.startswith("FFN") else "heads"
-        grid = torch.stack([values[n] / values[n].max().clamp_min(1e-30) for n in numbers])
+        if not values:
+            a.set_axis_off()
+            continue
+        width = next(iter(values.values())).numel()
+        grid = torch.stack([values[n] / values[n].max().clamp_min(1e-30) if n in values else torch.full((width,), float("nan"))
+                            for n in numbers])  # fmt: skip
         grid = torch.where(masks[key], grid, torch.full_like(grid, float("nan")))
         a.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
                  extent=(-0.5, grid.shape[1] - 0.5, L + 0.5, 0.5))  # fmt: skip

@@ -106,21 +106,16 @@ def test_forward_loop_that_runs_nothing_writes_no_scores_file(model, tmp_path):
     assert not path.exists()  # an empty file would shadow the next, real calibration
 
 
-def test_unsupported_module_type_is_named(mcore):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    config = tiny_gpt_config(num_moe_experts=4, moe_router_topk=2, moe_grouped_gemm=False)
-    moe = GPTModel(config, get_gpt_layer_local_spec(num_experts=4, normalization="RMSNorm"), vocab_size=128,
-                   max_sequence_length=32)  # fmt: skip
+def test_unsupported_module_type_is_named(model):
+    model.decoder.layers[2].mlp.adapter = torch.nn.Linear(64, 64)  # a module the axis table does not describe
     loop = Recorder()
-    with pytest.raises(mp.UnsupportedModelError, match=r"unsupported module type TopKRouter at 'decoder.layers.0.mlp.router', layer 1"):
-        mp.prune(moe, {"ffn_hidden_size": 64}, forward_loop=loop)
+    with pytest.raises(mp.UnsupportedModelError, match=r"unsupported module type Linear at 'decoder.layers.2.mlp.adapter', layer 3"):
+        mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=loop)
     assert loop.calls == 0
 
 
 def test_wrapped_model_is_refused(model):
-    with pytest.raises(mp.PruneConfigError, match="unwrapped megatron.core GPTModel, got Sequential"):
+    with pytest.raises(mp.PruneConfigError, match="unwrapped megatron.core GPTModel or MambaModel, got Sequential"):
         mp.prune(torch.nn.Sequential(model), {"ffn_hidden_size": 64}, forward_loop=Recorder())
 
 
@@ -143,14 +138,16 @@ def test_damaged_scores_file_is_refused(model, tmp_path):
         mp.prune(model, {"ffn_hidden_size": 64}, scores_path=str(path))
 
 
-def test_per_layer_block_specs_need_a_builder(mcore):
+def test_block_spec_that_does_not_describe_the_layers_needs_a_builder(mcore):
+    """A block spec is rebuilt layer by layer from its specs: one whose layers were edited by hand is refused."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     specs = [get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=i % 2 == 0) for i in range(4)]
     model = GPTModel(tiny_gpt_config(), TransformerBlockSubmodules(layer_specs=specs), vocab_size=128, max_sequence_length=32)
+    model.decoder.layers = torch.nn.ModuleList(list(model.decoder.layers)[:3])
     loop = Recorder()
-    with pytest.raises(mp.PruneConfigError, match="different spec per layer: pass model_builder="):
+    with pytest.raises(mp.PruneConfigError, match="block spec has 4 layer specs for the 3 layers of this stage: pass model_builder="):
         mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=loop)
     assert loop.calls == 0

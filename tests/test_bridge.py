@@ -1,6 +1,6 @@
 """Hugging Face -> MCore -> prune -> HF and Megatron checkpoints, through the real Megatron-Bridge, at PP=1.
 
-Tiny Llama and Qwen3 models are made locally from configs. The invariants: the imported model computes
+Tiny Llama, Qwen3, Mistral and Qwen3-MoE (SequentialMLP experts) models are made locally from configs. The invariants: the imported model computes
 the HF model's logits; the exported HF folder, loaded by plain transformers, computes the pruned MCore
 model's logits; the Megatron checkpoint rebuilds the pruned model from the config it carries, exactly;
 the source folder is left byte-for-byte unchanged.
@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from megatron_prune import make_forward_loop, prune
+from megatron_prune.config import ModelShape
 from megatron_prune.bridge import compare_with_hf, import_hf_model, load_megatron_checkpoint, save_hf, save_megatron
 from tests.tiny import random_tokens
 from tests.tiny_hf import VOCAB, file_digests, make_hf_model
@@ -26,6 +27,9 @@ CASES = {
                            dict(hidden_size=40, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_hidden_layers=2)),
     "mistral-untied-ffn-depth": ("mistral", {"tie_word_embeddings": False}, {"ffn_hidden_size": 64, "num_layers": 3},
                                  dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=3)),
+    "qwen3_moe-experts-hidden-depth": ("qwen3_moe", {}, {"num_moe_experts": 3, "moe_ffn_hidden_size": 16, "hidden_size": 48, "num_layers": 3},
+                                       dict(hidden_size=48, num_experts=3, moe_intermediate_size=16, num_experts_per_tok=2, intermediate_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=3)),
 }  # fmt: skip
 
 
@@ -71,15 +75,19 @@ def test_import_prune_export_round_trips(tmp_path, mcore, case):
     assert file_digests(source) == untouched
 
 
-def test_sort_only_export_reproduces_the_source_logits(tmp_path, mcore):
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_sort_only_export_reproduces_the_source_logits(tmp_path, mcore, family):
     """Every axis named at full size: weights are permuted, not cut, so the exported HF model computes the
     source model's logits (the export is correct for any permutation, not only for the identity)."""
-    source = make_hf_model(tmp_path / "source", "llama")
+    source = make_hf_model(tmp_path / "source", family)
     imported = import_hf_model(str(source))
-    full = {"hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2}
+    full = ModelShape.from_config(imported.model.config).sizes()  # every axis, at its size
+    full.pop("num_layers")
     batches = [random_tokens(2, 16, VOCAB, seed=s) for s in range(2)]
     pruned, result = prune(imported.model, full, make_forward_loop(batches, progress=False))
     assert not torch.equal(result.plan.hidden, torch.arange(64))  # a real permutation
+    if family == "qwen3_moe":  # experts renumbered: HF expert j of the export is source expert experts[j]
+        assert any(not torch.equal(k.experts, torch.arange(4)) for k in result.plan.layers.values())
     save_hf(imported, pruned, result.plan.kept_layers, str(tmp_path / "hf"))
     check = compare_with_hf(imported.model, str(tmp_path / "hf"), random_tokens(2, 16, VOCAB, seed=3), "source vs sorted export")
     assert check.relative_diff < 1e-5, check

@@ -30,12 +30,11 @@ def make(tied=True, pos="rope", **overrides):
     return build_tiny_gpt(tiny_gpt_config(**overrides), vocab_size=VOCAB, tied=tied, position_embedding_type=pos)
 
 
-def full_sizes(model, axes=mp.SUPPORTED_AXES):
-    cfg = model.config
-    sizes = dict(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-                 num_layers=cfg.num_layers)  # fmt: skip
-    return {k: sizes[k] for k in axes}
+def full_sizes(model):
+    """Every axis of the model at its full size."""
+    from megatron_prune.config import ModelShape
+
+    return ModelShape.from_config(model.config).sizes()
 
 
 VARIANTS = {
@@ -282,6 +281,36 @@ def test_block_spec_model_keeps_its_final_norm(mcore):
     pruned, result = mp.prune(model, {"num_layers": 3, "ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
     assert isinstance(pruned.decoder.final_layernorm, IdentityOp) and len(pruned.decoder.layers) == 3
     fresh = build(result.config)
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    torch.testing.assert_close(logits(fresh, data), logits(pruned, data), atol=0, rtol=0)
+
+
+def test_block_spec_with_a_spec_per_layer_keeps_the_specs_of_the_surviving_layers(mcore):
+    """Layers 1 and 3 have q/k layernorms, 2 and 4 not; layer 2 is an identity and is dropped: the pruned
+    model holds layers of specs [qk, qk, plain], computes the same function, and is what Megatron builds."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    specs = [get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=i % 2 == 0) for i in range(4)]
+
+    def build(config, layers):
+        block = TransformerBlockSubmodules(layer_specs=[specs[n - 1] for n in layers])
+        return GPTModel(config, block, vocab_size=VOCAB, max_sequence_length=32, position_embedding_type="rope").eval()
+
+    torch.manual_seed(0)
+    model = build(tiny_gpt_config(), [1, 2, 3, 4])
+    with torch.no_grad():
+        model.decoder.layers[1].self_attention.linear_proj.weight.zero_()
+        model.decoder.layers[1].mlp.linear_fc2.weight.zero_()
+    data = batches()
+    pruned, result = mp.prune(model, {"num_layers": 3}, forward_loop=mp.make_forward_loop(data, progress=False))
+    assert result.plan.kept_layers == [1, 3, 4]
+    has_qk_norm = [not isinstance(layer.self_attention.q_layernorm, IdentityOp) for layer in pruned.decoder.layers]
+    assert has_qk_norm == [True, True, False]
+    torch.testing.assert_close(logits(pruned, data), logits(model, data), atol=1e-5, rtol=0)
+    fresh = build(result.config, [1, 3, 4])
     fresh.load_state_dict(pruned.state_dict(), strict=True)
     torch.testing.assert_close(logits(fresh, data), logits(pruned, data), atol=0, rtol=0)
 

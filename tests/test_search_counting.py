@@ -83,15 +83,32 @@ def test_block_spec_without_final_norm_is_counted_as_built(mcore):
     assert inventory.count(complete(model, {})).params == live(model)
 
 
-def test_layers_holding_different_tensors_are_refused(mcore):
+def test_layers_holding_different_tensors_are_counted_by_kind(mcore):
+    """Layers of different kinds: a count needs the surviving layers (known after calibration); before it,
+    `smallest` is the lower bound over every choice of surviving layers."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     specs = [get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=i == 2) for i in range(4)]
-    model = GPTModel(tiny_gpt_config(), TransformerBlockSubmodules(layer_specs=specs), vocab_size=VOCAB, max_sequence_length=MAX_SEQ)
-    with pytest.raises(ValueError, match="decoder layer 3 holds different tensors than layer 1"):
-        mp.inventory_of(model, ParallelContext.from_megatron())
+
+    def build(layers):
+        config = tiny_gpt_config(num_layers=len(layers))
+        return GPTModel(config, TransformerBlockSubmodules(layer_specs=[specs[n - 1] for n in layers]), vocab_size=VOCAB,
+                        max_sequence_length=MAX_SEQ)  # fmt: skip
+
+    model = build([1, 2, 3, 4])
+    inventory = mp.inventory_of(model, ParallelContext.from_megatron())
+    assert inventory.layer_kinds == (0, 0, 1, 0) and not inventory.uniform
+    sizes = complete(model, {})
+    assert inventory.count(sizes).params == live(model)
+    with pytest.raises(ValueError, match="the layers differ"):
+        inventory.count({**sizes, "num_layers": 3})
+    counts = {tuple(kept): inventory.count({**sizes, "num_layers": 3}, kept_layers=kept).params for kept in ([1, 2, 4], [1, 3, 4])}
+    for kept, params in counts.items():
+        assert params == live(build(kept)), kept
+    assert counts[(1, 2, 4)] < counts[(1, 3, 4)]  # the qk-norm layer holds more
+    assert inventory.smallest({**sizes, "num_layers": 3}).params == counts[(1, 2, 4)]
 
 
 def llama_8b_config():
@@ -117,3 +134,55 @@ def test_llama_3_1_8b_counts_by_hand():
     pruned = inventory.count(dict(hidden_size=3072, ffn_hidden_size=9216, num_attention_heads=24, num_query_groups=8, num_layers=28))
     assert pruned.params == 2 * 128256 * 3072 + 3072 + 28 * layer
     assert pruned.memory_mb == pytest.approx(pruned.params * 2 / 2**20 + 512 * 28 / 32, abs=1e-9)
+
+
+MOE_VARIANTS = {  # tiny_moe_config overrides (4 experts of 32, top-2; layer 2 dense unless every layer is MoE)
+    "mixed-shared-gate-expert-bias": dict(),
+    "every-layer-bias-untied": dict(moe_layer_freq=1, moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False,
+                                    add_bias_linear=True, moe_router_enable_expert_bias=False, moe_router_score_function="softmax",
+                                    tied=False),
+}  # fmt: skip
+MOE_TARGETS = [  # (export sizes, surviving layers)
+    ({}, [1, 2, 3, 4]),
+    ({"num_moe_experts": 2, "moe_ffn_hidden_size": 16}, [1, 2, 3, 4]),
+    ({"hidden_size": 48, "num_moe_experts": 3, "num_layers": 3}, [1, 3, 4]),
+    ({"hidden_size": 32, "moe_ffn_hidden_size": 8, "num_layers": 2}, [2, 4]),
+]
+
+
+def active_params(model) -> int:
+    """Parameters one token runs through: everything but the routed experts, plus top-k of them per MoE layer."""
+    cfg, total = model.config, sum(p.numel() for p in model.parameters())
+    for layer in model.decoder.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            per_expert = sum(p.numel() for p in experts.local_experts[0].parameters())
+            total -= (len(experts.local_experts) - cfg.moe_router_topk) * per_expert
+    return total
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_moe_counts_equal_the_live_model_megatron_builds(mcore, variant):
+    from megatron_prune.config import ModelShape, moe_layer_pattern
+    from tests.tiny import tiny_moe_config
+
+    opts = dict(MOE_VARIANTS[variant])
+    tied = opts.pop("tied", True)
+    torch.manual_seed(0)
+    model = build_tiny_gpt(tiny_moe_config(**opts), vocab_size=VOCAB, max_seq_length=MAX_SEQ, tied=tied)
+    inventory = mp.inventory_of(model, ParallelContext.from_megatron())
+    assert mp.inventory_of_config(model.config, VOCAB, tied, "rope") == inventory
+    pattern = moe_layer_pattern(model.config)
+    seen = set()
+    for target, kept in MOE_TARGETS:
+        sizes = {**ModelShape.from_config(model.config).sizes(), **target}
+        counts = inventory.count(sizes, kept_layers=kept)
+        freq = [int(pattern[n - 1]) for n in kept] if isinstance(model.config.moe_layer_freq, list) else 1
+        pruned = build_tiny_gpt(tiny_moe_config(**{**opts, **sizes, "kv_channels": 8, "moe_layer_freq": freq}), vocab_size=VOCAB,
+                                max_seq_length=MAX_SEQ, tied=tied)  # fmt: skip
+        assert counts.params == live(pruned), (sizes, kept)
+        assert counts.active_params == active_params(pruned), (sizes, kept)
+        assert (counts.active_params < counts.params) == (sizes["num_moe_experts"] > 2)  # top-2 of E experts
+        assert inventory.smallest(sizes).params <= counts.params
+        seen.add(counts.params)
+    assert len(seen) == len(MOE_TARGETS)

@@ -18,8 +18,8 @@ def shape(H=160, F=640, N=32, G=8, L=8, d=8):
 # A hand-made inventory (an embedding, and per layer fc2 and linear_proj; d = 8) whose counts are easy to
 # check by hand; inventories of real models are tested against Megatron in test_search_counting.py.
 SMALL = Inventory(model={"embedding.word_embeddings.weight": (1000, HIDDEN)},
-                  layer={"mlp.linear_fc2.weight": (HIDDEN, FFN), "self_attention.linear_proj.weight": (HIDDEN, HEAD_COLS)},
-                  kv_channels=8, gated_linear_unit=True)  # fmt: skip
+                  kinds=({"mlp.linear_fc2.weight": (HIDDEN, FFN), "self_attention.linear_proj.weight": (HIDDEN, HEAD_COLS)},),
+                  layer_kinds=(0,) * 8, kv_channels=8, gated_linear_unit=True)  # fmt: skip
 
 
 def by_hand(t):
@@ -112,7 +112,8 @@ def test_candidates_fit_every_budget_and_are_ordered_closest_first():
 
 def test_ties_keep_product_order():
     space, config = small_space()
-    flat = Inventory(model={"embedding.word_embeddings.weight": (1000, 7)}, layer={}, kv_channels=8, gated_linear_unit=True)
+    flat = Inventory(model={"embedding.word_embeddings.weight": (1000, 7)}, kinds=({},), layer_kinds=(0,) * 8, kv_channels=8,
+                     gated_linear_unit=True)  # fmt: skip
     fit = search_candidates(space, flat, {"params": 7001}, config, shape())  # every candidate counts 7000
     assert [c.export_config for c in fit.candidates] == [{a: t[a] for a in space.axes} for t in space.combinations()]
 
@@ -152,3 +153,17 @@ def test_search_config_from_dict():
     assert SearchConfig.of({"top_k": 3}).top_k == 3 and SearchConfig.of(None) == SearchConfig()
     with pytest.raises(PruneConfigError, match="unknown option.* topk"):
         SearchConfig.of({"topk": 3})
+
+
+def test_space_of_a_hybrid_model_without_attention():
+    """Mamba heads are chosen in multiples of the Mamba groups; a model without attention layers has no head axes."""
+    hybrid = ModelShape(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                        num_layers=4, gated_linear_unit=False, attention=False, mamba_num_heads=8, mamba_head_dim=16,
+                        mamba_num_groups=2, mamba_state_dim=16)  # fmt: skip
+    config = SearchConfig(hidden_size_divisor=16, ffn_hidden_size_divisor=64, mamba_head_dim_divisor=4, max_width_pruning=0.5,
+                          max_depth_pruning=0.0)  # fmt: skip
+    space = build_space(hybrid, config)
+    assert space.choices == {"hidden_size": [48, 64], "mamba_num_heads": [6, 8], "mamba_head_dim": [12, 16]}
+    combinations = list(space.combinations())
+    assert len(combinations) == 8 and all("num_attention_heads" not in t for t in combinations)
+    assert combinations[0] == dict(hidden_size=48, ffn_hidden_size=128, mamba_num_heads=6, mamba_head_dim=12, num_layers=4)

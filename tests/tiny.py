@@ -1,9 +1,9 @@
-"""Test helpers (not tests): a tiny dense GPT built from megatron-core's local (non-TE) layer spec."""
+"""Test helpers (not tests): a tiny GPT (dense or MoE) built from megatron-core's local (non-TE) layer specs."""
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 
@@ -40,8 +40,13 @@ def build_tiny_gpt(
     tied: bool = True,
     position_embedding_type: str = "rope",
 ) -> GPTModel:
-    """This pipeline stage's part of a tiny GPT, in eval mode."""
-    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    """This pipeline stage's part of a tiny GPT, in eval mode. An MoE config (`num_moe_experts`) gets Megatron's
+    block spec of this stage (local modules, SequentialMLP experts; MoE layers where `moe_layer_freq` says)."""
+    if config.num_moe_experts:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
+                                          pp_rank=parallel_state.get_pipeline_model_parallel_rank())  # fmt: skip
+    else:
+        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -59,3 +64,13 @@ def random_tokens(batch: int, seq: int, vocab: int, seed: int) -> torch.LongTens
     """[batch, seq] token ids drawn from their own generator, so the global RNG is left alone."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=generator)
+
+
+def tiny_moe_config(**overrides) -> TransformerConfig:
+    """`tiny_gpt_config` with MoE layers: 4 routed experts of FFN 32 (top-2), a gated shared expert of 48,
+    aux-loss-free expert bias (sigmoid scores); layer 2 is dense (FFN 128)."""
+    fields = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=48,
+                  moe_shared_expert_gate=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                  moe_layer_freq=[1, 0, 1, 1], moe_grouped_gemm=False)  # fmt: skip
+    fields.update(overrides)
+    return tiny_gpt_config(**fields)

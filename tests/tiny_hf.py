@@ -26,16 +26,20 @@ def make_tokenizer():
 
 
 def make_hf_model(path, family: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a randomly initialised tiny `family` ("llama", "qwen3" or "mistral") causal LM and a tokenizer to `path`."""
+    """Save a randomly initialised tiny `family` ("llama", "qwen3", "mistral" or "qwen3_moe": 4 experts of FFN 32,
+    top-2, in every layer) causal LM and a tokenizer to `path`."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)  # fmt: skip
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)  # fmt: skip
 
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
                   rope_theta=10000.0)  # fmt: skip
+    if family == "qwen3_moe":
+        fields.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
     fields.update(overrides)
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]  # fmt: skip
+                                 "mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[family]  # fmt: skip
     torch.manual_seed(seed)
     model = model_class(config_class(**fields)).float()
     with torch.no_grad():  # norms away from 1, so that a wrong or missing norm shows in the logits

@@ -5,6 +5,7 @@ modules. Importing it applies megatron_prune's CPU support on a machine without 
 import torch
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -60,7 +61,8 @@ def tiny_mamba_config(**overrides) -> TransformerConfig:
 
 
 def tiny_mamba_stack_spec(chunk_size: int = 128) -> ModuleSpec:
-    """A `MambaStack` of local modules: norms are `WrappedTorchNorm` (not fused into the next linear)."""
+    """A `MambaStack` of local modules: norms are `WrappedTorchNorm` (not fused into the next linear). MoE layers
+    ("E", for configs with `num_moe_experts`) have 4 routed experts."""
     mamba_layer = ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(
@@ -100,10 +102,18 @@ def tiny_mamba_stack_spec(chunk_size: int = 128) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+    moe_layer = ModuleSpec(  # "E": a TransformerLayer holding only an MoE layer (SequentialMLP experts)
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=False),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
     return ModuleSpec(
         module=MambaStack,
         submodules=MambaStackSubmodules(
-            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer
+            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer, moe_layer=moe_layer
         ),
     )
 

@@ -4,6 +4,10 @@
     num_attention_heads <- num_attention_heads   num_key_value_heads <- num_query_groups
     head_dim <- kv_channels (always written: a pruned hidden size need not be heads x head_dim)
     num_hidden_layers <- num_layers     per-layer lists (e.g. Qwen3's `layer_types`) keep the surviving entries
+MoE families, where the config has the field (the router's top-k, `num_experts_per_tok`, is unchanged):
+    num_experts / num_local_experts / n_routed_experts <- num_moe_experts
+    moe_intermediate_size <- moe_ffn_hidden_size      shared_expert_intermediate_size <- moe_shared_expert_intermediate_size
+    mlp_only_layers (dense layers of Qwen2/3-MoE) renumbered to the surviving layers
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ _SIZES = {
     "head_dim": "kv_channels",
     "num_hidden_layers": "num_layers",
 }
+_MOE_SIZES = {  # written only where the HF config has the field
+    "num_experts": "num_moe_experts",  # Qwen2/3-MoE, OLMoE
+    "num_local_experts": "num_moe_experts",  # Mixtral, GPT-OSS
+    "n_routed_experts": "num_moe_experts",  # DeepSeek
+    "moe_intermediate_size": "moe_ffn_hidden_size",
+    "shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",  # Qwen2-MoE
+}
 
 
 def pruned_hf_config(hf_config, config, kept_layers: Sequence[int]):
@@ -32,9 +43,16 @@ def pruned_hf_config(hf_config, config, kept_layers: Sequence[int]):
     pruned = copy.deepcopy(hf_config)
     for hf_field, mcore_field in _SIZES.items():
         setattr(pruned, hf_field, int(getattr(config, mcore_field) or _default(config, mcore_field)))
+    if getattr(config, "num_moe_experts", None):
+        for hf_field, mcore_field in _MOE_SIZES.items():
+            if getattr(hf_config, hf_field, None) is not None and getattr(config, mcore_field, None) is not None:
+                setattr(pruned, hf_field, int(getattr(config, mcore_field)))
     for name, value in vars(hf_config).items():
         if isinstance(value, list) and len(value) == original_layers and original_layers != len(kept_layers):
             setattr(pruned, name, [value[n - 1] for n in kept_layers])
+    if getattr(hf_config, "mlp_only_layers", None) and original_layers != len(kept_layers):  # 0-indexed dense layers
+        dense = set(hf_config.mlp_only_layers)
+        pruned.mlp_only_layers = [i for i, n in enumerate(kept_layers) if n - 1 in dense]
     if isinstance(getattr(hf_config, "max_window_layers", None), int):  # Qwen2/3: layers below it use full attention
         pruned.max_window_layers = sum(1 for n in kept_layers if n <= hf_config.max_window_layers)
     _warn_transformers_5(pruned)

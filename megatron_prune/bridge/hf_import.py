@@ -69,9 +69,11 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
     from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
+    from megatron_prune.bridge.compat import apply_bridge_compat
     from megatron_prune.runtime.cpu import apply_bridge_cpu_support
 
     apply_bridge_cpu_support()
+    apply_bridge_compat()
     from megatron.bridge import AutoBridge
 
     start = time.perf_counter()
@@ -91,18 +93,23 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
 
 
 def _configure(provider, tp: int, pp: int, dtype: torch.dtype) -> Callable:
-    """Set parallelism and precision on the provider; on CPU, the local layer spec. Returns the spec to save."""
+    """Set parallelism and precision on the provider; MoE experts as a SequentialMLP (one MLP per expert, the
+    layout megatron-prune slices; the weights are the grouped-GEMM ones); on CPU, the local layer spec.
+    Returns the spec to save."""
     provider.tensor_model_parallel_size = tp
     provider.pipeline_model_parallel_size = pp
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.sequence_parallel = False  # statistics average over whole sequences
+    if getattr(provider, "num_moe_experts", None):
+        provider.moe_grouped_gemm = False
     saved = provider.transformer_layer_spec
     if not torch.cuda.is_available():
         from megatron.bridge.models.gpt_provider import local_layer_spec
 
         provider.transformer_layer_spec = local_layer_spec
         provider.apply_rope_fusion = provider.persist_layer_norm = provider.gradient_accumulation_fusion = False
+        provider.moe_permute_fusion = False  # a Transformer Engine kernel
     return saved
 
 
@@ -132,8 +139,7 @@ def _check_prunable(provider, config) -> None:
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     if not isinstance(provider, GPTModelProvider):
         raise UnsupportedModelError(f"{arch}: Megatron-Bridge builds a {type(provider).__name__}; megatron-prune prunes GPT models")
-    for field, what in (("num_moe_experts", "MoE"), ("multi_latent_attention", "multi-latent attention"),
-                        ("mtp_num_layers", "multi-token prediction")):  # fmt: skip
+    for field, what in (("multi_latent_attention", "multi-latent attention"), ("mtp_num_layers", "multi-token prediction")):
         value = getattr(provider, field, None)
         if value:
             raise UnsupportedModelError(f"{arch}: {what} ({field}={value}) is not supported yet by megatron-prune")

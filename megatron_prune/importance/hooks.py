@@ -2,51 +2,69 @@
 
 Owns: *where* each statistic is observed (`LAYER_SITES`) and the hook lifecycle. The math lives in
 statistics.py. Keys are ``layer{global_layer_number}/{site}``, so what a rank collects is independent of
-how layers are spread over pipeline stages.
+how layers are spread over pipeline stages. A site is hooked in every layer that holds its module (an MoE
+layer has a router and experts instead of `mlp.linear_fc1`/`linear_fc2`).
 
-Sites, per TransformerLayer (MCore tensors are [S, B, C]):
-  qkv_in   normalised input of `self_attention.linear_qkv`  -> hidden_size          [H]
-  fc1_in   normalised input of `mlp.linear_fc1`             -> hidden_size          [H]
-  proj_in  input of `self_attention.linear_proj`            -> num_attention_heads  [N*d]
-  fc2_in   input of `mlp.linear_fc2`                        -> ffn_hidden_size      [F]
-  block    (layer input, layer output)                      -> num_layers           []
+Sites, per decoder layer (MCore tensors are [S, B, C]; routed-expert tokens are [T, C]):
+  qkv_in         normalised input of `self_attention.linear_qkv`    -> hidden_size                     [H]
+  fc1_in         normalised input of `mlp.linear_fc1`               -> hidden_size                     [H]
+  router_in      input of the MoE `mlp.router` (pre_mlp_layernorm)  -> hidden_size                     [H]
+  mamba_in       normalised input of a Mamba `mixer.in_proj`        -> hidden_size                     [H]
+  proj_in        input of `self_attention.linear_proj`              -> num_attention_heads             [N*d]
+  fc2_in         input of `mlp.linear_fc2`                          -> ffn_hidden_size                 [F]
+  shared_fc2_in  input of `mlp.shared_experts.linear_fc2`           -> moe_shared_expert_intermediate_size [Fs]
+  expert_fc2_in  input of each routed expert's `linear_fc2` (row e) -> moe_ffn_hidden_size             [E, Fm]
+  experts        outputs of `mlp.experts`, split per expert         -> num_moe_experts                 [2, E]
+  mamba_x        the x segment of `mixer.in_proj`'s output           -> mamba_num_heads, mamba_head_dim  [nh*hd]
+  block          (layer input, layer output)                        -> num_layers                      []
 "Normalised input" is what the pre-sublayer norm produced. With the local spec the norm is a separate
 module, so the linear's input already is its output. With Transformer Engine specs the norm is fused into
 the linear (`layer_norm_weight`), so it is recomputed here from the linear's input and the norm's
-parameters: one mapping serves both specs.
+parameters: one mapping serves both specs. An expert's fc2 input already carries its router probability
+(MCore scales the activation before fc2), and each call counts as one sample of its [T, Fm] tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from megatron_prune.importance import statistics as S
-from megatron_prune.slicing.table import LAYER_ROLES
+from megatron_prune.slicing.table import LAYER_ROLES, ROUTED_EXPERTS
 
 
 @dataclass(frozen=True)
 class HookSite:
     name: str  # statistic name, the suffix of the store key
-    module: str  # path inside a TransformerLayer; "" is the layer itself
-    kind: str  # "input" | "normed_input" | "block"
+    module: str  # path inside a decoder layer; "" is the layer itself; "*" stands for each routed expert
+    kind: str  # "input" | "normed_input" | "block" | "expert_outputs" | "mamba_x"
+    axis: str  # the axis it informs
 
     @property
     def tp_partitioned(self) -> bool:
-        """Input of a row-parallel linear (the table splits its weight's input dim): each TP rank sees
-        its own slice of the channels."""
-        return self.kind != "block" and LAYER_ROLES[self.module]["weight"].tp_dim == 1
+        """Input of a row-parallel linear (the table splits its weight's input dim) or output of a column-
+        parallel one: each TP rank sees its own slice of the channels (the last dim of the accumulator)."""
+        if self.kind == "mamba_x":
+            return LAYER_ROLES[self.module]["weight"].tp_dim == 0
+        return self.kind in ("input", "normed_input") and LAYER_ROLES[self.module]["weight"].tp_dim == 1
 
 
 LAYER_SITES: Tuple[HookSite, ...] = (
-    HookSite("qkv_in", "self_attention.linear_qkv", "normed_input"),
-    HookSite("fc1_in", "mlp.linear_fc1", "normed_input"),
-    HookSite("proj_in", "self_attention.linear_proj", "input"),
-    HookSite("fc2_in", "mlp.linear_fc2", "input"),
-    HookSite("block", "", "block"),
+    HookSite("qkv_in", "self_attention.linear_qkv", "normed_input", "hidden_size"),
+    HookSite("fc1_in", "mlp.linear_fc1", "normed_input", "hidden_size"),
+    HookSite("router_in", "mlp.router", "normed_input", "hidden_size"),
+    HookSite("mamba_in", "mixer.in_proj", "normed_input", "hidden_size"),
+    HookSite("proj_in", "self_attention.linear_proj", "input", "num_attention_heads"),
+    HookSite("fc2_in", "mlp.linear_fc2", "input", "ffn_hidden_size"),
+    HookSite("shared_fc2_in", "mlp.shared_experts.linear_fc2", "input", "moe_shared_expert_intermediate_size"),
+    HookSite("expert_fc2_in", f"{ROUTED_EXPERTS}.*.linear_fc2", "input", "moe_ffn_hidden_size"),
+    HookSite("experts", "mlp.experts", "expert_outputs", "num_moe_experts"),
+    HookSite("mamba_x", "mixer.in_proj", "mamba_x", "mamba_num_heads"),
+    HookSite("block", "", "block", "num_layers"),
 )
+SITES: Dict[str, HookSite] = {site.name: site for site in LAYER_SITES}
 TP_PARTITIONED_SITES = frozenset(site.name for site in LAYER_SITES if site.tp_partitioned)
 
 
@@ -78,8 +96,23 @@ def _normalise(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return S.layer_norm(x, weight, getattr(linear, "layer_norm_bias", None), cfg.layernorm_epsilon, zc)
 
 
+def site_modules(layer: torch.nn.Module, path: str) -> List[Tuple[Optional[int], torch.nn.Module]]:
+    """The modules of `layer` at `path` as (routed expert number or None, module); [] if the layer has none."""
+    if "*" not in path:
+        try:
+            return [(None, layer.get_submodule(path))]
+        except AttributeError:
+            return []
+    container, _, rest = path.partition(".*.")
+    try:
+        experts = layer.get_submodule(container)
+    except AttributeError:
+        return []
+    return [(e, expert.get_submodule(rest)) for e, expert in enumerate(experts)]
+
+
 def register_hooks(model: torch.nn.Module, store: S.StatStore) -> List[torch.utils.hooks.RemovableHandle]:
-    """Attach one hook per (layer, site); accumulators start at zero so every replica holds every key."""
+    """Attach one hook per (layer, site module); accumulators start at zero so every replica holds every key."""
     handles = []
     first = True
     for number, layer in decoder_layers(model):
@@ -90,18 +123,57 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore) -> List[torch.uti
                 store.add(key, torch.zeros((), device=device))
                 handles.append(layer.register_forward_hook(_block_hook(store, key, count=first), with_kwargs=True))
                 continue
-            module = layer.get_submodule(site.module)
-            store.add(key, torch.zeros(module.weight.shape[1], device=device))
-            fn = _input_hook(store, key, normalise=site.kind == "normed_input")
-            handles.append(module.register_forward_pre_hook(fn))
+            modules = site_modules(layer, site.module)
+            if not modules:
+                continue
+            if site.kind == "expert_outputs":
+                (_, experts), = modules
+                store.add(key, torch.zeros(2, experts.num_local_experts, device=device))
+                handles.append(experts.register_forward_hook(_expert_outputs_hook(store, key)))
+                continue
+            if site.kind == "mamba_x":
+                (_, in_proj), = modules
+                D = layer.mixer.d_inner_local_tp
+                store.add(key, torch.zeros(D, device=device))
+                handles.append(in_proj.register_forward_hook(_mamba_x_hook(store, key, D)))
+                continue
+            width = modules[0][1].weight.shape[1]
+            per_expert = modules[0][0] is not None
+            store.add(key, torch.zeros((len(modules), width) if per_expert else (width,), device=device))
+            for expert, module in modules:
+                fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert)
+                handles.append(module.register_forward_pre_hook(fn))
         first = False
     return handles
 
 
-def _input_hook(store: S.StatStore, key: str, normalise: bool) -> Callable:
+def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int] = None) -> Callable:
     def hook(module, args):
         x = args[0]
-        store.add(key, S.channel_sum_sq(_normalise(module, x) if normalise else x))
+        if x.numel() == 0:  # a routed expert that got no tokens in this call: no sample
+            return
+        value = S.channel_sum_sq(_normalise(module, x) if normalise else x)
+        if row is None:
+            store.add(key, value)
+        else:
+            store.add_row(key, row, value)
+
+    return hook
+
+
+def _expert_outputs_hook(store: S.StatStore, key: str) -> Callable:
+    def hook(module, args, output):
+        # SequentialMLP(tokens [T, H] sorted by expert, tokens_per_expert [E], probs) -> (outputs [T, H], bias)
+        store.add(key, S.expert_output_norms(output[0], args[1]))
+
+    return hook
+
+
+def _mamba_x_hook(store: S.StatStore, key: str, d_inner: int) -> Callable:
+    def hook(module, args, output):
+        # in_proj output [S, B, 2D + 2*ng*ds + nh] = [z, x, B, C, dt]: the heads' channels are x = [D, 2D)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        store.add(key, S.channel_sum_sq(out[..., d_inner : 2 * d_inner]))
 
     return hook
 

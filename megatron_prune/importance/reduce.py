@@ -22,10 +22,10 @@ def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
     stage = local.to_cpu()
     if ctx.tp_size > 1:
         keys = [k for k in sorted(stage.keys()) if parse_stat_key(k)[1] in TP_PARTITIONED_SITES]
-        flat = torch.cat([stage.sums[k] for k in keys])  # one collective for all of them
+        flat = torch.cat([stage.sums[k].reshape(-1) for k in keys])  # one collective for all of them
         shards = [s.split([stage.sums[k].numel() for k in keys]) for s in ctx.gather_over_tp(flat)]
-        for i, k in enumerate(keys):
-            stage.sums[k] = torch.cat([parts[i] for parts in shards])
+        for i, k in enumerate(keys):  # channels are the last dim ([C], or [E, C] per routed expert)
+            stage.sums[k] = torch.cat([parts[i].view(stage.sums[k].shape) for parts in shards], dim=-1)
     stage = stage.reduce(ctx.sum_over_dp)
     parts = ctx.gather_over_pp(stage.state_dict())
     sums = {}

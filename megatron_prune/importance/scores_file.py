@@ -18,6 +18,7 @@ import torch
 
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.slicing.model import hybrid_pattern_of
 from megatron_prune.slicing.table import is_tied_output_copy, layer_name, split_layer_name
 from megatron_prune.slicing.tensor_parallel import logical, partitions
 
@@ -30,6 +31,14 @@ _FINGERPRINT_FIELDS = (
     "add_bias_linear", "add_qkv_bias", "qk_layernorm", "qk_l2_norm", "softmax_scale", "window_size",
     "apply_residual_connection_post_layernorm", "rotary_interleaved", "no_rope_freq", "window_attn_skip_freq",
 )  # fmt: skip
+# The same for MoE models only (so that files of dense models keep their fingerprint).
+_MOE_FINGERPRINT_FIELDS = (
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq",
+    "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+    "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias", "moe_shared_expert_gate",
+    "moe_expert_capacity_factor", "moe_router_dtype",
+)  # fmt: skip
+_MAMBA_FINGERPRINT_FIELDS = ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
 _VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _VOCAB_ROWS = 1024  # rows of vocabulary-indexed tensors digested: real tokens under any vocabulary padding
 
@@ -45,7 +54,11 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     TP shards are digested in their logical full form (one gather per partitioned tensor when TP > 1).
     """
     cfg = model.config
-    arch = {f: getattr(cfg, f, None) for f in _FINGERPRINT_FIELDS}
+    pattern = hybrid_pattern_of(model)  # hybrid models: which layer is which, and the Mamba sizes
+    fields = _FINGERPRINT_FIELDS + (_MOE_FINGERPRINT_FIELDS if cfg.num_moe_experts else ()) + (_MAMBA_FINGERPRINT_FIELDS if pattern else ())
+    arch = {f: getattr(cfg, f, None) for f in fields}
+    if pattern:
+        arch["hybrid_pattern"] = pattern
     arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
     arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
     arch["activation_func"] = getattr(cfg.activation_func, "__name__", repr(cfg.activation_func))

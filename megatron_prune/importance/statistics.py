@@ -46,6 +46,21 @@ def block_influence(x_in: Tensor, x_out: Tensor) -> Tensor:
     return (1.0 - cos.mean()).reshape(())
 
 
+def expert_output_norms(outputs: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    """Contribution of one call to the routed-expert statistic.
+
+    outputs: [T, H], the experts' outputs for their tokens, grouped by expert in expert order (expert e
+    owns the next tokens_per_expert[e] rows). Returns [2, E] float32: row 0 the sum over each expert's
+    tokens of the output's L2 norm (over H), row 1 the number of those tokens. An expert's importance
+    after calibration is row 0 / row 1: its mean per-token output norm (0 for an expert that got no token).
+    """
+    counts = tokens_per_expert.detach().long().cpu()
+    norms = torch.linalg.vector_norm(outputs.detach().float(), dim=-1)  # [T]
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts).to(norms.device)  # [T]
+    sums = torch.zeros(len(counts), device=norms.device).index_add_(0, owner, norms)
+    return torch.stack([sums, counts.to(sums)])
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered_gamma: bool = False) -> Tensor:
     """RMSNorm over the last dim in float32 (used to recompute a norm fused into a linear)."""
     x = x.float()
@@ -77,6 +92,10 @@ class StatStore:
             self.sums[key] += value.to(self.sums[key].device)
         else:
             self.sums[key] = value.clone()
+
+    def add_row(self, key: str, row: int, value: Tensor) -> None:
+        """Add `value` to row `row` of an existing accumulator (one routed expert of a [E, C] statistic)."""
+        self.sums[key][row] += value.detach().float().to(self.sums[key].device)
 
     def keys(self) -> Iterable[str]:
         return self.sums.keys()

@@ -1,4 +1,4 @@
-"""CPU support for megatron-core 0.16.1: dense GPT models and the pipeline schedules, on a machine without a GPU.
+"""CPU support for megatron-core 0.16.1: GPT (dense and MoE), Mamba and the pipeline schedules, without a GPU.
 
 Megatron-core assumes CUDA in a handful of places that a forward (and backward) pass reaches even when every
 parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and only when
@@ -39,11 +39,20 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
 10. Megatron-Bridge at TP>1 (`apply_bridge_cpu_support()`, called once the bridge is imported): its row-parallel
    mapping splits HF weights with `torch.chunk(dim=1)`, i.e. into non-contiguous views, and gloo's scatter
    sends the bytes of the underlying storage, not of the view: the shards are made contiguous first.
+11. MoE router: `megatron.core.transformer.moe.moe_utils` binds `te_general_gemm` only when Transformer Engine
+   imports, yet `router_gating_linear` tests `te_general_gemm is not None` on every call (a NameError in
+   0.16.1). It is defined as None there, so the router takes its plain-torch matmul.
+12. MoE all-to-all token dispatcher (`moe_token_dispatcher_type="alltoall"`, Megatron-Bridge's choice for
+   Qwen3-MoE): the class creates a CUDA stream for its device-to-host copies of the split sizes, even at
+   expert-parallel size 1. The name `torch` inside `megatron.core.transformer.moe.token_dispatcher` is
+   rebound to a copy whose `cuda.Stream`, `cuda.current_stream` and `cuda.stream` are a CPU stand-in: one
+   stream whose work is complete when issued (its events are already synchronised).
 
 Not patched, because a pruning forward/backward never reaches them: the literal "cuda" tensors in
 `megatron.core.utils` (grad-norm helper, hybrid context parallel packing), `tensor_parallel.broadcast_data`
 (Megatron-LM's batch loader, `.cuda()`), gradient clipping, the optimizers and `param_and_grad_buffer`
-(training only), MoE (handled elsewhere).
+(training only), and MoE's all-to-all token dispatcher at expert-parallel size > 1 (CUDA streams and events;
+megatron-prune prunes MoE models at EP=1).
 """
 
 import contextlib
@@ -60,6 +69,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer import utils as transformer_utils
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
 from megatron_prune.runtime.mamba_kernels import install_mamba_kernels, modules_in_place
 
@@ -96,6 +106,9 @@ def apply_cpu_support() -> bool:
         LanguageModule.setup_embeddings_and_output_layer
     )
     install_mamba_kernels()
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.torch = _torch_with_cpu_streams()
     torch.cuda.get_rng_state = _cpu_rng_state
     if not any(isinstance(f, _BridgeWithoutTransformerEngine) for f in sys.meta_path):
         sys.meta_path.insert(0, _BridgeWithoutTransformerEngine())
@@ -163,6 +176,35 @@ def _torch_with_cpu_factories() -> types.ModuleType:
     namespace = types.ModuleType(torch.__name__, torch.__doc__)
     namespace.__dict__.update(vars(torch))
     namespace.__dict__.update({name: _on_cpu(getattr(torch, name)) for name in _TENSOR_FACTORIES})
+    return namespace
+
+
+class _CpuStream:
+    """Stands in for a CUDA stream (and its events) on the CPU: work is complete when it is issued."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _torch_with_cpu_streams() -> types.ModuleType:
+    """A copy of the `torch` namespace whose `torch.cuda` has CPU stand-ins for streams (patch 12)."""
+    namespace = types.ModuleType(torch.__name__, torch.__doc__)
+    namespace.__dict__.update(vars(torch))
+    cuda = types.ModuleType(torch.cuda.__name__, torch.cuda.__doc__)
+    cuda.__dict__.update(vars(torch.cuda))
+    cuda.Stream = lambda *args, **kwargs: _CPU_STREAM
+    cuda.current_stream = lambda device=None: _CPU_STREAM
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    namespace.cuda = cuda
     return namespace
 
 

@@ -6,64 +6,79 @@ of those geometries at given sizes. It reads the axis table (`slicing/table.py`)
 which axis, so a module type the table describes is counted with no change here. It does not own which
 layers survive or how tensors are sliced.
 
+Layers may differ (dense and MoE layers mixed): the inventory holds each distinct layer content once (a
+*kind*) and the kind of every layer, so a count is exact for a given set of surviving layers. Routed-expert
+tensors are listed once per kind (every expert holds the same tensors) and count `num_moe_experts` times,
+`min(moe_router_topk, num_moe_experts)` times in `active_params` (a token runs through its top-k experts,
+the router and the shared expert); for dense models active == total.
+
 Two sources give the same inventory: `inventory_of(model, ctx)` reads a live model (exact for whatever
 it holds: TE or local spec, biases, qk norms, a block spec without final norm), and
-`inventory_of_config(config, vocab_size, ...)` states the tensors Megatron builds for a dense GPT config
-(local or TE spec), for counting a config without building it.
+`inventory_of_config(config, vocab_size, ...)` states the tensors Megatron builds for a GPT config, dense
+or MoE (local or TE spec), for counting a config without building it (hybrid Mamba models: read the model).
 
 Memory (MB = 2**20 bytes) = parameters * dtype_bytes + inference state. The state a layer keeps is looked
 up in `INFERENCE_STATE` by a role it holds: attention keeps K and V of every query group per token (KV
-cache, assuming global attention in every layer: an upper bound with sliding windows). A Mamba mixer will
-add its per-sequence conv and SSM state there; MoE expert tensors will make `active_params` differ from
-`params` (top-k of E experts). For dense models active == total.
+cache, assuming global attention in every layer: an upper bound with sliding windows); a Mamba mixer keeps,
+per sequence, its convolution window ((D + 2 ng ds) x (k - 1)) and its SSM state (nh x hd x ds).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from megatron_prune.config import moe_layer_pattern
 from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.slicing.table import FC1_ROWS, FFN, HEAD_COLS, HIDDEN, QKV_ROWS, axes_of, is_tied_output_copy, layer_name
+from megatron_prune.slicing.table import (
+    CHANNELS, GATED_ROWS, HEAD_COLUMNS, MAMBA_CHANNELS, MAMBA_CONV, MAMBA_CONV_CHANNELS, MAMBA_HEADS, MAMBA_IN,
+    MAMBA_INNER, QKV, ROUTED_EXPERTS, Geometry, axes_of, is_tied_output_copy, layer_name, split_expert_name,
+)
 
-Dim = Union[int, str]  # a fixed length, or a geometry of the axis table
+Dim = Union[int, Geometry]  # a fixed length, or a geometry of the axis table
 Template = Tuple[Dim, ...]
 MB = 2**20
 
 # Inference state per layer, by a role (a tensor name inside the layer) that keeps it:
 # sizes -> (elements per token of every sequence, elements per sequence), stored in kv_cache_dtype_bytes.
 INFERENCE_STATE: Dict[str, Callable[["Sizes"], Tuple[int, int]]] = {
-    "self_attention.linear_qkv.weight": lambda s: (2 * s.num_query_groups * s.kv_channels, 0),  # K and V
+    "self_attention.linear_qkv.weight": lambda s: (2 * s.size("num_query_groups") * s.kv_channels, 0),  # K and V
+    "mixer.in_proj.weight": lambda s: (0, s.length(MAMBA_CONV_CHANNELS) * (s.mamba_conv_kernel - 1)  # conv window
+                                       + s.length(MAMBA_CHANNELS) * s.mamba_state_dim),  # SSM state
 }
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """The sizes a count is taken at (target sizes plus the fixed facts the geometries need)."""
+    """The sizes a count is taken at: complete target sizes plus the fixed facts the geometries need."""
 
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    num_layers: int
+    sizes: Mapping[str, int]
     kv_channels: int
     gated_linear_unit: bool
+    mamba_num_groups: int = 0
+    mamba_state_dim: int = 0
+    mamba_conv_kernel: int = 0
 
-    def length(self, geometry: str) -> int:
+    def size(self, axis: str) -> int:
+        return self.sizes[axis]
+
+    def length(self, geometry: Geometry) -> int:
         """Length of a geometry's dim (the number of indices it keeps) at these sizes."""
-        if geometry == HIDDEN:
-            return self.hidden_size
-        if geometry == QKV_ROWS:  # per group [Q.., K, V]
-            return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
-        if geometry == HEAD_COLS:
-            return self.num_attention_heads * self.kv_channels
-        if geometry == FC1_ROWS:  # [gate; up] when gated
-            return self.ffn_hidden_size * (2 if self.gated_linear_unit else 1)
-        if geometry == FFN:
-            return self.ffn_hidden_size
+        if geometry.kind == CHANNELS:
+            return self.sizes[geometry.axis]
+        if geometry.kind == GATED_ROWS:  # [gate; up] when gated
+            return self.sizes[geometry.axis] * (2 if self.gated_linear_unit else 1)
+        if geometry.kind == QKV:  # per group [Q.., K, V]
+            return (self.size("num_attention_heads") + 2 * self.size("num_query_groups")) * self.kv_channels
+        if geometry.kind == HEAD_COLUMNS:
+            return self.size("num_attention_heads") * self.kv_channels
+        if geometry.kind in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV):
+            heads, inner = self.size("mamba_num_heads"), self.size("mamba_num_heads") * self.size("mamba_head_dim")
+            bc = 2 * self.mamba_num_groups * self.mamba_state_dim  # B and C: never pruned
+            return {MAMBA_HEADS: heads, MAMBA_INNER: inner, MAMBA_IN: 2 * inner + bc + heads, MAMBA_CONV: inner + bc}[geometry.kind]
         raise KeyError(f"no length for geometry {geometry!r}")
 
 
@@ -89,32 +104,95 @@ class MemorySpec:
     kv_cache_dtype_bytes: Optional[int] = None
 
 
+def is_routed_expert(name: str) -> bool:
+    """A tensor of one routed expert (a name inside a layer, the expert number written as ``*``)."""
+    return name.startswith(f"{ROUTED_EXPERTS}.*.")
+
+
 @dataclass(frozen=True)
 class Inventory:
-    """Every tensor of a whole model as {name: template}. Decoder layers all hold the same tensors, so one
-    layer's templates (names inside the layer) stand for each of the `num_layers`."""
+    """Every tensor of a whole model as {name: template}: those outside the decoder layers, and each distinct
+    decoder-layer content (`kinds`, names inside the layer, routed experts once as ``...local_experts.*...``)
+    with the kind of every layer 1..L (`layer_kinds`)."""
 
     model: Mapping[str, Template]  # outside the decoder layers: embeddings, final norm, untied output layer
-    layer: Mapping[str, Template]
+    kinds: Tuple[Mapping[str, Template], ...]
+    layer_kinds: Tuple[int, ...]
     kv_channels: int
     gated_linear_unit: bool
+    moe_router_topk: int = 0
+    mamba_num_groups: int = 0
+    mamba_state_dim: int = 0
+    mamba_conv_kernel: int = 0
 
     def sizes(self, target: Mapping[str, int]) -> Sizes:
-        return Sizes(kv_channels=self.kv_channels, gated_linear_unit=self.gated_linear_unit, **target)
+        return Sizes(dict(target), self.kv_channels, self.gated_linear_unit, self.mamba_num_groups, self.mamba_state_dim,
+                     self.mamba_conv_kernel)  # fmt: skip
 
-    def count(self, target: Mapping[str, int], memory: MemorySpec = MemorySpec()) -> Counts:
-        """Counts of the model pruned to `target` (complete sizes: hidden_size ... num_layers)."""
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer holds the same tensors (then which layers survive does not change a count)."""
+        return len(set(self.layer_kinds)) == 1
+
+    def surviving(self, num_layers: int, kept_layers: Optional[Sequence[int]] = None) -> List[int]:
+        """The layers (1-indexed) a count of `num_layers` layers covers: `kept_layers` if given, else all of
+        them or, when every layer is alike, the first `num_layers`. Raises ValueError when layers differ and
+        it is not known which survive."""
+        total = len(self.layer_kinds)
+        if kept_layers is not None:
+            if len(kept_layers) != num_layers:
+                raise ValueError(f"kept_layers {list(kept_layers)} does not hold num_layers={num_layers} layers")
+            return list(kept_layers)
+        if num_layers == total or self.uniform:
+            return list(range(1, num_layers + 1))
+        raise ValueError(f"the layers differ (kinds {list(self.layer_kinds)}): which {total - num_layers} of them are "
+                         "dropped decides the count; give kept_layers")  # fmt: skip
+
+    def count(self, target: Mapping[str, int], memory: MemorySpec = MemorySpec(),
+              kept_layers: Optional[Sequence[int]] = None) -> Counts:  # fmt: skip
+        """Counts of the model pruned to `target` (complete sizes), keeping `kept_layers` (see `surviving`)."""
         s = self.sizes(target)
-        per_layer = sum(_numel(t, s) for t in self.layer.values())
-        params = sum(_numel(t, s) for t in self.model.values()) + s.num_layers * per_layer
+        per_kind = [self._layer(kind, s, memory) for kind in self.kinds]
+        base = sum(_numel(t, s) for t in self.model.values())
+        params, active, state = base, base, 0
+        for n in self.surviving(s.size("num_layers"), kept_layers):
+            p, a, st = per_kind[self.layer_kinds[n - 1]]
+            params, active, state = params + p, active + a, state + st
+        kv_bytes = memory.kv_cache_dtype_bytes or memory.dtype_bytes
+        return Counts(params, active, (params * memory.dtype_bytes + state * kv_bytes) / MB)
+
+    def smallest(self, target: Mapping[str, int], memory: MemorySpec = MemorySpec()) -> Counts:
+        """A lower bound of `count(target, ...)` over every choice of surviving layers: each count with its
+        smallest layers kept. Exact when every layer is alike."""
+        if self.uniform or target["num_layers"] == len(self.layer_kinds):
+            return self.count(target, memory)
+        s, n = self.sizes(target), target["num_layers"]
+        rows = [self._layer(self.kinds[k], s, memory) for k in self.layer_kinds]
+        base = sum(_numel(t, s) for t in self.model.values())
+        params, active, state = (base + sum(sorted(r[i] for r in rows)[:n]) for i in range(3))
+        kv_bytes = memory.kv_cache_dtype_bytes or memory.dtype_bytes
+        layer_bytes = sum(sorted(r[0] * memory.dtype_bytes + r[2] * kv_bytes for r in rows)[:n])
+        return Counts(params, active, (base * memory.dtype_bytes + layer_bytes) / MB)
+
+    def _layer(self, kind: Mapping[str, Template], s: Sizes, memory: MemorySpec) -> Tuple[int, int, int]:
+        """(parameters, active parameters, inference-state elements) of one layer of `kind` at sizes `s`."""
+        experts = s.sizes.get("num_moe_experts", 0)
+        params = active = 0
+        for name, t in kind.items():
+            n = _numel(t, s)
+            routed = is_routed_expert(name)
+            params += n * (experts if routed else 1)
+            active += n * (min(self.moe_router_topk, experts) if routed else 1)
         per_token = per_sequence = 0
         for role, state in INFERENCE_STATE.items():
-            if role in self.layer:
+            if role in kind:
                 token, sequence = state(s)
                 per_token, per_sequence = per_token + token, per_sequence + sequence
-        state_elements = s.num_layers * memory.batch_size * (per_token * memory.seq_length + per_sequence)
-        kv_bytes = memory.kv_cache_dtype_bytes or memory.dtype_bytes
-        return Counts(params, params, (params * memory.dtype_bytes + state_elements * kv_bytes) / MB)
+        return params, active, memory.batch_size * (per_token * memory.seq_length + per_sequence)
+
+
+def is_mamba(kind: Mapping[str, Template]) -> bool:
+    return "mixer.in_proj.weight" in kind
 
 
 def _numel(template: Template, sizes: Sizes) -> int:
@@ -129,11 +207,22 @@ def template(name: str, shape: Tuple[int, ...]) -> Template:
     return tuple(axes.dims.get(i, n) for i, n in enumerate(shape))
 
 
+def _group(layers: Mapping[int, Mapping[str, Template]]) -> Tuple[Tuple[Mapping[str, Template], ...], Tuple[int, ...]]:
+    """Distinct layer contents (in order of first appearance) and the kind of each layer 1..L."""
+    kinds: List[Mapping[str, Template]] = []
+    layer_kinds = []
+    for n in sorted(layers):
+        content = dict(sorted(layers[n].items()))
+        if content not in kinds:
+            kinds.append(content)
+        layer_kinds.append(kinds.index(content))
+    return tuple(kinds), tuple(layer_kinds)
+
+
 def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
     """The inventory of the whole model this rank's stage belongs to (a gather over pipeline stages).
 
-    Shapes are logical: a dim split across TP ranks counts tp_size times its local length. Raises
-    ValueError if decoder layers hold different tensors (counts would depend on which layers survive).
+    Shapes are logical: a dim split across TP ranks counts tp_size times its local length.
     """
     parts = {}
     for name, p in model.named_parameters():
@@ -150,56 +239,80 @@ def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
         index, inner, _ = axes_of(name)
         if index is None:
             local_model[name] = template(name, shape)
-        else:
-            local_layers.setdefault(numbers[index], {})[inner] = template(layer_name(0, inner), shape)
-    whole_model, layers = {}, {}
-    for stage_model, stage_layers in ctx.gather_over_pp((local_model, local_layers)):
+            continue
+        expert, inner = split_expert_name(inner)  # every routed expert holds the same tensors: listed once
+        layer = local_layers.setdefault(numbers[index], {})
+        t = template(layer_name(0, inner), shape)
+        if layer.setdefault(inner, t) != t:
+            raise ValueError(f"routed experts of layer {numbers[index]} differ in '{inner}'")
+    kernels = [layer.mixer.conv1d.kernel_size[0] for layer in model.decoder.layers if hasattr(layer, "mixer")]
+    whole_model, layers, kernel = {}, {}, 0
+    for stage_model, stage_layers, stage_kernel in ctx.gather_over_pp((local_model, local_layers, max(kernels, default=0))):
         whole_model.update(stage_model)
         layers.update(stage_layers)
-    distinct = {tuple(sorted(t.items())) for t in layers.values()}
-    if len(distinct) > 1:
-        first = layers[min(layers)]
-        odd = next(n for n in sorted(layers) if layers[n] != first)
-        raise ValueError(f"decoder layer {odd} holds different tensors than layer {min(layers)}: counts need identical layers")
+        kernel = max(kernel, stage_kernel)  # Mamba's conv1d width (0 on stages without Mamba layers)
     cfg = model.config
-    return Inventory(whole_model, layers[min(layers)], _kv_channels(cfg), bool(cfg.gated_linear_unit))
+    kinds, layer_kinds = _group(layers)
+    topk = cfg.moe_router_topk if cfg.num_moe_experts else 0
+    mamba = (cfg.mamba_num_groups, cfg.mamba_state_dim, kernel) if any(is_mamba(k) for k in kinds) else (0, 0, 0)
+    return Inventory(whole_model, kinds, layer_kinds, _kv_channels(cfg), bool(cfg.gated_linear_unit), topk, *mamba)
 
 
 def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_weights: bool = True,
                         position_embedding_type: str = "rope", max_sequence_length: int = 0) -> Inventory:  # fmt: skip
-    """The inventory of the dense GPTModel Megatron builds from `config` (local or TE layer spec with the
-    default final norm), without building it. The tensor shapes are stated here; tests check them
-    against models Megatron builds."""
+    """The inventory of the GPTModel Megatron builds from `config` (dense or MoE layers, local or TE layer
+    spec with the default final norm), without building it. The tensor shapes are stated here; tests check
+    them against models Megatron builds."""
     H, F, N, d = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, _kv_channels(config)
     G = config.num_query_groups or N
     norm = ("weight", "bias") if config.normalization == "LayerNorm" else ("weight",)
     bias = config.add_bias_linear
     qkv = (N + 2 * G) * d
-    fc1 = F * (2 if config.gated_linear_unit else 1)
+
+    def mlp(prefix: str, size: int) -> Dict[str, Tuple[int, ...]]:
+        fc1 = size * (2 if config.gated_linear_unit else 1)
+        out = {f"{prefix}.linear_fc1.weight": (fc1, H), f"{prefix}.linear_fc2.weight": (H, size)}
+        if bias:
+            out.update({f"{prefix}.linear_fc1.bias": (fc1,), f"{prefix}.linear_fc2.bias": (H,)})
+        return out
+
     layer = {f"{m}.{p}": (H,) for m in ("input_layernorm", "pre_mlp_layernorm") for p in norm}
-    layer.update({
-        "self_attention.linear_qkv.weight": (qkv, H),
-        "self_attention.linear_proj.weight": (H, N * d),
-        "mlp.linear_fc1.weight": (fc1, H),
-        "mlp.linear_fc2.weight": (H, F),
-    })  # fmt: skip
+    layer.update({"self_attention.linear_qkv.weight": (qkv, H), "self_attention.linear_proj.weight": (H, N * d)})
     if bias or config.add_qkv_bias:
         layer["self_attention.linear_qkv.bias"] = (qkv,)
     if bias:
-        layer.update({"self_attention.linear_proj.bias": (H,), "mlp.linear_fc1.bias": (fc1,), "mlp.linear_fc2.bias": (H,)})
+        layer["self_attention.linear_proj.bias"] = (H,)
     if config.qk_layernorm:
         layer.update({f"self_attention.{m}.{p}": (d,) for m in ("q_layernorm", "k_layernorm") for p in norm})
+    dense = {**layer, **mlp("mlp", F)}
+    moe = dict(layer)
+    if config.num_moe_experts:
+        E, Fs = config.num_moe_experts, config.moe_shared_expert_intermediate_size
+        moe["mlp.router.weight"] = (E, H)
+        if bias:
+            moe["mlp.router.bias"] = (E,)
+        moe.update(mlp(f"{ROUTED_EXPERTS}.*", config.moe_ffn_hidden_size or F))
+        if Fs:
+            moe.update(mlp("mlp.shared_experts", Fs))
+            if config.moe_shared_expert_gate:
+                moe["mlp.shared_experts.gate_weight"] = (1, H)
     model = {"embedding.word_embeddings.weight": (vocab_size, H)}
     if position_embedding_type == "learned_absolute":
         model["embedding.position_embeddings.weight"] = (max_sequence_length, H)
     model.update({f"decoder.final_layernorm.{p}": (H,) for p in norm})
     if not share_embeddings_and_output_weights:
         model["output_layer.weight"] = (vocab_size, H)
+    kinds = {False: dense, True: moe}
+    layers = {n: {k: template(layer_name(0, k), s) for k, s in kinds[is_moe].items()}
+              for n, is_moe in enumerate(moe_layer_pattern(config), start=1)}  # fmt: skip
+    grouped, layer_kinds = _group(layers)
     return Inventory(
         model={n: template(n, s) for n, s in model.items()},
-        layer={n: template(layer_name(0, n), s) for n, s in layer.items()},
+        kinds=grouped,
+        layer_kinds=layer_kinds,
         kv_channels=d,
         gated_linear_unit=bool(config.gated_linear_unit),
+        moe_router_topk=config.moe_router_topk if config.num_moe_experts else 0,
     )
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron_prune.config import ModelShape, PruneConfigError, SearchConfig, validate_budgets
 from megatron_prune.log import log
 from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.search.counting import Counts, inventory_of
+from megatron_prune.search.counting import Counts, Inventory, inventory_of
 from megatron_prune.search.space import Candidate, SearchSpace, build_space, memory_spec, search_candidates
 
 ScoreFunc = Callable[[torch.nn.Module], float]
@@ -42,6 +42,7 @@ class SearchPlan:
     space: SearchSpace
     original: Counts
     candidates: List[Candidate]  # within every budget and accepted by Megatron, best first
+    inventory: Inventory  # for exact counts once the layer ranking is known (layers of different kinds)
 
 
 @dataclass
@@ -95,22 +96,26 @@ def prepare_search(model: torch.nn.Module, ctx: ParallelContext, shape: ModelSha
             "the search space is empty: every axis is skipped (axes_to_skip) or left with one choice "
             "(a *_divisor larger than the axis, or max_width_pruning/max_depth_pruning too small)"
         )
-    fitting = search_candidates(space, inventory, budgets, config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
+    fitting = search_candidates(space, inventory, budgets, config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size,
+                                ep_size=ctx.ep_size)  # fmt: skip
     valid = [c for c in fitting.candidates if megatron_problem(_sizes(space, c)) is None]
     if fitting.filtered:
         log(f"candidate_filter rejected {fitting.filtered} candidates")
     if not valid:
         raise PruneConfigError(_nothing_fits(budgets, fitting, len(fitting.candidates) - len(valid)))
     log(f"{len(valid)} of {space.size} candidates fit {_budgets_text(budgets)}")
-    return SearchPlan(budgets, config, space, original, valid)
+    return SearchPlan(budgets, config, space, original, valid, inventory)
 
 
 def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool], build: Callable[[Candidate], torch.nn.Module],
-               score_func: Optional[ScoreFunc], cache: dict, save: Callable[[dict], None], ctx: ParallelContext) -> SearchResult:  # fmt: skip
+               score_func: Optional[ScoreFunc], cache: dict, save: Callable[[dict], None], ctx: ParallelContext,
+               kept_layers: Optional[Callable[[Candidate], List[int]]] = None) -> SearchResult:  # fmt: skip
     """Score the top-k candidates (after calibration) and return the result. `keeps_every_stage(c)`: whether
-    the layers `c` keeps (by the layer ranking) leave every pipeline stage some. `cache` (the scores file's
-    search section, updated in place and passed to `save` after each new score) supplies the scores of
-    candidates already scored for the same budgets and score function."""
+    the layers `c` keeps (by the layer ranking) leave every pipeline stage some. `kept_layers(c)`: those
+    layers; when layers differ (dense and MoE layers mixed) the candidates, counted before calibration at
+    their smallest possible size, are counted exactly with them, and those over a budget dropped. `cache`
+    (the scores file's search section, updated in place and passed to `save` after each new score)
+    supplies the scores of candidates already scored for the same budgets and score function."""
     usable = [c for c in plan.candidates if keeps_every_stage(c)]
     if len(usable) < len(plan.candidates):
         log(f"{len(plan.candidates) - len(usable)} candidates dropped: their layer count would empty a pipeline stage")
@@ -119,6 +124,8 @@ def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool],
             "every fitting candidate would leave a pipeline stage without layers; re-run at a smaller pipeline "
             "size: the scores file is reusable there"
         )
+    if kept_layers is not None and not plan.inventory.uniform:
+        usable = _recount(plan, usable, kept_layers)
     top = usable[: plan.config.top_k]
     key = cache_key(plan.budgets, score_func)
     cached = {_key(c["export_config"]): c["score"] for c in cache.get(key, {}).get("candidates", [])}
@@ -142,6 +149,24 @@ def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool],
     score = "" if top[winner].score is None else f", score {top[winner].score:.4f}"
     log(f"winner: {_compact(top[winner].export_config)} ({_counts_text(top[winner].counts, plan.budgets)}){score}")
     return SearchResult(plan.budgets, plan.space.display(), plan.space.size, len(usable), plan.original, top, winner)
+
+
+def _recount(plan: SearchPlan, candidates: List[Candidate], kept_layers: Callable[[Candidate], List[int]]) -> List[Candidate]:
+    """Exact counts with the surviving layers; those within every budget, closest to the primary budget first."""
+    memory = memory_spec(plan.config)
+    for c in candidates:
+        sizes = _sizes(plan.space, c)
+        c.counts = plan.inventory.count(sizes, memory, kept_layers=kept_layers(c))
+    fitting = [c for c in candidates if all(c.counts.get(b) <= limit for b, limit in plan.budgets.items())]
+    if len(fitting) < len(candidates):
+        log(f"{len(candidates) - len(fitting)} candidates dropped: counted with the layers the ranking keeps, they exceed the budget")
+    if not fitting:
+        raise PruneConfigError(
+            f"no candidate fits {_budgets_text(plan.budgets)} with the layers the block-influence ranking keeps "
+            "(before calibration they were counted with their smallest layers): raise the budget, or prune fewer layers"
+        )
+    primary = next(iter(plan.budgets))
+    return sorted(fitting, key=lambda c: -c.counts.get(primary))
 
 
 def _score(model: torch.nn.Module, score_func: ScoreFunc, ctx: ParallelContext) -> float:

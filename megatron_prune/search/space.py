@@ -71,8 +71,9 @@ class SearchSpace:
         for values in itertools.product(*self.choices.values()):
             target = dict(self.original)
             target.update(zip(self.choices, values))
-            per_group = target[HEADS] if HEADS in self.choices else self.heads_per_group
-            target[HEADS] = target[GROUPS] * per_group
+            if GROUPS in target:  # a model with attention layers
+                per_group = target[HEADS] if HEADS in self.choices else self.heads_per_group
+                target[HEADS] = target[GROUPS] * per_group
             yield target
 
 
@@ -84,15 +85,19 @@ def build_space(shape: ModelShape, config: SearchConfig) -> SearchSpace:
         message = f"axes_to_skip: {', '.join(map(repr, missing))} not an axis of this model (axes: {', '.join(original)}); ignored"
         warnings.warn(message, stacklevel=3)
         log(f"warning: {message}")
-    sizes = dict(original, **{HEADS: shape.heads_per_group})  # heads are chosen per group
-    if not config.search_query_groups:
-        sizes.pop(GROUPS)
+    sizes = dict(original)
+    if HEADS in sizes:
+        sizes[HEADS] = shape.heads_per_group  # heads are chosen per group
+        if not config.search_query_groups:
+            sizes.pop(GROUPS)
     choices = {}
     for axis in SUPPORTED_AXES:
         if axis not in sizes or axis in config.axes_to_skip:
             continue
         fraction = config.max_depth_pruning if axis == "num_layers" else config.max_width_pruning
-        kept = truncate(divisor_choices(sizes[axis], getattr(config, f"{axis}_divisor", 1)), fraction)
+        # Mamba heads: multiples of the groups (each group keeps the same number of heads)
+        divisor = shape.mamba_num_groups if axis == "mamba_num_heads" else getattr(config, f"{axis}_divisor", 1)
+        kept = truncate(divisor_choices(sizes[axis], divisor), fraction)
         if len(kept) > 1:
             choices[axis] = kept
     return SearchSpace(original=original, choices=choices, heads_per_group=shape.heads_per_group)
@@ -122,24 +127,26 @@ class Fitting:
 
 
 def search_candidates(space: SearchSpace, inventory: Inventory, budgets: Mapping[str, float], config: SearchConfig,
-                      shape: ModelShape, pp_size: int = 1, tp_size: int = 1) -> Fitting:  # fmt: skip
+                      shape: ModelShape, pp_size: int = 1, tp_size: int = 1, ep_size: int = 1) -> Fitting:  # fmt: skip
     """Every valid combination whose counts are within every budget, sorted by the primary budget's count
     (the first of `budgets`) descending, ties in product order. `smallest` holds, per budget, the smallest
-    count any valid combination reaches."""
+    count any valid combination reaches. When layers differ (dense and MoE layers mixed) a depth-pruned
+    combination is counted with its smallest layers kept (a lower bound: which layers survive is known
+    only after calibration, when nas.py counts it exactly)."""
     memory = memory_spec(config)
     primary = next(iter(budgets))
     out = Fitting(candidates=[])
     for target in space.combinations():
         export_config = {axis: target[axis] for axis in space.axes}
         try:
-            validate_export_config(export_config, shape, pp_size=pp_size, tp_size=tp_size)
+            validate_export_config(export_config, shape, pp_size=pp_size, tp_size=tp_size, ep_size=ep_size)
         except PruneConfigError:
             out.invalid += 1
             continue
         if config.candidate_filter is not None and not config.candidate_filter(dict(target)):
             out.filtered += 1
             continue
-        counts = inventory.count(target, memory)
+        counts = inventory.smallest(target, memory)
         for budget in budgets:
             if budget not in out.smallest or counts.get(budget) < out.smallest[budget][0]:
                 out.smallest[budget] = (counts.get(budget), export_config)

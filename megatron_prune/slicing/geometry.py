@@ -1,8 +1,8 @@
 """Index geometry: which rows/columns of a tensor belong to kept heads, groups and channels.
 
 Pure functions on index tensors, in MCore's notation: N query heads in G groups (q = N/G heads per
-group), head dim d, FFN size F. Every function returns a 1-D LongTensor of indices into the original
-dimension, in the order the pruned tensor stores them.
+group), head dim d, FFN size F; Mamba nh heads of hd channels in ng groups. Every function returns a 1-D
+LongTensor of indices into the original dimension, in the order the pruned tensor stores them.
 """
 
 from __future__ import annotations
@@ -47,3 +47,27 @@ def gated_rows(channels: Tensor, ffn: int, gated: bool) -> Tensor:
     """
     channels = channels.long()
     return torch.cat([channels, channels + ffn]) if gated else channels
+
+
+# Mamba mixer (MCore's MambaMixer): nh heads of hd channels in ng groups (nh/ng heads each), state ds;
+# d_inner D = nh*hd, channel c of d_inner belongs to head c // hd. `heads` [nh'] are kept heads as global
+# indices, group by group (every group keeps nh'/ng), `dims` [hd'] the channels kept within every head.
+
+
+def mamba_inner(heads: Tensor, dims: Tensor, head_dim: int) -> Tensor:
+    """Channels of d_inner kept (rows of the gated norm, columns of `out_proj`): [nh' * hd'], head-major."""
+    return (heads.long()[:, None] * head_dim + dims.long()[None, :]).reshape(-1)
+
+
+def mamba_in_rows(heads: Tensor, dims: Tensor, nheads: int, head_dim: int, bc: int) -> Tensor:
+    """Rows of `in_proj` weight [2D + bc + nh, H] kept, bc = 2*ng*ds. MCore stacks [z (D), x (D), B, C (bc), dt
+    (nh)]: z and x follow the kept channels, B and C (per group) are all kept, dt follows the kept heads.
+    Returns [2 * nh' * hd' + bc + nh']."""
+    D, inner = nheads * head_dim, mamba_inner(heads, dims, head_dim)
+    return torch.cat([inner, D + inner, 2 * D + torch.arange(bc), 2 * D + bc + heads.long()])
+
+
+def mamba_conv_channels(heads: Tensor, dims: Tensor, nheads: int, head_dim: int, bc: int) -> Tensor:
+    """Channels of `conv1d` (weight [D + bc, 1, k], bias [D + bc]) kept: x's kept channels, then all of B, C."""
+    D = nheads * head_dim
+    return torch.cat([mamba_inner(heads, dims, head_dim), D + torch.arange(bc)])

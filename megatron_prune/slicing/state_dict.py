@@ -1,9 +1,10 @@
 """Slice a rank's state dict according to a plan, reading dims from the axis table, tensor by tensor.
 
-Decoder layers are renamed to their new local position (survivors keep their relative order), so the
-tensors fit exactly the stage a stock MCore model builds from the pruned config. `sliced_tensors` yields
-them one at a time and `load_streaming` copies each into the pruned model as it comes, so pruning holds
-the original model, the pruned one and a single extra tensor at a time.
+Decoder layers are renamed to their new local position (survivors keep their relative order) and kept
+routed experts to their position in importance order, so the tensors fit exactly the stage a stock MCore
+model builds from the pruned config. `sliced_tensors` yields them one at a time and `load_streaming`
+copies each into the pruned model as it comes, so pruning holds the original model, the pruned one and a
+single extra tensor at a time.
 """
 
 from __future__ import annotations
@@ -16,25 +17,53 @@ from megatron_prune.config import ModelShape, UnsupportedModelError
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing import geometry as geo
 from megatron_prune.slicing.plan import LayerKeep, PrunePlan
-from megatron_prune.slicing.table import FC1_ROWS, FFN, HEAD_COLS, HIDDEN, QKV_ROWS, axes_of, layer_name
+from megatron_prune.slicing.table import (
+    CHANNELS, GATED_ROWS, HEAD_COLUMNS, HIDDEN, MAMBA_CONV, MAMBA_HEADS, MAMBA_IN, MAMBA_INNER, PER_EXPERT_AXES, QKV,
+    Geometry, axes_of, expert_name, layer_name, split_expert_name,
+)
 from megatron_prune.slicing.tensor_parallel import gather_full, partition, shard
 
 
-def _index(geometry: str, plan: PrunePlan, keep: Optional[LayerKeep], shape: ModelShape) -> Optional[torch.Tensor]:
+def _index(geometry: Geometry, plan: PrunePlan, keep: Optional[LayerKeep], shape: ModelShape,
+           expert: Optional[int] = None) -> Optional[torch.Tensor]:  # fmt: skip
+    """The indices a tensor dim keeps (None: all, in order). `expert`: the original routed expert the
+    tensor belongs to (for per-expert axes)."""
     if geometry == HIDDEN:
         return plan.hidden
     if keep is None:
         raise ValueError(f"geometry {geometry} used outside a decoder layer")
     q, d = shape.heads_per_group, shape.kv_channels
-    if geometry == QKV_ROWS:
+    if geometry.kind == QKV:
         return None if keep.groups is None else geo.qkv_rows(keep.groups, keep.heads, q, d)
-    if geometry == HEAD_COLS:
+    if geometry.kind == HEAD_COLUMNS:
         return None if keep.groups is None else geo.head_columns(keep.groups, keep.heads, q, d)
-    if geometry == FC1_ROWS:
-        return None if keep.ffn is None else geo.gated_rows(keep.ffn, shape.ffn_hidden_size, shape.gated_linear_unit)
-    if geometry == FFN:
-        return keep.ffn
+    if geometry.kind in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV):
+        return _mamba_index(geometry.kind, keep, shape)
+    channels = keep.channels(geometry.axis)
+    if channels is not None and geometry.axis in PER_EXPERT_AXES:
+        channels = channels[expert]
+    if geometry.kind == CHANNELS or channels is None:
+        return channels
+    if geometry.kind == GATED_ROWS:
+        return geo.gated_rows(channels, getattr(shape, geometry.axis), shape.gated_linear_unit)
     raise KeyError(f"unknown geometry {geometry!r}")
+
+
+def _mamba_index(kind: str, keep: LayerKeep, shape: ModelShape) -> Optional[torch.Tensor]:
+    """Indices of a Mamba mixer dim: all heads / all channels of a head where only the other axis is pruned."""
+    if keep.mamba_heads is None and keep.mamba_dims is None:
+        return None
+    nh, hd = shape.mamba_num_heads, shape.mamba_head_dim
+    heads = torch.arange(nh) if keep.mamba_heads is None else keep.mamba_heads
+    dims = torch.arange(hd) if keep.mamba_dims is None else keep.mamba_dims
+    bc = 2 * shape.mamba_num_groups * shape.mamba_state_dim
+    if kind == MAMBA_HEADS:
+        return heads.long()
+    if kind == MAMBA_INNER:
+        return geo.mamba_inner(heads, dims, hd)
+    if kind == MAMBA_IN:
+        return geo.mamba_in_rows(heads, dims, nh, hd, bc)
+    return geo.mamba_conv_channels(heads, dims, nh, hd, bc)
 
 
 def slice_tensor(t: torch.Tensor, dims: Mapping[int, str], index_of) -> torch.Tensor:
@@ -66,17 +95,24 @@ def sliced_tensors(
     for name, value in state.items():
         local, inner, axes = axes_of(name)
         number = None if local is None else layer_numbers[local]
+        keep = expert = None
         if number is not None:
             if number not in plan.layers:
                 continue  # dropped layer
+            keep = plan.layers[number]
+            expert, role_name = split_expert_name(inner)
+            if expert is not None and keep.experts is not None:  # kept experts are renumbered in importance order
+                position = (keep.experts == expert).nonzero()
+                if position.numel() == 0:
+                    continue  # dropped routed expert
+                inner = expert_name(int(position), role_name)
             name = layer_name(new_position[number], inner)
         if not isinstance(value, torch.Tensor) or name.endswith("._extra_state"):
             yield name, value
             continue
         if axes is None:
             raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
-        keep = plan.layers[number] if number is not None else None
-        index_of = lambda g: _index(g, plan, keep, shape)  # noqa: E731
+        index_of = lambda g: _index(g, plan, keep, shape, expert)  # noqa: E731
         part = partition(axes, shape.gated_linear_unit) if ctx is not None and ctx.tp_size > 1 else None
         if part is not None and part.dim in axes.dims and index_of(axes.dims[part.dim]) is not None:
             yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), part, ctx)

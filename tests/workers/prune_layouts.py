@@ -1,11 +1,14 @@
 """torchrun worker (2 processes): prune the same model with the same data under several parallel layouts.
 
 Usage: prune_layouts.py CASE OUT. CASE (torch file): "state_dict" of a full PP=1 model, "config" overrides
-for tiny_gpt_config, "batches" (token ids), "export_config". For each layout below every rank writes
+for tiny_gpt_config, "batches" (token ids), "export_config", and "moe_state_dict", "moe_export_config" of a
+tiny_moe_config model (the "moe-*" layouts), "hybrid_state_dict", "hybrid_export_config" of a tiny hybrid
+MambaModel (tests.test_hybrid.make: pattern "M*-ME"; the "hybrid-*" layouts). For each layout below every rank writes
 OUT/<layout>-rank<r>.pt with its pruned weights under global names, the orders, the kept layers per stage
 and (last stage) the pruned model's logits; the scores file of each layout is OUT/<layout>-scores.pt.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -16,7 +19,8 @@ from megatron_prune.runtime.distributed import init_distributed
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing.tensor_parallel import Partition, partitions
 from tests.stages import global_state_dict, stage_state_dict
-from tests.tiny import build_tiny_gpt, tiny_gpt_config
+from tests.test_hybrid import make as make_hybrid
+from tests.tiny import build_tiny_gpt, tiny_gpt_config, tiny_moe_config
 
 LAYOUTS = {  # name: (tensor-parallel size, pipeline size, extra config)
     "pp2": (1, 2, {}),
@@ -25,6 +29,9 @@ LAYOUTS = {  # name: (tensor-parallel size, pipeline size, extra config)
     "pp2-empty-first": (1, 2, {"pipeline_model_parallel_layout": "E|ttttL"}),
     "dp2": (1, 1, {}),
     "tp2": (2, 1, {}),
+    "moe-pp2": (1, 2, {}),  # stage 0: layers 1 (MoE), 2 (dense); stage 1: layers 3, 4 (MoE)
+    "moe-dp2": (1, 1, {}),
+    "hybrid-pp2": (1, 2, {"num_layers_in_first_pipeline_stage": 3}),  # stage 0: "M*-", stage 1: "ME"
 }
 
 
@@ -42,14 +49,21 @@ def check_table_partitions_match_megatron() -> None:
 def run(case: dict, out: str, name: str) -> None:
     tp, pp, extra = LAYOUTS[name]
     init_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model = build_tiny_gpt(tiny_gpt_config(**case["config"], **extra), vocab_size=case["vocab"])
-    model.load_state_dict(stage_state_dict(case["state_dict"], model), strict=True)
+    family = name.split("-")[0] if name.startswith(("moe-", "hybrid-")) else ""
+    prefix = f"{family}_" if family else ""
+    state, export_config = case[f"{prefix}state_dict"], case[f"{prefix}export_config"]
+    if family == "hybrid":
+        model = make_hybrid(**extra)
+    else:
+        config = tiny_moe_config(**extra) if family == "moe" else tiny_gpt_config(**case["config"], **extra)
+        model = build_tiny_gpt(config, vocab_size=case["vocab"])
+    model.load_state_dict(stage_state_dict(state, model), strict=True)
     if tp > 1:
         check_table_partitions_match_megatron()
     loop = mp.make_forward_loop(case["batches"], progress=False)
     scores = f"{out}/{name}-scores.pt"
-    pruned, result = mp.prune(model, case["export_config"], forward_loop=loop, scores_path=scores)
-    again, _ = mp.prune(model, case["export_config"], scores_path=scores)  # reuse at the same layout
+    pruned, result = mp.prune(model, export_config, forward_loop=loop, scores_path=scores)
+    again, _ = mp.prune(model, export_config, scores_path=scores)  # reuse at the same layout
     assert all(torch.equal(a, b) for a, b in zip(global_state_dict(pruned).values(), global_state_dict(again).values()))
     logits = mp.run_forward(pruned, case["batches"], collect=lambda out, tokens: out.clone(), shard_over_dp=False)
     if logits and tp > 1:  # vocab-parallel output: gather the vocabulary shards
@@ -58,7 +72,7 @@ def run(case: dict, out: str, name: str) -> None:
         {
             "weights": global_state_dict(pruned),
             "hidden_order": result.orders.hidden,
-            "layer_orders": {n: (o.ffn, o.groups, o.heads) for n, o in result.orders.layers.items()},
+            "layer_orders": {n: dataclasses.asdict(o) for n, o in result.orders.layers.items()},
             "layer_scores": result.importance.layers,
             "stage_layers": result.stage_layers,
             "config_layout": str(result.config.pipeline_model_parallel_layout),
@@ -70,25 +84,19 @@ def run(case: dict, out: str, name: str) -> None:
     parallel_state.destroy_model_parallel()
 
 
-def refuse_moe_on_one_stage(out: str) -> None:
-    """Layers 3-4 are MoE, so only stage 1 holds unsupported modules: both stages must raise the same error
-    (rather than stage 0 waiting forever in a collective)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
+def refuse_unsupported_module_on_one_stage(out: str) -> None:
+    """Only stage 1 (layers 3-4) holds a module the axis table does not describe: both stages must raise the
+    same error (rather than stage 0 waiting forever in a collective)."""
     init_distributed(pipeline_model_parallel_size=2)
-    config = tiny_gpt_config(num_moe_experts=4, moe_layer_freq=[0, 0, 1, 1], moe_ffn_hidden_size=64, moe_router_topk=2)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
-                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())  # fmt: skip
-    model = GPTModel(config, spec, vocab_size=128, max_sequence_length=32,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage())  # fmt: skip
+    model = build_tiny_gpt(tiny_gpt_config())
+    if parallel_state.get_pipeline_model_parallel_rank() == 1:
+        model.decoder.layers[0].mlp.adapter = torch.nn.Linear(64, 64)
     try:
         mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=lambda m: None)
         message = "no error"
     except mp.UnsupportedModelError as e:
         message = str(e)
-    with open(f"{out}/moe-error-rank{torch.distributed.get_rank()}.txt", "w") as f:
+    with open(f"{out}/unsupported-error-rank{torch.distributed.get_rank()}.txt", "w") as f:
         f.write(message)
     parallel_state.destroy_model_parallel()
 
@@ -98,4 +106,4 @@ if __name__ == "__main__":
     case = torch.load(case_path, weights_only=False)
     for layout in LAYOUTS:
         run(case, out_dir, layout)
-    refuse_moe_on_one_stage(out_dir)
+    refuse_unsupported_module_on_one_stage(out_dir)
