@@ -2,7 +2,6 @@
 modules. Importing it applies megatron_prune's CPU support on a machine without a GPU: there,
 `megatron.core.ssm.mamba_mixer` is importable only with the reference kernels (`install_mamba_kernels()`)."""
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -17,6 +16,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_prune.runtime.cpu import apply_cpu_support
+from tests.tiny import tiny_gpt_config
 
 apply_cpu_support()  # before the Mamba imports below; nothing happens with a GPU
 
@@ -36,28 +36,16 @@ def tiny_mamba_config(**overrides) -> TransformerConfig:
     """
     fields = dict(
         num_layers=len(HYBRID_PATTERN),
-        hidden_size=64,
         num_attention_heads=4,
         num_query_groups=2,
-        ffn_hidden_size=128,
+        gated_linear_unit=False,
         mamba_num_heads=8,
         mamba_head_dim=16,
         mamba_state_dim=16,
         mamba_num_groups=2,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        bf16=False,
-        fp16=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    return tiny_gpt_config(**fields)
 
 
 def tiny_mamba_stack_spec(chunk_size: int = 128) -> ModuleSpec:
