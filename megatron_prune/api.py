@@ -20,20 +20,20 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 
 from megatron_prune.config import (
-    SUPPORTED_AXES, ModelShape, PruneConfigError, UnsupportedModelError, layer_symbols, validate_export_config,
+    SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
 from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers
 from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
+from megatron_prune.model_checks import check_model
 from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.search.nas import SearchResult, prepare_search, run_search
-from megatron_prune.slicing.model import block_spec_layers, hybrid_pattern_of, pruned_config, rebuild
+from megatron_prune.slicing.model import hybrid_pattern_of, pruned_config, rebuild
 from megatron_prune.slicing.plan import PrunePlan, plan_pruning
 from megatron_prune.slicing.state_dict import load_streaming, sliced_tensors
-from megatron_prune.slicing.table import axes_of
 
 
 @dataclass
@@ -118,7 +118,7 @@ def prune(
         `result.search` holds the search space, the scored candidates and the winner.
     """
     ctx = ParallelContext.from_megatron()
-    _check_model(model, ctx, has_builder=model_builder is not None)
+    check_model(model, ctx, has_builder=model_builder is not None)
     pattern = hybrid_pattern_of(model)  # None for a GPTModel
     shape = ModelShape.from_config(model.config, pattern)
     numbers = local_layer_numbers(model)  # {global: local}
@@ -283,7 +283,7 @@ def calibrate(
     calibration over all the data. `prune()` then reuses the file at any layout and any target.
     """
     ctx = ParallelContext.from_megatron()
-    _check_model(model, ctx)
+    check_model(model, ctx)
     # a collective (a TP gather per split tensor), so computed once and only when a file is involved
     fingerprint = model_fingerprint(model, ctx) if scores_path else None
     previous = None
@@ -374,105 +374,6 @@ def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
     from megatron_prune.report import parameter_groups
 
     return sum(parameter_groups(model, ctx).values())
-
-
-def _check_model(model: torch.nn.Module, ctx: ParallelContext, has_builder: bool = False) -> None:
-    """Refuse what megatron-prune cannot prune. Pipeline stages hold different modules, so the ranks
-    agree on the verdict first: every rank raises the same error and none is left waiting in a collective."""
-    ctx.raise_first(_model_problem(model, ctx, has_builder))
-
-
-def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bool):
-    """(error class, message) for the first unsupported feature of this stage, or None."""
-    from megatron.core.models.gpt import GPTModel
-
-    if not isinstance(model, GPTModel) and not _is_mamba_model(model):
-        return PruneConfigError, (
-            f"model must be an unwrapped megatron.core GPTModel or MambaModel, got {type(model).__name__} "
-            "(unwrap DDP/Float16Module first, e.g. megatron.core.utils.unwrap_model)"
-        )
-    cfg = model.config
-    if ctx.tp_size > 1 and cfg.sequence_parallel:
-        return PruneConfigError, (
-            "config.sequence_parallel=True: calibrate with sequence parallelism off (it splits the sequence that "
-            "per-sample statistics average over); TP itself is supported"
-        )
-    if (cfg.context_parallel_size or 1) > 1:
-        return PruneConfigError, f"config.context_parallel_size={cfg.context_parallel_size}: prune with CP=1"
-    if cfg.virtual_pipeline_model_parallel_size or getattr(model, "vp_stage", None) is not None:
-        return PruneConfigError, "virtual pipeline parallelism (virtual_pipeline_model_parallel_size) is not supported"
-    if getattr(cfg, "use_te_op_fuser", False):
-        return PruneConfigError, "config.use_te_op_fuser=True (TEFusedMLP) is not supported: its linears are not called as modules"
-    for flag in ("attention_output_gate", "multi_latent_attention", "heterogeneous_block_specs"):
-        if getattr(cfg, flag, False):
-            return PruneConfigError, f"config.{flag}=True is not supported yet by megatron-prune"
-    if getattr(model, "mtp_process", False):
-        return PruneConfigError, "multi-token-prediction layers are not supported: build the model without MTP"
-    specs = block_spec_layers(getattr(model, "transformer_layer_spec", None))
-    if not has_builder and specs is not None and specs != len(model.decoder.layers):
-        return PruneConfigError, (
-            f"the model's block spec has {specs} layer specs for the {len(model.decoder.layers)} layers of this "
-            "stage: pass model_builder= to prune()"
-        )
-    if cfg.num_moe_experts:
-        problem = _moe_problem(cfg, ctx)
-        if problem:
-            return PruneConfigError, problem
-    mixers = [layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer")]
-    if mixers:
-        problem = _mamba_problem(mixers, cfg, ctx)
-        if problem:
-            return PruneConfigError, problem
-    for name in model.state_dict():
-        index, _, axes = axes_of(name)
-        if not name.endswith("._extra_state") and axes is None:
-            path = name.rpartition(".")[0]
-            where = "" if index is None else f", layer {model.decoder.layers[index].layer_number}"
-            return UnsupportedModelError, (
-                f"unsupported module type {type(model.get_submodule(path)).__name__} at '{path}'{where} (tensor '{name}'): "
-                "megatron-prune handles SelfAttention, MLP, MoE (SequentialMLP experts, optional shared expert) and "
-                "Mamba layers of GPT and hybrid models; MLA is not supported yet"
-            )
-    return None
-
-
-def _is_mamba_model(model: torch.nn.Module) -> bool:
-    if not hasattr(model, "mamba_stack_spec"):
-        return False
-    from megatron.core.models.mamba import MambaModel
-
-    return isinstance(model, MambaModel)
-
-
-def _mamba_problem(mixers: List[torch.nn.Module], cfg, ctx: ParallelContext) -> Optional[str]:
-    """Why this stage's Mamba mixers cannot be pruned (None if they can)."""
-    if ctx.tp_size > 1:
-        return (f"Mamba layers at tensor_model_parallel_size={ctx.tp_size}: prune hybrid models at TP=1 (in_proj and "
-                "conv1d are split over TP ranks per segment, which megatron-prune does not gather yet)")  # fmt: skip
-    mixer = mixers[0]
-    if mixer.D_has_hdim:
-        return "Mamba mixers with D_has_hdim=True (a D per channel) are not supported yet"
-    if cfg.mamba_num_heads is None:
-        return (f"config.mamba_num_heads is not set: set it to the mixers' {mixer.nheads} heads (MambaMixer derives "
-                "it from its expand factor, which the config does not record)")  # fmt: skip
-    return None
-
-
-def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
-    """Why the MoE layers of `cfg` cannot be pruned at this layout (None if they can)."""
-    if cfg.moe_grouped_gemm:
-        return ("config.moe_grouped_gemm=True (grouped-GEMM experts) is not supported yet: build the model with "
-                "moe_grouped_gemm=False (SequentialMLP experts; the weights are the same)")  # fmt: skip
-    if ctx.ep_size > 1:
-        return (f"expert_model_parallel_size={ctx.ep_size}: prune MoE models at expert-parallel size 1 (routed-expert "
-                "statistics and weights are not gathered over expert-parallel ranks yet)")  # fmt: skip
-    if ctx.tp_size > 1 or (cfg.expert_tensor_parallel_size or 1) > 1:
-        return (f"MoE layers at tensor_model_parallel_size={ctx.tp_size} (expert_tensor_parallel_size="
-                f"{cfg.expert_tensor_parallel_size}): prune MoE models at TP=1 (each rank's routed-expert outputs are "
-                "partial sums there, and MoE with TP needs sequence parallelism, which calibration cannot use)")  # fmt: skip
-    if getattr(cfg, "moe_latent_size", None):
-        return f"config.moe_latent_size={cfg.moe_latent_size} (latent MoE) is not supported yet"
-    return None
 
 
 def _sizes(sizes: Mapping[str, int]) -> str:

@@ -159,7 +159,7 @@ def test_hybrid_counts_equal_the_live_model_with_mamba_state(mcore, pattern):
         assert counts.params == sum(p.numel() for p in built.parameters()), (pattern, sizes)
         # by hand: per sequence, each Mamba layer keeps (D + 2 ng ds) x (k - 1) conv and nh x hd x ds SSM values;
         # each attention layer K and V of 2 groups x 16 channels per token
-        D, nh = sizes["mamba_num_heads"] * sizes["mamba_head_dim"], sizes["mamba_num_heads"]
+        D = sizes["mamba_num_heads"] * sizes["mamba_head_dim"]  # nh x hd
         mamba_state = (D + 2 * 2 * 16) * 3 + D * 16
         n_mamba, n_attention = sliced.count("M"), sliced.count("*")
         state = 3 * (n_mamba * mamba_state + n_attention * 64 * 2 * 2 * 16)
