@@ -99,21 +99,21 @@ def format_tables(result, groups_before: Optional[Mapping[str, int]] = None,
     """Sizes per axis, parameters per component, and a per-layer importance summary, as plain text."""
     sizes_rows = [(axis, result.original_sizes[axis], result.export_config[axis]) for axis in SUPPORTED_AXES
                   if axis in result.original_sizes]  # fmt: skip
-    out = [_table(["axis", "before", "after"], [(a, f"{b:,}", f"{c:,}" + ("" if b == c else f"  ({100 * c / b:.0f}%)"))
+    out = [format_table(["axis", "before", "after"], [(a, f"{b:,}", f"{c:,}" + ("" if b == c else f"  ({100 * c / b:.0f}%)"))
                                                for a, b, c in sizes_rows])]  # fmt: skip
     if groups_before and groups_after:
         rows = [(k, f"{groups_before[k]:,}", f"{groups_after.get(k, 0):,}", f"{100 * groups_after.get(k, 0) / max(groups_before[k], 1):.1f}%")
                 for k in groups_before]  # fmt: skip
         rows.append(("total", f"{result.params_before:,}", f"{result.params_after:,}",
                      f"{100 * result.params_after / result.params_before:.1f}%"))  # fmt: skip
-        out.append(_table(["parameters", "before", "after", "kept"], rows))
+        out.append(format_table(["parameters", "before", "after", "kept"], rows))
     record = summary(result)
     rows = []
     for layer in record["layers"]:
         rows.append((layer["layer"], f"{layer['block_influence']:.4f}", "kept" if layer["kept"] else "DROPPED",
                      "-" if layer["ffn_importance_kept_share"] is None else f"{100 * layer['ffn_importance_kept_share']:.0f}%",
                      _heads(layer["heads_kept"], len(layer["head_importance"]))))  # fmt: skip
-    out.append(_table(["layer", "block influence", "status", "FFN importance kept", "heads kept"], rows))
+    out.append(format_table(["layer", "block influence", "status", "FFN importance kept", "heads kept"], rows))
     if result.plan.dropped_layers:
         out.append(f"layers dropped (lowest block influence): {result.plan.dropped_layers}")
     return "\n\n".join(out)
@@ -193,7 +193,8 @@ def _heads(kept: List[int], total: int) -> str:
     return f"{len(kept)}/{total}" + ("" if len(kept) == total else f" {kept}")
 
 
-def _table(header: List[str], rows: List[tuple]) -> str:
+def format_table(header: List[str], rows: List[tuple]) -> str:
+    """Plain-text columns, left-aligned, with a dashed rule under the header."""
     cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]

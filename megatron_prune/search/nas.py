@@ -263,11 +263,11 @@ def log_candidates(candidates: List[Candidate], budgets: Mapping[str, float], wi
 
 
 def _log_table(title: Optional[str], header: List[str], rows: List[List[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    from megatron_prune.report import format_table
+
     if title:
         log(title)
-    for text in [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]:
+    for text in format_table(header, rows).splitlines():
         log(f"  {text}")
 
 
