@@ -100,14 +100,7 @@ def rebuild_gpt(model: torch.nn.Module, config, kept_local: List[int]) -> torch.
     spec = _block_spec(model.transformer_layer_spec, kept_local)
     kwargs = dict(
         transformer_layer_spec=spec,
-        vocab_size=model.vocab_size,
-        max_sequence_length=model.max_sequence_length,
-        pre_process=model.pre_process,
-        post_process=model.post_process,
-        fp16_lm_cross_entropy=model.fp16_lm_cross_entropy,
-        parallel_output=model.parallel_output,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type,
+        **_language_model_kwargs(model),
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
         rope_scaling=model.rotary_scaling,
@@ -167,21 +160,21 @@ def rebuild_hybrid(model: torch.nn.Module, config, pattern: str) -> torch.nn.Mod
     rope = getattr(model, "rotary_pos_emb", None)
     kwargs = dict(
         mamba_stack_spec=model.mamba_stack_spec,
-        vocab_size=model.vocab_size,
-        max_sequence_length=model.max_sequence_length,
-        pre_process=model.pre_process,
-        post_process=model.post_process,
         hybrid_override_pattern=pattern,
-        fp16_lm_cross_entropy=model.fp16_lm_cross_entropy,
-        parallel_output=model.parallel_output,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type,
+        **_language_model_kwargs(model),
         pg_collection=model.pg_collection,
     )
     if rope is not None:  # the rotated share of each head; the frequencies themselves are copied below
         kwargs["rotary_percent"] = 2 * rope.inv_freq.numel() / config.kv_channels
         kwargs["seq_len_interpolation_factor"] = rope.seq_len_interpolation_factor
     return _build_uninitialised(model, config, kwargs)
+
+
+def _language_model_kwargs(model: torch.nn.Module) -> dict:
+    """Constructor arguments GPTModel and MambaModel share, as `model` was built with them."""
+    names = ("vocab_size", "max_sequence_length", "pre_process", "post_process", "fp16_lm_cross_entropy",
+             "parallel_output", "share_embeddings_and_output_weights", "position_embedding_type")  # fmt: skip
+    return {name: getattr(model, name) for name in names}
 
 
 def _build_uninitialised(model: torch.nn.Module, config, kwargs: dict) -> torch.nn.Module:
