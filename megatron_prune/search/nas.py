@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_prune.config import ModelShape, PruneConfigError, SearchConfig, validate_budgets
 from megatron_prune.log import log
@@ -196,11 +195,7 @@ def agree_on_score(value, ctx: ParallelContext) -> float:
         number = float(value)
     except (TypeError, ValueError):
         number = None
-    mine = (ctx.pp_rank, number, repr(value)[:80])
-    entries = [mine]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        entries = [None] * dist.get_world_size()
-        dist.all_gather_object(entries, mine)
+    entries = ctx.gather_all((ctx.pp_rank, number, repr(value)[:80]))
     rank, (_, number, text) = next((r, e) for r, e in enumerate(entries) if e[0] == ctx.pp_size - 1)
     if number is None or not math.isfinite(number):
         raise PruneConfigError(f"score_func returned {text} on rank {rank} (last pipeline stage): it must return a finite float")
