@@ -34,6 +34,7 @@ def main():
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--scores", default=None, help="default: <out>/scores-tp<tp>-pp<pp>.pt")
+    p.add_argument("--importance", default=None, help="criteria per axis, e.g. heads=taylor,ffn=output_contribution")
     p.add_argument("--out", default="outputs/example")
     args = p.parse_args()
 
@@ -54,11 +55,13 @@ def main():
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 1024, (1, args.seq_length), generator=g) for _ in range(args.calib_samples)]
+    taylor = "taylor" in (args.importance or "")  # Taylor criteria need the loss's backward pass
     pruned, result = mp.prune(
         model,
         export_config=json.loads(args.export_config),
-        forward_loop=mp.make_forward_loop(batches),
+        forward_loop=mp.make_forward_loop(batches, backward=taylor),
         scores_path=args.scores or os.path.join(args.out, f"scores-tp{args.tp}-pp{args.pp}.pt"),
+        criteria=args.importance,
     )
     os.makedirs(args.out, exist_ok=True)
     rank = torch.distributed.get_rank()

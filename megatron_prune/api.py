@@ -22,7 +22,8 @@ import torch
 from megatron_prune.config import (
     SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
-from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers
+from megatron_prune.importance.criteria import describe, missing_statistics, needing_backward, resolve_criteria, statistics_needed
+from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers, parse_stat_key
 from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
 from megatron_prune.importance.statistics import StatStore
@@ -53,6 +54,7 @@ class PruneResult:
     calibration_calls: int = 0
     scores_path: Optional[str] = None
     search: Optional[SearchResult] = None  # NAS: the space, the scored candidates and the winner
+    criteria: Optional[Dict[str, str]] = None  # {axis: importance criterion}; None when `importance=` was given
 
 
 @dataclass
@@ -72,6 +74,7 @@ class _Source:
     scores_path: Optional[str]
     model_builder: Optional[Callable[[object], torch.nn.Module]]
     pattern: Optional[str] = None  # a hybrid model's layer pattern (whole model)
+    criteria: Optional[Dict[str, str]] = None
 
 
 def prune(
@@ -85,6 +88,7 @@ def prune(
     score_func: Optional[Callable[[torch.nn.Module], float]] = None,
     search=None,
     importance: Optional[Importance] = None,
+    criteria: Optional[Mapping[str, str] | str] = None,
 ):
     """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`, or to the
     best-scoring architecture within the budgets in `constraints` (NAS).
@@ -111,6 +115,11 @@ def prune(
         search: NAS options: a `SearchConfig` or a dict of its fields (divisors, max_width_pruning, ...).
         importance: rank with this `Importance` instead of calibration statistics (e.g. a baseline such as
             random or weight-magnitude selection): no calibration, no scores file. Manual pruning only.
+        criteria: the importance criterion per axis, e.g. {"num_attention_heads": "output_contribution",
+            "ffn_hidden_size": "taylor"} or "heads=output_contribution,ffn=taylor" (`importance.criteria`;
+            unnamed axes keep their defaults). Taylor criteria need a `forward_loop` that runs backward
+            (`make_forward_loop(batches, backward=True)`). A scores file serves every criterion whose
+            statistic it holds.
 
     Returns:
         (pruned_model, PruneResult). The pruned model is a stock GPTModel built from `result.config`
@@ -118,6 +127,9 @@ def prune(
         `result.search` holds the search space, the scored candidates and the winner.
     """
     ctx = ParallelContext.from_megatron()
+    if importance is not None and criteria is not None:
+        raise PruneConfigError("importance= ranks with the given Importance: it cannot be combined with criteria=")
+    criteria = resolve_criteria(criteria)
     check_model(model, ctx, has_builder=model_builder is not None)
     pattern = hybrid_pattern_of(model)  # None for a GPTModel
     shape = ModelShape.from_config(model.config, pattern)
@@ -149,28 +161,38 @@ def prune(
         if nas is not None:
             raise PruneConfigError("importance= ranks a manual prune: it cannot be combined with constraints (NAS)")
         _check_importance(importance, shape, layer_symbols(model.config, pattern))
-        stats, calibrated, scores_path = StatStore(), False, None
+        stats, calibrated, scores_path, ranked_by_statistics = StatStore(), False, None, False
     else:
         have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
         if not have_scores and forward_loop is None:
             where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
             raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
+        backward = needing_backward(criteria)
+        if backward and not have_scores and not getattr(forward_loop, "runs_backward", False):
+            raise PruneConfigError(
+                f"importance criteria {', '.join(backward)} need gradients, but forward_loop does not run backward: "
+                "pass make_forward_loop(batches, backward=True) (or a loop that back-propagates a loss through the "
+                "schedule and sets forward_loop.runs_backward = True), or choose forward-only criteria"
+            )
+        log(f"importance criteria: {describe(criteria, shape)}")
 
         # a collective (a TP gather per split tensor), so computed once and only when a file is involved
         fingerprint = model_fingerprint(model, ctx) if scores_path else None
         if have_scores:
             stats, cache = _load_everywhere(scores_path, fingerprint, ctx)
+            _check_statistics(stats, criteria, scores_path)
             log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
         else:
-            stats, cache = _calibrate(model, forward_loop, ctx), {}
+            stats, cache = _calibrate(model, forward_loop, ctx, criteria), {}
             if scores_path:
                 _save(scores_path, stats, fingerprint, ctx)
-        importance, calibrated = score_importance(stats, shape), not have_scores
+        importance, calibrated, ranked_by_statistics = score_importance(stats, shape, criteria), not have_scores, True
 
     src = _Source(
         model=model, ctx=ctx, shape=shape, numbers=numbers, stage_layers=stage_layers, importance=importance,
         orders=rank_orders(importance, shape), params_before=params_before, calibrated=calibrated,
         calls=stats.calls, scores_path=scores_path, model_builder=model_builder, pattern=pattern,
+        criteria=criteria if ranked_by_statistics else None,
     )  # fmt: skip
     if nas is None:
         return _build(src, target, requested=export_config)
@@ -188,7 +210,7 @@ def prune(
     def keeps_every_stage(candidate) -> bool:
         return not _emptied_stages(stage_layers, kept_layers(candidate))
 
-    found = run_search(nas, keeps_every_stage, build_candidate, score_func, cache, save, ctx, kept_layers)
+    found = run_search(nas, keeps_every_stage, build_candidate, score_func, cache, save, ctx, kept_layers, criteria)
     pruned, result = _build(src, {**shape.sizes(), **found.best.export_config}, found.best.export_config)
     result.search = found
     return pruned, result
@@ -212,11 +234,15 @@ def _check_importance(importance: Importance, shape: ModelShape, symbols: List[s
         "moe_ffn": (having("E"), (E, Fm)),
         "shared_ffn": (having("E") if Fs else [], (Fs,)),
         "mamba": (having("M"), (shape.mamba_num_heads, shape.mamba_head_dim)),
+        "groups": (having("*"), (shape.num_query_groups,)),  # optional: else the L2 of each group's heads
+        "mamba_heads": (having("M"), (shape.mamba_num_heads,)),  # optional: else from `mamba`
     }
     if tuple(importance.hidden.shape) != (shape.hidden_size,):
         raise PruneConfigError(f"importance.hidden has shape {tuple(importance.hidden.shape)}, expected ({shape.hidden_size},)")
     for name, (needed, want) in expected.items():
         per_layer = getattr(importance, name)
+        if name in ("groups", "mamba_heads") and not per_layer:
+            continue
         if sorted(per_layer) != needed:
             raise PruneConfigError(f"importance.{name} must have an entry for each of layers {needed}, got {sorted(per_layer)}")
         for n in needed:
@@ -265,7 +291,7 @@ def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int]
         config=new_config, export_config=dict(target), original_sizes=shape.sizes(), importance=src.importance,
         orders=src.orders, plan=plan, stage_layers=stage_layers, params_before=src.params_before,
         params_after=params_after, calibrated=src.calibrated, calibration_calls=src.calls,
-        scores_path=src.scores_path,
+        scores_path=src.scores_path, criteria=src.criteria,
     )  # fmt: skip
     return pruned, result
 
@@ -299,9 +325,28 @@ def calibrate(
     return stats
 
 
-def _calibrate(model, forward_loop, ctx: ParallelContext) -> StatStore:
-    log("calibrating: collecting activation statistics")
-    stats = reduce_statistics(collect_statistics(model, forward_loop), ctx)
+def _check_statistics(stats: StatStore, criteria: Mapping[str, str], scores_path: str) -> None:
+    """A scores file must hold the statistic of every requested criterion (older files, or files calibrated
+    without a backward pass, lack some)."""
+    present: Dict[int, set] = {}
+    for key in stats.keys():
+        n, name = parse_stat_key(key)
+        present.setdefault(n, set()).add(name)
+    missing = missing_statistics(present, criteria)
+    if missing:
+        taylor = " with a forward loop that runs backward" if needing_backward(criteria) else ""
+        raise ScoresFileError(f"scores_path={scores_path!r} lacks what the chosen importance criteria need: {'; '.join(missing)}. "
+                              f"Calibration must run again{taylor}: delete the file or choose another scores_path, "
+                              "or choose criteria whose statistics it holds")  # fmt: skip
+
+
+def _calibrate(model, forward_loop, ctx: ParallelContext, criteria: Optional[Mapping[str, str]] = None) -> StatStore:
+    """Every forward-only statistic, plus Taylor statistics when the loop runs backward (all of them: the
+    backward pass is paid anyway) or, through `criteria`, when they are asked for."""
+    backward = bool(getattr(forward_loop, "runs_backward", False))
+    sites = statistics_needed(criteria or {}, include_taylor=backward)
+    log("calibrating: collecting activation statistics" + (" and gradients" if backward else ""))
+    stats = reduce_statistics(collect_statistics(model, forward_loop, sites), ctx)
     if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
         raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
     return stats

@@ -1,19 +1,13 @@
-"""Ranking: raw statistics -> importance per axis -> orders (most important first).
+"""Ranking: raw statistics -> importance per axis (by the chosen criteria) -> orders (most important first).
 
-Owns the Minitron scoring rules (algorithm §4-§6):
-  hidden_size          sum over every pre-sublayer norm of sqrt(channel statistic)      [H]
-  ffn_hidden_size, moe_shared_expert_intermediate_size
-                       sqrt(channel statistic) of the MLP's linear_fc2 input, per layer  [F], [Fs]
-  moe_ffn_hidden_size  the same per routed expert, each expert ranked on its own         [E, Fm]
-  num_moe_experts      mean per-token output norm of each routed expert                  [E]
-  num_attention_heads  L2 over d of sqrt(channel statistic) of linear_proj's input       [N]
-                       ranked *within* each query group (heads of a group share K/V)
-  num_query_groups     L2 norm of the group's head importances                           [G]
-  mamba_head_dim       from X = sqrt(channel statistic) of the x segment of a Mamba in_proj's output,
-                       viewed [nh, hd]: L2 over heads of X (one order shared by the layer's heads) [hd]
-  mamba_num_heads      L2 over the head's channels of X, ranked *within* each Mamba group  [nh]
-  num_layers           block influence, sum over calls of 1 - cos(layer in, layer out)
-Which statistic informs which axis is stated once, by the hook sites (`importance.hooks.LAYER_SITES`).
+Which statistic and which formula give each axis its importance is the criterion's (importance/criteria.py;
+the reference's Minitron rules are the criteria named "minitron"). Orders then follow these rules:
+  num_attention_heads  ranked *within* each query group (heads of a group share K/V)
+  num_query_groups     the group criterion's importance (for an `Importance` without one: the L2 norm of
+                       the group's head importances)
+  mamba_num_heads      ranked *within* each Mamba group
+  mamba_head_dim       L2 over heads of the [nh, hd] channel importance: one order shared by the layer's heads
+  num_layers           descending block influence
 All sorts are stable and descending, so ties keep the lower index first and every rank computes the
 same orders from the same statistics.
 """
@@ -21,12 +15,13 @@ same orders from the same statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
 from megatron_prune.config import ModelShape
-from megatron_prune.importance.hooks import SITES, parse_stat_key
+from megatron_prune.importance.criteria import CRITERIA, resolve_criteria
+from megatron_prune.importance.hooks import parse_stat_key, stat_key
 from megatron_prune.importance.statistics import StatStore
 
 Tensor = torch.Tensor
@@ -38,6 +33,9 @@ AXIS_FIELDS = {
     "moe_ffn_hidden_size": "moe_ffn",
     "moe_shared_expert_intermediate_size": "shared_ffn",
 }
+# Every per-layer axis -> its Importance field.
+IMPORTANCE_FIELDS = {**AXIS_FIELDS, "num_attention_heads": "heads", "num_query_groups": "groups",
+                     "mamba_num_heads": "mamba_heads", "mamba_head_dim": "mamba"}  # fmt: skip
 
 
 @dataclass
@@ -53,6 +51,8 @@ class Importance:
     moe_ffn: Dict[int, Tensor] = field(default_factory=dict)  # [E, Fm] per MoE layer (row e: routed expert e)
     shared_ffn: Dict[int, Tensor] = field(default_factory=dict)  # [Fs] per MoE layer with a shared expert
     mamba: Dict[int, Tensor] = field(default_factory=dict)  # [nh, hd] per Mamba layer: channel importance of x
+    groups: Dict[int, Tensor] = field(default_factory=dict)  # [G] per attention layer (optional: else from heads)
+    mamba_heads: Dict[int, Tensor] = field(default_factory=dict)  # [nh] per Mamba layer (optional: else from mamba)
 
 
 @dataclass
@@ -76,29 +76,34 @@ class Orders:
     layer_ranking: List[int]  # global layer numbers, most important first
 
 
-def score_importance(stats: StatStore, shape: ModelShape) -> Importance:
-    """Turn raw sums (all layers present) into importance. Raises if calibration saw no data."""
-    numbers = sorted({parse_stat_key(k)[0] for k in stats.keys()})
-    if numbers != list(range(1, shape.num_layers + 1)):
-        raise ValueError(f"statistics cover layers {numbers}, expected 1..{shape.num_layers}")
+def score_importance(stats: StatStore, shape: ModelShape, criteria: Optional[Mapping[str, str]] = None) -> Importance:
+    """Turn raw sums (all layers present) into importance by `criteria` ({axis: criterion}, defaults for the
+    others). Raises ValueError if calibration saw no data or a criterion's statistic is missing."""
+    from megatron_prune.importance.criteria import missing_statistics
+
+    criteria = resolve_criteria(criteria)
+    present: Dict[int, set] = {}
+    for key in stats.keys():
+        n, name = parse_stat_key(key)
+        present.setdefault(n, set()).add(name)
+    if sorted(present) != list(range(1, shape.num_layers + 1)):
+        raise ValueError(f"statistics cover layers {sorted(present)}, expected 1..{shape.num_layers}")
     if stats.calls == 0:
         raise ValueError("no calibration data reached the model: forward_loop ran no forward pass")
+    missing = missing_statistics(present, criteria)
+    if missing:
+        raise ValueError("; ".join(missing))
     imp = Importance(hidden=torch.zeros(shape.hidden_size), ffn={}, heads={}, layers={})
-    for key in sorted(stats.keys(), key=parse_stat_key):  # layer by layer, the same order on every rank
-        n, name = parse_stat_key(key)
-        site, value = SITES[name], stats[key]
-        if site.kind == "block":
-            imp.layers[n] = float(value)
-        elif site.kind == "expert_outputs":  # [2, E]: summed output norms, token counts
-            imp.experts[n] = value[0] / (value[1] + 1e-8)
-        elif site.axis == "hidden_size":
-            imp.hidden += value.sqrt()
-        elif site.kind == "mamba_x":
-            imp.mamba[n] = value.sqrt().view(shape.mamba_num_heads, shape.mamba_head_dim)  # [nh, hd]
-        elif site.axis == "num_attention_heads":
-            imp.heads[n] = value.sqrt().view(shape.num_attention_heads, shape.kv_channels).norm(dim=1)  # [N]
-        else:
-            getattr(imp, AXIS_FIELDS[site.axis])[n] = value.sqrt()
+    hidden = CRITERIA["hidden_size"][criteria["hidden_size"]]
+    for n in sorted(present):  # layer by layer, the same order on every rank
+        for site in hidden.statistics:  # every pre-sublayer norm of the layer contributes
+            if site in present[n]:
+                imp.hidden += hidden.score(stats[stat_key(n, site)], shape)
+        imp.layers[n] = float(stats[stat_key(n, CRITERIA["num_layers"][criteria["num_layers"]].statistics[0])])
+        for axis, field_name in IMPORTANCE_FIELDS.items():
+            criterion = CRITERIA[axis][criteria[axis]]
+            if criterion.statistics[0] in present[n]:
+                getattr(imp, field_name)[n] = criterion.score(stats[stat_key(n, criterion.statistics[0])], shape)
     return imp
 
 
@@ -118,11 +123,13 @@ def rank_orders(imp: Importance, shape: ModelShape) -> Orders:
                 setattr(o, name, descending(values))
         if n in imp.heads:
             per_group = imp.heads[n].view(G, q)  # [G, q], heads are group-major
-            o.groups, o.heads = descending(per_group.norm(dim=1)), descending(per_group, dim=1)
+            groups = imp.groups[n] if n in imp.groups else per_group.norm(dim=1)
+            o.groups, o.heads = descending(groups), descending(per_group, dim=1)
         if n in imp.mamba:
             x = imp.mamba[n]  # [nh, hd]
+            heads = imp.mamba_heads[n] if n in imp.mamba_heads else x.norm(dim=1)
             o.mamba_dims = descending(x.norm(dim=0))
-            o.mamba_heads = descending(x.norm(dim=1).view(shape.mamba_num_groups, -1), dim=1)  # [ng, nh/ng]
+            o.mamba_heads = descending(heads.view(shape.mamba_num_groups, -1), dim=1)  # [ng, nh/ng]
         layers[n] = o
     ranking = sorted(imp.layers, key=lambda n: -imp.layers[n])  # sorted() is stable
     return Orders(hidden=descending(imp.hidden), layers=layers, layer_ranking=ranking)

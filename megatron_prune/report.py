@@ -86,6 +86,7 @@ def summary(result, groups_before: Optional[Mapping[str, int]] = None, groups_af
         "kept_layers": list(result.plan.kept_layers),
         "dropped_layers": list(result.plan.dropped_layers),
         "hidden_importance_kept_share": _share(imp.hidden, masks["hidden"]),
+        "importance_criteria": dict(result.criteria) if result.criteria else None,
         "calibrated": result.calibrated,
         "calibration_micro_batches": result.calibration_calls,
         "scores_path": result.scores_path,

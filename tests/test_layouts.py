@@ -15,6 +15,7 @@ from tests.stages import global_state_dict
 from tests.test_hybrid import make as make_hybrid
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config, tiny_moe_config
 from tests.torchrun import REPO_ROOT, run_torchrun
+from tests.workers.prune_layouts import TAYLOR, TAYLOR_LAYOUTS
 
 VOCAB, SEQ = 128, 16
 EXPORT = {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2, "num_layers": 3}
@@ -44,14 +45,17 @@ def runs(tmp_path_factory):
     torch.save(case, out / "case.pt")
     run_torchrun(REPO_ROOT / "tests/workers/prune_layouts.py", 2, out / "case.pt", out, timeout=600)
 
-    def reference(model, export_config):
-        pruned, result = mp.prune(model, export_config, forward_loop=mp.make_forward_loop(batches, progress=False))
+    def reference(model, export_config, **kwargs):
+        backward = "criteria" in kwargs  # Taylor criteria: a loop that runs backward
+        loop = mp.make_forward_loop(batches, progress=False, backward=backward)
+        pruned, result = mp.prune(model, export_config, forward_loop=loop, **kwargs)
         logits = torch.cat(mp.run_forward(pruned, batches, collect=lambda o, t: o.clone()))
         return {"weights": global_state_dict(pruned), "result": result, "logits": logits}
 
     load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
     return {"out": out, "model": model, "reference": reference(model, EXPORT), "moe": reference(moe, MOE_EXPORT),
-            "hybrid": reference(hybrid, HYBRID_EXPORT), "load": load}  # fmt: skip
+            "hybrid": reference(hybrid, HYBRID_EXPORT), "load": load,
+            "taylor": reference(model, EXPORT, criteria=TAYLOR)}  # fmt: skip
 
 
 def merged_weights(runs, name):
@@ -89,6 +93,17 @@ def test_same_orders_and_weights_as_one_process(runs, name):
             assert s == pytest.approx(ref["result"].importance.layers[n], rel=1e-5)
     else:  # a pipeline split changes no summation: bit-identical scores
         assert rank0["layer_scores"] == ref["result"].importance.layers
+
+
+@pytest.mark.parametrize("name", TAYLOR_LAYOUTS)
+def test_taylor_criteria_give_the_orders_of_one_process(runs, name):
+    """Gradients reach the hooks through the schedule's backward (p2p at PP=2; TP-local inputs at TP=2)."""
+    ref = runs["taylor"]["result"].orders.layers
+    rank0 = runs["load"](name, 0)["taylor_orders"]
+    assert rank0.keys() == ref.keys()
+    for n, orders in rank0.items():
+        for field in ("ffn", "groups", "heads"):
+            assert torch.equal(orders[field], getattr(ref[n], field)), (name, n, field)
 
 
 @pytest.mark.parametrize("name", PP_LAYOUTS)

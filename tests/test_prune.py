@@ -97,7 +97,8 @@ def test_statistics_equal_values_recomputed_from_captured_activations(mcore):
         h.remove()
     for m in model.modules():
         m._forward_hooks.clear()
-    _, result = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=mp.make_forward_loop(data, progress=False))
+    loop = mp.make_forward_loop(data, progress=False)
+    _, result = mp.prune(model, {"ffn_hidden_size": 64}, forward_loop=loop, criteria="reference")
     imp = result.importance
 
     def minitron(xs):  # sqrt( sum over samples of (mean over sequence of |x|)^2 ), xs: list of [S, B, C]

@@ -92,3 +92,35 @@ def test_qkv_rows_identity_when_everything_is_kept():
     rows = qkv_rows(torch.arange(G), torch.arange(q).repeat(G, 1), q, d)
     assert rows.tolist() == list(range(G * (q + 2) * d))
     assert math.prod(head_columns(torch.arange(G), torch.arange(q).repeat(G, 1), q, d).shape) == G * q * d
+
+
+def test_group_output_norms_by_hand():
+    from megatron_prune.importance.statistics import column_gram, group_output_norms
+
+    W = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # [H=2, C=4]: groups of d=2 columns
+    x = torch.tensor([[3.0, 4.0, 1.0, 5.0], [0.0, -1.0, -2.0, 0.0]])  # [T=2, C]
+    # group 0: W_0 x_0 = (3, 4) -> 5 and (0, -1) -> 1;  group 1: W_1 x_1 = (2, 0) -> 2 and (-4, 0) -> 4
+    torch.testing.assert_close(group_output_norms(x, column_gram(W, 2)), torch.tensor([6.0, 6.0]))
+    # d = 1 (channels): |x_c| * ||W[:, c]||, summed over tokens
+    torch.testing.assert_close(group_output_norms(x, column_gram(W, 1)), torch.tensor([3.0, 5.0, 6.0, 0.0]))
+    with pytest.raises(ValueError, match="groups of 3"):
+        column_gram(W, 3)
+
+
+def test_group_output_norms_equal_explicit_products():
+    from megatron_prune.importance.statistics import column_gram, group_output_norms
+
+    torch.manual_seed(0)
+    W, x = torch.randn(6, 12), torch.randn(5, 3, 12)  # [H, C], [S, B, C]; 4 groups of 3
+    expected = torch.stack([(x[..., g * 3 : g * 3 + 3] @ W[:, g * 3 : g * 3 + 3].T).norm(dim=-1).sum() for g in range(4)])
+    torch.testing.assert_close(group_output_norms(x, column_gram(W, 3)), expected)
+
+
+def test_taylor_groups_by_hand():
+    from megatron_prune.importance.statistics import taylor_groups
+
+    x = torch.tensor([[[1.0, 2.0], [3.0, 0.0]], [[-1.0, 1.0], [1.0, 1.0]]])  # [S=2, B=2, C=2]
+    g = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, -3.0], [2.0, 0.0]]])
+    # sample 0: channel 0: 1*1 + (-1)*1 = 0, channel 1: 2*1 + 1*(-3) = -1;  sample 1: 3*1 + 1*2 = 5, 0 + 0 = 0
+    assert torch.equal(taylor_groups(x, g, 1), torch.tensor([5.0, 1.0]))
+    assert torch.equal(taylor_groups(x, g, 2), torch.tensor([1.0 + 5.0]))  # one group: |0 - 1| + |5 + 0|

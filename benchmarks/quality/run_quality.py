@@ -38,30 +38,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args()
 
-    from transformers import AutoTokenizer
-
     from baselines import magnitude_importance, random_importance
-    from heldout import heldout_sources
     from megatron_prune import make_forward_loop, prune
-    from megatron_prune.bridge import import_hf_model
-    from megatron_prune.bridge.offline_model import cache_dir, smollm2_folder
-    from megatron_prune.config import ModelShape
-    from megatron_prune.data.calibration import calibration_tokens, micro_batches
-    from megatron_prune.data.scores import lm_loss_score
-    from megatron_prune.runtime.distributed import init_distributed
 
-    init_distributed(1, 1)
-    source = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    calib = micro_batches(calibration_tokens("default", tokenizer, 64, 256, seed=1234), 4)
-    evals = {name: lm_loss_score(micro_batches(calibration_tokens(path, tokenizer, args.windows, 512, seed=0), 1))
-             for name, path in heldout_sources().items()}  # fmt: skip
-    imported = import_hf_model(source)
-    model, shape = imported.model, ModelShape.from_config(imported.model.config)
-    scores = str(cache_dir() / "quality_smollm2_scores.pt")
-
-    def perplexities(m):
-        return {name: round(math.exp(-score(m)), 2) for name, score in evals.items()}
+    model, shape, calib, perplexities = load_benchmark(args.windows)
+    scores = str(cache_file("quality_smollm2_scores.pt"))
 
     rows, start = [], time.perf_counter()
     base = perplexities(model)
@@ -70,7 +51,7 @@ def main() -> None:
     magnitude = magnitude_importance(model, shape)
     for target_name in args.targets:
         target = TARGETS[target_name]
-        methods = [("minitron", {})] + [("magnitude", {"importance": magnitude})]
+        methods = [("minitron", {"criteria": "reference"})] + [("magnitude", {"importance": magnitude})]
         methods += [(f"random seed {s}", {"importance": random_importance(shape, s)}) for s in range(args.seeds)]
         for method, kwargs in methods:
             pruned, result = prune(model, target, make_forward_loop(calib), scores_path=scores, **kwargs)
@@ -83,6 +64,41 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def load_benchmark(windows: int):
+    """(SmolLM2 GPTModel at TP=PP=1, its ModelShape, calibration micro-batches, perplexities(model) -> {text: ppl}).
+
+    Calibration: 64 x 256 tokens of the packaged corpus (seed 1234) in micro-batches of 4, as the CLI's
+    default; evaluation: `windows` windows of 512 tokens of each held-out text."""
+    from transformers import AutoTokenizer
+
+    from heldout import heldout_sources
+    from megatron_prune.bridge import import_hf_model
+    from megatron_prune.bridge.offline_model import smollm2_folder
+    from megatron_prune.config import ModelShape
+    from megatron_prune.data.calibration import calibration_tokens, micro_batches
+    from megatron_prune.data.scores import lm_loss_score
+    from megatron_prune.runtime.distributed import init_distributed
+
+    init_distributed(1, 1)
+    source = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    calib = micro_batches(calibration_tokens("default", tokenizer, 64, 256, seed=1234), 4)
+    evals = {name: lm_loss_score(micro_batches(calibration_tokens(path, tokenizer, windows, 512, seed=0), 1))
+             for name, path in heldout_sources().items()}  # fmt: skip
+    model = import_hf_model(source).model
+
+    def perplexities(m):
+        return {name: round(math.exp(-score(m)), 2) for name, score in evals.items()}
+
+    return model, ModelShape.from_config(model.config), calib, perplexities
+
+
+def cache_file(name: str) -> Path:
+    from megatron_prune.bridge.offline_model import cache_dir
+
+    return cache_dir() / name
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 `run_forward` drives `get_forward_backward_func()` in forward-only mode over micro-batches of token ids
 [B, S], so the same code runs at PP=1 and PP>1 (the schedule moves activations between stages). With
+`backward=True` it also runs the backward pass of the next-token loss through the schedule (gradients for
+Taylor importance criteria; no optimizer step). With
 data parallelism each replica takes every dp_size-th micro-batch, so the replicas together see each
 micro-batch exactly once and their summed statistics equal a single process's.
 """
@@ -26,12 +28,15 @@ def run_forward(
     collect: Optional[Collect] = None,
     shard_over_dp: bool = True,
     progress: str | None = None,
+    backward: bool = False,
 ) -> List[Any]:
     """Forward every micro-batch (token ids [B, S], all of one shape) through the pipeline schedule.
 
     Returns, on the last pipeline stage, ``[collect(logits, tokens) for each micro-batch]`` (logits
     [B, S, V] as the model returns them); an empty list on other stages or when `collect` is None.
-    `progress`: a label to print batches/s and ETA on rank 0 while running.
+    `progress`: a label to print batches/s and ETA on rank 0 while running. `backward`: run the backward pass
+    of the mean next-token cross-entropy of each micro-batch (the schedule scales it by 1/micro-batches;
+    gradients accumulate in `.grad`); `collect` is then not called.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -49,10 +54,13 @@ def run_forward(
     def forward_step(data_iterator, model):
         tokens = next(data_iterator).to(device)
         position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, position_ids, attention_mask=None)
+        if backward:  # the model's own (vocabulary-parallel) cross-entropy: per-token losses [B, S]
+            output = model(tokens, position_ids, attention_mask=None, labels=torch.roll(tokens, -1, dims=1))
+        else:
+            output = model(tokens, position_ids, attention_mask=None)
         if meter:
             meter.step()
-        return output, partial(_collect_output, collect, tokens)
+        return output, (_next_token_loss if backward else partial(_collect_output, collect, tokens))
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -61,24 +69,35 @@ def run_forward(
         num_microbatches=len(mine),
         seq_length=seq,
         micro_batch_size=mbs,
-        forward_only=True,
-        collect_non_loss_data=True,
+        forward_only=not backward,
+        collect_non_loss_data=not backward,
     )
     if meter:
         meter.done()
-    return list(outputs) if collect is not None and outputs else []
+    return list(outputs) if collect is not None and outputs and not backward else []
+
+
+def _next_token_loss(losses: torch.Tensor):
+    """Mean over [B, S-1] of per-token losses [B, S] (the last position has no next token)."""
+    loss = losses[:, :-1].float().mean()
+    return loss, {"lm loss": loss.detach()}
 
 
 def _collect_output(collect: Optional[Collect], tokens, output_tensor, non_loss_data=False):
     return None if collect is None else collect(output_tensor, tokens)
 
 
-def make_forward_loop(batches: Sequence[torch.Tensor], progress: bool = True) -> Callable[[torch.nn.Module], None]:
-    """A `forward_loop(model)` for calibration: forwards `batches` (token ids [B, S]) through the schedule."""
+def make_forward_loop(batches: Sequence[torch.Tensor], progress: bool = True, backward: bool = False) -> Callable[[torch.nn.Module], None]:
+    """A `forward_loop(model)` for calibration: forwards `batches` (token ids [B, S]) through the schedule.
+
+    `backward=True` also back-propagates the next-token loss (what Taylor criteria need) and marks the loop
+    `runs_backward`, the attribute `prune()` checks before it calibrates with such a criterion."""
 
     def forward_loop(model: torch.nn.Module) -> None:
-        run_forward(model, batches, collect=None, progress="calibration" if progress else None)
+        label = ("calibration (forward + backward)" if backward else "calibration") if progress else None
+        run_forward(model, batches, collect=None, progress=label, backward=backward)
 
+    forward_loop.runs_backward = backward
     return forward_loop
 
 

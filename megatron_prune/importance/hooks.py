@@ -5,18 +5,28 @@ statistics.py. Keys are ``layer{global_layer_number}/{site}``, so what a rank co
 how layers are spread over pipeline stages. A site is hooked in every layer that holds its module (an MoE
 layer has a router and experts instead of `mlp.linear_fc1`/`linear_fc2`).
 
-Sites, per decoder layer (MCore tensors are [S, B, C]; routed-expert tokens are [T, C]):
-  qkv_in         normalised input of `self_attention.linear_qkv`    -> hidden_size                     [H]
-  fc1_in         normalised input of `mlp.linear_fc1`               -> hidden_size                     [H]
-  router_in      input of the MoE `mlp.router` (pre_mlp_layernorm)  -> hidden_size                     [H]
-  mamba_in       normalised input of a Mamba `mixer.in_proj`        -> hidden_size                     [H]
-  proj_in        input of `self_attention.linear_proj`              -> num_attention_heads             [N*d]
-  fc2_in         input of `mlp.linear_fc2`                          -> ffn_hidden_size                 [F]
-  shared_fc2_in  input of `mlp.shared_experts.linear_fc2`           -> moe_shared_expert_intermediate_size [Fs]
-  expert_fc2_in  input of each routed expert's `linear_fc2` (row e) -> moe_ffn_hidden_size             [E, Fm]
-  experts        outputs of `mlp.experts`, split per expert         -> num_moe_experts                 [2, E]
-  mamba_x        the x segment of `mixer.in_proj`'s output           -> mamba_num_heads, mamba_head_dim  [nh*hd]
-  block          (layer input, layer output)                        -> num_layers                      []
+Sites, per decoder layer (MCore tensors are [S, B, C]; routed-expert tokens are [T, C]). `_in` sites are the
+reference's Minitron activation statistics, `_out` sites the output contribution of a channel or group after
+the linear it feeds (statistics.group_output_norms), `_taylor` sites first-order Taylor scores of a mask on it
+(statistics.taylor_groups; collected only when the forward loop runs backward):
+  qkv_in             normalised input of `self_attention.linear_qkv`    -> hidden_size                     [H]
+  fc1_in             normalised input of `mlp.linear_fc1`               -> hidden_size                     [H]
+  router_in          input of the MoE `mlp.router` (pre_mlp_layernorm)  -> hidden_size                     [H]
+  mamba_in           normalised input of a Mamba `mixer.in_proj`        -> hidden_size                     [H]
+  proj_in            input of `self_attention.linear_proj`              -> num_attention_heads             [N*d]
+  proj_heads_out     each head's contribution after `linear_proj`       -> num_attention_heads             [N]
+  proj_groups_out    each query group's contribution after it           -> num_query_groups                [G]
+  proj_heads_taylor  Taylor score of a mask on each head at its input   -> num_attention_heads             [N]
+  proj_groups_taylor the same for each query group                      -> num_query_groups                [G]
+  fc2_in             input of `mlp.linear_fc2`                          -> ffn_hidden_size                 [F]
+  fc2_out            each channel's contribution after `linear_fc2`     -> ffn_hidden_size                 [F]
+  fc2_taylor         Taylor score of a mask on each FFN channel         -> ffn_hidden_size                 [F]
+  shared_fc2_in/_out the same two for `mlp.shared_experts.linear_fc2`   -> moe_shared_expert_intermediate_size [Fs]
+  expert_fc2_in/_out the same per routed expert's `linear_fc2` (row e)  -> moe_ffn_hidden_size             [E, Fm]
+  experts            outputs of `mlp.experts`, split per expert         -> num_moe_experts                 [2, E]
+  mamba_x            the x segment of `mixer.in_proj`'s output           -> mamba_num_heads, mamba_head_dim  [nh*hd]
+  mamba_heads_out    each Mamba head's contribution after `mixer.out_proj` -> mamba_num_heads              [nh]
+  block              (layer input, layer output)                        -> num_layers                      []
 "Normalised input" is what the pre-sublayer norm produced. With the local spec the norm is a separate
 module, so the linear's input already is its output. With Transformer Engine specs the norm is fused into
 the linear (`layer_norm_weight`), so it is recomputed here from the linear's input and the norm's
@@ -27,7 +37,7 @@ parameters: one mapping serves both specs. An expert's fc2 input already carries
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -39,8 +49,13 @@ from megatron_prune.slicing.table import LAYER_ROLES, ROUTED_EXPERTS
 class HookSite:
     name: str  # statistic name, the suffix of the store key
     module: str  # path inside a decoder layer; "" is the layer itself; "*" stands for each routed expert
-    kind: str  # "input" | "normed_input" | "block" | "expert_outputs" | "mamba_x"
+    kind: str  # "input" | "normed_input" | "output_contribution" | "taylor" | "block" | "expert_outputs" | "mamba_x"
     axis: str  # the axis it informs
+    group: str = "channel"  # output_contribution/taylor: the unit scored, "channel" | "head" | "query_group" | "mamba_head"
+
+    @property
+    def needs_backward(self) -> bool:
+        return self.kind == "taylor"
 
     @property
     def tp_partitioned(self) -> bool:
@@ -48,22 +63,35 @@ class HookSite:
         parallel one: each TP rank sees its own slice of the channels (the last dim of the accumulator)."""
         if self.kind == "mamba_x":
             return LAYER_ROLES[self.module]["weight"].tp_dim == 0
-        return self.kind in ("input", "normed_input") and LAYER_ROLES[self.module]["weight"].tp_dim == 1
+        linear_input = ("input", "normed_input", "output_contribution", "taylor")
+        return self.kind in linear_input and LAYER_ROLES[self.module]["weight"].tp_dim == 1
 
 
+_PROJ, _FC2 = "self_attention.linear_proj", "mlp.linear_fc2"
+_SHARED_FC2, _EXPERT_FC2 = "mlp.shared_experts.linear_fc2", f"{ROUTED_EXPERTS}.*.linear_fc2"
 LAYER_SITES: Tuple[HookSite, ...] = (
     HookSite("qkv_in", "self_attention.linear_qkv", "normed_input", "hidden_size"),
     HookSite("fc1_in", "mlp.linear_fc1", "normed_input", "hidden_size"),
     HookSite("router_in", "mlp.router", "normed_input", "hidden_size"),
     HookSite("mamba_in", "mixer.in_proj", "normed_input", "hidden_size"),
-    HookSite("proj_in", "self_attention.linear_proj", "input", "num_attention_heads"),
-    HookSite("fc2_in", "mlp.linear_fc2", "input", "ffn_hidden_size"),
-    HookSite("shared_fc2_in", "mlp.shared_experts.linear_fc2", "input", "moe_shared_expert_intermediate_size"),
-    HookSite("expert_fc2_in", f"{ROUTED_EXPERTS}.*.linear_fc2", "input", "moe_ffn_hidden_size"),
+    HookSite("proj_in", _PROJ, "input", "num_attention_heads"),
+    HookSite("proj_heads_out", _PROJ, "output_contribution", "num_attention_heads", "head"),
+    HookSite("proj_groups_out", _PROJ, "output_contribution", "num_query_groups", "query_group"),
+    HookSite("proj_heads_taylor", _PROJ, "taylor", "num_attention_heads", "head"),
+    HookSite("proj_groups_taylor", _PROJ, "taylor", "num_query_groups", "query_group"),
+    HookSite("fc2_in", _FC2, "input", "ffn_hidden_size"),
+    HookSite("fc2_out", _FC2, "output_contribution", "ffn_hidden_size"),
+    HookSite("fc2_taylor", _FC2, "taylor", "ffn_hidden_size"),
+    HookSite("shared_fc2_in", _SHARED_FC2, "input", "moe_shared_expert_intermediate_size"),
+    HookSite("shared_fc2_out", _SHARED_FC2, "output_contribution", "moe_shared_expert_intermediate_size"),
+    HookSite("expert_fc2_in", _EXPERT_FC2, "input", "moe_ffn_hidden_size"),
+    HookSite("expert_fc2_out", _EXPERT_FC2, "output_contribution", "moe_ffn_hidden_size"),
     HookSite("experts", "mlp.experts", "expert_outputs", "num_moe_experts"),
     HookSite("mamba_x", "mixer.in_proj", "mamba_x", "mamba_num_heads"),
+    HookSite("mamba_heads_out", "mixer.out_proj", "output_contribution", "mamba_num_heads", "mamba_head"),
     HookSite("block", "", "block", "num_layers"),
 )
+FORWARD_SITES = tuple(site.name for site in LAYER_SITES if not site.needs_backward)
 SITES: Dict[str, HookSite] = {site.name: site for site in LAYER_SITES}
 TP_PARTITIONED_SITES = frozenset(site.name for site in LAYER_SITES if site.tp_partitioned)
 
@@ -111,13 +139,18 @@ def site_modules(layer: torch.nn.Module, path: str) -> List[Tuple[Optional[int],
     return [(e, expert.get_submodule(rest)) for e, expert in enumerate(experts)]
 
 
-def register_hooks(model: torch.nn.Module, store: S.StatStore) -> List[torch.utils.hooks.RemovableHandle]:
-    """Attach one hook per (layer, site module); accumulators start at zero so every replica holds every key."""
+def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[str] = FORWARD_SITES) -> List[torch.utils.hooks.RemovableHandle]:
+    """Attach one hook per (layer, site module) for the named `sites`; accumulators start at zero so every
+    replica holds every key."""
+    unknown = set(sites) - SITES.keys()
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(SITES)}")
+    chosen = [site for site in LAYER_SITES if site.name in set(sites)]
     handles = []
     first = True
     for number, layer in decoder_layers(model):
         device = next(layer.parameters()).device  # accumulate where activations live: no sync per call
-        for site in LAYER_SITES:
+        for site in chosen:
             key = stat_key(number, site.name)
             if site.kind == "block":
                 store.add(key, torch.zeros((), device=device))
@@ -137,14 +170,40 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore) -> List[torch.uti
                 store.add(key, torch.zeros(D, device=device))
                 handles.append(in_proj.register_forward_hook(_mamba_x_hook(store, key, D)))
                 continue
-            width = modules[0][1].weight.shape[1]
+            d = _group_width(layer, site.group)
+            width = modules[0][1].weight.shape[1] // (1 if site.kind in ("input", "normed_input") else d)
             per_expert = modules[0][0] is not None
             store.add(key, torch.zeros((len(modules), width) if per_expert else (width,), device=device))
             for expert, module in modules:
-                fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert)
+                if site.kind == "output_contribution":
+                    fn = _output_contribution_hook(store, key, d, row=expert)
+                elif site.kind == "taylor":
+                    fn = _taylor_hook(store, key, d)
+                else:
+                    fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert)
                 handles.append(module.register_forward_pre_hook(fn))
         first = False
     return handles
+
+
+def _group_width(layer: torch.nn.Module, group: str) -> int:
+    """Input channels of the linear per scored unit: 1 for a channel, the head dim for a head, ..."""
+    if group == "channel":
+        return 1
+    if group == "mamba_head":
+        return int(layer.mixer.headdim)
+    attention = layer.self_attention
+    d = int(attention.hidden_size_per_attention_head)
+    if group == "head":
+        return d
+    return d * (attention.num_attention_heads_per_partition // attention.num_query_groups_per_partition)
+
+
+def _add(store: S.StatStore, key: str, value: torch.Tensor, row: Optional[int]) -> None:
+    if row is None:
+        store.add(key, value)
+    else:
+        store.add_row(key, row, value)
 
 
 def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int] = None) -> Callable:
@@ -152,11 +211,30 @@ def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int
         x = args[0]
         if x.numel() == 0:  # a routed expert that got no tokens in this call: no sample
             return
-        value = S.channel_sum_sq(_normalise(module, x) if normalise else x)
-        if row is None:
-            store.add(key, value)
-        else:
-            store.add_row(key, row, value)
+        _add(store, key, S.channel_sum_sq(_normalise(module, x) if normalise else x), row)
+
+    return hook
+
+
+def _output_contribution_hook(store: S.StatStore, key: str, d: int, row: Optional[int] = None) -> Callable:
+    """The Gram blocks [G, d, d] are recomputed per call (G*d*d*H, a fraction of the linear's own T*G*d*H)
+    rather than cached: for large query groups they would cost GBs across all layers of a big model."""
+
+    def hook(module, args):
+        x = args[0]
+        if x.numel():
+            _add(store, key, S.group_output_norms(x, S.column_gram(module.weight, d)), row)
+
+    return hook
+
+
+def _taylor_hook(store: S.StatStore, key: str, d: int) -> Callable:
+    """Registers, on the linear's input, a gradient hook that adds the Taylor score once backward reaches it."""
+
+    def hook(module, args):
+        x = args[0]
+        if x.requires_grad and torch.is_grad_enabled():
+            x.register_hook(lambda grad: store.add(key, S.taylor_groups(x, grad, d)))
 
     return hook
 
@@ -189,20 +267,29 @@ def _block_hook(store: S.StatStore, key: str, count: bool) -> Callable:
     return hook
 
 
-def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None]) -> S.StatStore:
-    """Run `forward_loop(model)` in eval mode without gradients and return this rank's raw statistics."""
+def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None],
+                       sites: Iterable[str] = FORWARD_SITES) -> S.StatStore:  # fmt: skip
+    """Run `forward_loop(model)` in eval mode and return this rank's raw statistics of the named `sites`.
+
+    Without Taylor sites it runs without gradients. With them gradients are enabled, and the loop must run
+    backward (`forward_loop.runs_backward`); the parameter gradients it leaves are dropped afterwards."""
+    sites = tuple(sites)
+    backward = any(SITES[s].needs_backward for s in sites if s in SITES)
     store = S.StatStore()
-    handles = register_hooks(model, store)
+    handles = register_hooks(model, store, sites)
     modes = {m: m.training for m in model.modules()}  # restored module by module, as the user set them
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(backward):
             forward_loop(model)
     finally:
         for h in handles:
             h.remove()
         for m, training in modes.items():
             m.training = training
+        if backward:
+            for p in model.parameters():
+                p.grad = None
     return store
 
 

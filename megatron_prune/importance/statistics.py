@@ -46,6 +46,48 @@ def block_influence(x_in: Tensor, x_out: Tensor) -> Tensor:
     return (1.0 - cos.mean()).reshape(())
 
 
+def group_output_norms(x: Tensor, gram: Tensor) -> Tensor:
+    """Contribution of one call to the output-contribution statistic of channel groups of a linear's input.
+
+    x: [S, B, C] or [T, C], the input of a linear y = W x with W [H, C]; gram: [G, d, d] with C = G*d, the
+    Gram matrices W_g^T W_g of each group's block of columns W_g [H, d]. Returns [G] float32:
+        sum over tokens t of || W_g x_g(t) ||_2 = sqrt(x_g^T (W_g^T W_g) x_g),
+    the size of what group g alone adds to the output (for attention heads: to the residual stream), summed
+    over tokens. d = 1 is a channel: |x_c| * ||W[:, c]||. Cost per token G*d*d, not G*d*H.
+    """
+    G, d, _ = gram.shape
+    x = x.detach().float().reshape(-1, G, d)  # [T, G, d]
+    if d == 1:
+        return x.abs().sum(0).squeeze(-1) * gram.reshape(G).clamp_min(0).sqrt()
+    quad = torch.einsum("tgd,gde,tge->tg", x, gram.float(), x)  # x_g^T M_g x_g >= 0 up to rounding
+    return quad.clamp_min(0).sqrt().sum(0)
+
+
+def column_gram(weight: Tensor, d: int) -> Tensor:
+    """[G, d, d]: W_g^T W_g for the groups of d consecutive input columns of weight [H, C] (C = G*d), float32."""
+    w = weight.detach().float()
+    H, C = w.shape
+    if C % d:
+        raise ValueError(f"{C} input columns do not split into groups of {d}")
+    w = w.reshape(H, C // d, d)
+    return torch.einsum("hgd,hge->gde", w, w)
+
+
+def taylor_groups(x: Tensor, grad: Tensor, d: int) -> Tensor:
+    """Contribution of one call to the first-order Taylor statistic of channel groups (a mask m_g on them).
+
+    x, grad: [S, B, C] (C = G*d), an activation and the loss gradient with respect to it. Multiplying group g
+    by a mask m_g gives dL/dm_g = sum over the sample's tokens and the group's channels of x * grad. Returns
+    [G] float32: sum over samples b of |dL/dm_g| (the importance is its mean over samples; a sum keeps it
+    additive over calls, stages and replicas).
+    """
+    prod = (x.detach().float() * grad.detach().float())  # [S, B, C]
+    if prod.dim() == 2:
+        prod = prod.unsqueeze(1)
+    S_, B, C = prod.shape
+    return prod.sum(0).reshape(B, C // d, d).sum(-1).abs().sum(0)
+
+
 def expert_output_norms(outputs: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """Contribution of one call to the routed-expert statistic.
 

@@ -108,13 +108,15 @@ def prepare_search(model: torch.nn.Module, ctx: ParallelContext, shape: ModelSha
 
 def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool], build: Callable[[Candidate], torch.nn.Module],
                score_func: Optional[ScoreFunc], cache: dict, save: Callable[[dict], None], ctx: ParallelContext,
-               kept_layers: Optional[Callable[[Candidate], List[int]]] = None) -> SearchResult:  # fmt: skip
+               kept_layers: Optional[Callable[[Candidate], List[int]]] = None,
+               criteria: Optional[Mapping[str, str]] = None) -> SearchResult:  # fmt: skip
     """Score the top-k candidates (after calibration) and return the result. `keeps_every_stage(c)`: whether
     the layers `c` keeps (by the layer ranking) leave every pipeline stage some. `kept_layers(c)`: those
     layers; when layers differ (dense and MoE layers mixed) the candidates, counted before calibration at
     their smallest possible size, are counted exactly with them, and those over a budget dropped. `cache`
     (the scores file's search section, updated in place and passed to `save` after each new score)
-    supplies the scores of candidates already scored for the same budgets and score function."""
+    supplies the scores of candidates already scored for the same budgets, score function and importance
+    `criteria` (which decide what each candidate keeps)."""
     usable = [c for c in plan.candidates if keeps_every_stage(c)]
     if len(usable) < len(plan.candidates):
         log(f"{len(plan.candidates) - len(usable)} candidates dropped: their layer count would empty a pipeline stage")
@@ -126,7 +128,7 @@ def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool],
     if kept_layers is not None and not plan.inventory.uniform:
         usable = _recount(plan, usable, kept_layers)
     top = usable[: plan.config.top_k]
-    key = cache_key(plan.budgets, score_func)
+    key = cache_key(plan.budgets, score_func, criteria)
     cached = {_key(c["export_config"]): c["score"] for c in cache.get(key, {}).get("candidates", [])}
     for c in top:
         c.score = cached.get(c.key)
@@ -206,9 +208,9 @@ def _sizes(space: SearchSpace, c: Candidate) -> Dict[str, int]:
     return {**space.original, **c.export_config}
 
 
-def cache_key(budgets: Mapping[str, float], score_func: Optional[ScoreFunc]) -> str:
-    """Where a search's candidates live in the scores file: its budgets and score function."""
-    return json.dumps({"budgets": dict(budgets), "score_func": _score_name(score_func)})
+def cache_key(budgets: Mapping[str, float], score_func: Optional[ScoreFunc], criteria: Optional[Mapping[str, str]] = None) -> str:
+    """Where a search's candidates live in the scores file: its budgets, score function and criteria."""
+    return json.dumps({"budgets": dict(budgets), "score_func": _score_name(score_func), "criteria": dict(criteria or {})})
 
 
 def _score_name(score_func: Optional[ScoreFunc]) -> str:

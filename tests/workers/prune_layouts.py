@@ -35,6 +35,10 @@ LAYOUTS = {  # name: (tensor-parallel size, pipeline size, extra config)
 }
 
 
+TAYLOR = "heads=taylor,groups=taylor,ffn=taylor"
+TAYLOR_LAYOUTS = ("pp2", "dp2", "tp2")
+
+
 def check_table_partitions_match_megatron() -> None:
     """The axis table's TP splits equal the partition attributes megatron-core sets at initialisation."""
     model = build_tiny_gpt(tiny_gpt_config(add_bias_linear=True), tied=False)
@@ -68,8 +72,13 @@ def run(case: dict, out: str, name: str) -> None:
     logits = mp.run_forward(pruned, case["batches"], collect=lambda out, tokens: out.clone(), shard_over_dp=False)
     if logits and tp > 1:  # vocab-parallel output: gather the vocabulary shards
         logits = [torch.cat(ParallelContext.from_megatron().gather_over_tp(x), dim=-1) for x in logits]
+    taylor = None
+    if name in TAYLOR_LAYOUTS:  # gradients through the pipeline schedule (p2p backward at PP=2, TP-local inputs)
+        backward = mp.make_forward_loop(case["batches"], progress=False, backward=True)
+        taylor = mp.prune(model, export_config, forward_loop=backward, criteria=TAYLOR)[1].orders.layers
     torch.save(
         {
+            "taylor_orders": taylor and {n: dataclasses.asdict(o) for n, o in taylor.items()},
             "weights": global_state_dict(pruned),
             "hidden_order": result.orders.hidden,
             "layer_orders": {n: dataclasses.asdict(o) for n, o in result.orders.layers.items()},
