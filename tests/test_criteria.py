@@ -154,3 +154,44 @@ def test_zeroed_units_of_moe_and_mamba_layers_contribute_nothing(mcore):
                          criteria="mamba_heads=output_contribution")  # fmt: skip
     heads = result.importance.mamba_heads[1]
     assert heads[5] == 0 and int(heads.argmin()) == 5 and 5 not in result.plan.layers[1].mamba_heads.tolist()
+
+
+def test_nas_candidates_are_ranked_by_the_chosen_criteria_and_cached_per_criteria(mcore, tmp_path):
+    """A candidate keeps what the chosen criteria rank first (the winner equals a manual prune to its sizes
+    with the same criteria), and cached candidate scores are kept apart per criteria."""
+    from tests.stages import global_state_dict
+
+    model, data, scores = make(), batches(), str(tmp_path / "scores.pt")
+    loop = mp.make_forward_loop(data, progress=False, backward=True)
+    search = dict(hidden_size_divisor=16, ffn_hidden_size_divisor=32, num_layers_divisor=1, max_width_pruning=0.6,
+                  max_depth_pruning=0.5, top_k=2)  # fmt: skip
+    seen = []
+
+    def score(m):
+        seen.append(1)
+        return float(m.decoder.layers[0].self_attention.linear_proj.weight.abs().sum())  # depends on the heads kept
+
+    for spec in ("heads=taylor,ffn=taylor", "heads=minitron"):
+        pruned, result = mp.prune(model, constraints={"params": 110_000}, forward_loop=loop, scores_path=scores,
+                                  score_func=score, search=search, criteria=spec)  # fmt: skip
+        manual, _ = mp.prune(model, result.search.best.export_config, scores_path=scores, criteria=spec)
+        assert all(torch.equal(a, b) for a, b in zip(global_state_dict(pruned).values(), global_state_dict(manual).values()))
+    assert len(seen) == 4  # the second criteria's candidates were scored afresh, not read from the first's cache
+    mp.prune(model, constraints={"params": 110_000}, scores_path=scores, score_func=score, search=search, criteria="heads=minitron")
+    assert len(seen) == 4  # ...and its own cache serves a rerun
+
+
+def test_taylor_calibration_frees_each_micro_batchs_activations(mcore):
+    """The gradient hooks must not keep the inputs they score alive after backward (a reference cycle
+    through autograd's hook table that gc cannot collect grew memory by a micro-batch's activations each)."""
+    import gc
+    import weakref
+
+    from megatron_prune.importance.hooks import LAYER_SITES, collect_statistics
+
+    model, refs = make(), []
+    spy = model.decoder.layers[0].self_attention.linear_proj.register_forward_pre_hook(lambda m, a: refs.append(weakref.ref(a[0])))
+    collect_statistics(model, mp.make_forward_loop(batches(), progress=False, backward=True), [s.name for s in LAYER_SITES])
+    spy.remove()
+    gc.collect()
+    assert len(refs) == 3 and all(r() is None for r in refs)

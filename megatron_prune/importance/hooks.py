@@ -234,7 +234,10 @@ def _taylor_hook(store: S.StatStore, key: str, d: int) -> Callable:
     def hook(module, args):
         x = args[0]
         if x.requires_grad and torch.is_grad_enabled():
-            x.register_hook(lambda grad: store.add(key, S.taylor_groups(x, grad, d)))
+            # x is held in a list emptied on use: a closure holding x itself would form a cycle through
+            # autograd's C++ hook table that Python's gc cannot see, keeping every call's input alive
+            held = [x]
+            x.register_hook(lambda grad: store.add(key, S.taylor_groups(held.pop(), grad, d)))
 
     return hook
 
