@@ -59,8 +59,9 @@ def group_output_norms(x: Tensor, gram: Tensor) -> Tensor:
     x = x.detach().float().reshape(-1, G, d)  # [T, G, d]
     if d == 1:
         return x.abs().sum(0).squeeze(-1) * gram.reshape(G).clamp_min(0).sqrt()
-    quad = torch.einsum("tgd,gde,tge->tg", x, gram.float(), x)  # x_g^T M_g x_g >= 0 up to rounding
-    return quad.clamp_min(0).sqrt().sum(0)
+    xg = x.transpose(0, 1)  # [G, T, d]
+    quad = (torch.bmm(xg, gram.float()) * xg).sum(-1)  # [G, T]: x_g^T M_g x_g >= 0 up to rounding
+    return quad.clamp_min(0).sqrt().sum(1)
 
 
 def column_gram(weight: Tensor, d: int) -> Tensor:
@@ -69,8 +70,10 @@ def column_gram(weight: Tensor, d: int) -> Tensor:
     H, C = w.shape
     if C % d:
         raise ValueError(f"{C} input columns do not split into groups of {d}")
-    w = w.reshape(H, C // d, d)
-    return torch.einsum("hgd,hge->gde", w, w)
+    if d == 1:  # squared column norms (a batched matmul of 1-wide blocks is pathologically slow on CPU)
+        return w.square().sum(0).view(C, 1, 1)
+    blocks = w.reshape(H, C // d, d).permute(1, 2, 0)  # [G, d, H]
+    return torch.bmm(blocks, blocks.transpose(1, 2))
 
 
 def taylor_groups(x: Tensor, grad: Tensor, d: int) -> Tensor:
