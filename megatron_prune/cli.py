@@ -10,6 +10,8 @@ before the model is imported. OUT appears complete or not at all:
     OUT/prune_summary.json   sizes, parameters, per-layer importance, round-trip results
     OUT/prune_report.png     block influence, hidden-channel importance, FFN/head keep masks
     OUT/importance_scores.pt calibration statistics (unless --scores-path): reuse them to re-prune
+    OUT/distillation_run_card.yaml  student, teacher, layout and a starting recipe for `python -m megatron_prune.distill`
+                             and launch/distill.sh (megatron_prune/distill/run_card.py has the schema)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, UnsupportedModelError
+from megatron_prune.importance.criteria import describe, needing_backward, resolve_criteria
 from megatron_prune.importance.scores_file import ScoresFileError
 
 # The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 72.4% of its 134.5M parameters:
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--micro-batch-size", type=int, default=4)
     c.add_argument("--seed", type=int, default=1234, help="choice of calibration samples")
     c.add_argument("--scores-path", default=None, help="statistics file: reused if it exists (no calibration), else written")
+    c.add_argument("--importance", default=None, metavar="AXIS=CRITERION,...",
+                   help="importance criterion per axis, e.g. heads=output_contribution,ffn=taylor (axes: hidden, ffn, heads, "
+                        "groups, layers, experts, moe_ffn, shared_ffn, mamba_heads, mamba_head_dim; criteria: minitron, "
+                        "output_contribution, taylor (a backward pass per calibration batch), block_influence); "
+                        "default: " + describe(resolve_criteria(None)))  # fmt: skip
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -78,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--skip-roundtrip-check", action="store_true", help="skip the HF/MCore logits comparisons")
     chk.add_argument("--roundtrip-tolerance", type=float, default=None, help="relative logits error allowed (default 1e-4 fp32, 2e-2 bf16)")
     chk.add_argument("--no-report", action="store_true", help="skip the PNG (the JSON summary is always written)")
+
+    from megatron_prune.distill.args import add_run_card_arguments
+
+    add_run_card_arguments(p)
     return p
 
 
@@ -121,6 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prune.bridge.offline_model import smollm2_folder
     from megatron_prune.config import ModelShape, validate_export_config
     from megatron_prune.data.forward import make_forward_loop
+    from megatron_prune.distill.args import run_card_options_from_args
+    from megatron_prune.distill.handoff import write_prune_run_card
     from megatron_prune.log import log
     from megatron_prune.output import atomic_output_dir, check_output_dir
     from megatron_prune.report import format_tables, parameter_groups, write_report
@@ -133,6 +147,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prune.search.args import search_options_from_args
 
     started = time.perf_counter()
+    criteria = resolve_criteria(args.importance)
     target = export_config_from_args(args)
     search = search_options_from_args(args)
     default_job = args.hf_model is None
@@ -158,8 +173,9 @@ def run(args: argparse.Namespace) -> dict:
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
     ctx = ParallelContext.from_megatron()
     source = smollm2_folder() if default_job else args.hf_model
-    _, provider = check_hf_source(source, args.trust_remote_code)
+    hf_config, provider = check_hf_source(source, args.trust_remote_code)
     shape = ModelShape.from_config(provider)
+    card_layout, card_recipe = run_card_options_from_args(args, hf_config, shape.sizes())
     if target is not None:  # NAS budgets are checked against the model by prune(), before calibration
         validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
 
@@ -187,7 +203,8 @@ def run(args: argparse.Namespace) -> dict:
     scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         nas = dict(constraints=search.constraints, score_func=score_func, search=search.search) if search.constraints else {}
-        pruned, result = prune(imported.model, target, make_forward_loop(batches), scores_path=scores_path, **nas)
+        loop = make_forward_loop(batches, backward=bool(needing_backward(criteria)))
+        pruned, result = prune(imported.model, target, loop, scores_path=scores_path, criteria=criteria, **nas)
         groups_after = parameter_groups(pruned, ctx)
         ctx.on_main(lambda: print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True))
         hf_dir = os.path.join(tmp, "hf")
@@ -217,6 +234,8 @@ def run(args: argparse.Namespace) -> dict:
                 plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
             if not args.scores_path:  # published with the rest
                 os.replace(scores_path, os.path.join(tmp, "importance_scores.pt"))
+            write_prune_run_card(result, str(tmp), str(out), source, imported.bridge.hf_pretrained.config.vocab_size,
+                                 args.save_format, ctx, card_layout, **card_recipe)  # fmt: skip
 
         ctx.on_main(write_outputs)
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "

