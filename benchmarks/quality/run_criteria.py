@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_quality import TARGETS as QUALITY_TARGETS  # noqa: E402
 
-TARGETS = {**QUALITY_TARGETS, "heads 9→3": {"num_attention_heads": 3}, "KV groups 3→2": {"num_query_groups": 2}}
+TARGETS = {**QUALITY_TARGETS, "heads 9→3": {"num_attention_heads": 3}, "KV groups 3→2": {"num_query_groups": 2, "num_attention_heads": 6}}
 CRITERIA = ("minitron", "output_contribution", "taylor")
 
 
@@ -37,7 +37,7 @@ def variants(target: dict) -> list:
     if {"num_attention_heads", "ffn_hidden_size"} <= axes:
         return [(f"heads={c}, ffn=minitron", f"heads={c},ffn=minitron") for c in CRITERIA] + [
             (f"heads=output_contribution, ffn={c}", f"heads=output_contribution,ffn={c}") for c in CRITERIA[1:]]
-    for axis, short in (("num_attention_heads", "heads"), ("num_query_groups", "groups"), ("ffn_hidden_size", "ffn")):
+    for axis, short in (("num_query_groups", "groups"), ("num_attention_heads", "heads"), ("ffn_hidden_size", "ffn")):
         if axis in axes:
             return [(f"{short}={c}", f"{short}={c}") for c in CRITERIA]
     return [("minitron / block_influence (only criterion)", "reference")]
@@ -114,15 +114,49 @@ def measure_costs(model, batches, repeats: int) -> list:
              "peak_extra_memory_mb": round(memory[k] / 2**20)} for k, v in times.items()]  # fmt: skip
 
 
+def markdown(results: dict, quality: dict) -> str:
+    """The RESULTS.md tables: quality per target and criterion (with the random mean and magnitude at the same
+    shape), then the costs."""
+    def ppl(r):
+        return " / ".join(f"{r[k]:,.1f}" if r[k] < 1000 else f"{r[k]:,.0f}" for k in r if k in TEXTS)
+
+    baselines = {}
+    for r in quality.get("rows", []) + results["rows"]:
+        if r["method"].startswith("random") or r["method"] == "magnitude":
+            kind = "random" if r["method"].startswith("random") else "magnitude"
+            baselines.setdefault((r["target"], kind), []).append(r)
+    mean = lambda rows: {k: sum(r[k] for r in rows) / len(rows) for k in TEXTS}  # noqa: E731
+    lines = ["| target | criteria | parameters | held-out perplexity | random (mean) | magnitude |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if r["method"].startswith("random"):
+            continue
+        rnd, mag = baselines.get((r["target"], "random")), baselines.get((r["target"], "magnitude"))
+        params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
+        lines.append(f"| {r['target']} | {r['method']} | {params} | {ppl(r)} | {ppl(mean(rnd)) if rnd else ''} | {ppl(mag[0]) if mag else ''} |")
+    lines += ["", "| statistics collected | passes | CPU time | vs plain forward (CPU) | fastest wall | peak extra memory |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in results["costs"]:
+        lines.append(f"| {c['statistics']} | {c['passes']} | {c['cpu_s']} s | {c['cpu_vs_plain_forward']:.2f} | {c['fastest_s']} s | {c['peak_extra_memory_mb']} MB |")
+    return "\n".join(lines)
+
+
+TEXTS = ("python_docs", "shakespeare")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3, help="random-selection seeds for the new head targets")
-    p.add_argument("--repeats", type=int, default=2, help="cost: alternating repeats per statistic set")
+    p.add_argument("--repeats", type=int, default=2, help="cost: alternating repeats per statistic set (0: skip)")
     p.add_argument("--targets", nargs="*", default=list(TARGETS), help="subset of the target names")
     p.add_argument("--out", default="benchmarks/results/quality_criteria.json")
     p.add_argument("--costs-only", action="store_true", help="measure the costs and update them in --out")
+    p.add_argument("--markdown", action="store_true", help="print the tables of --out (and quality.json) and exit")
     args = p.parse_args()
+    if args.markdown:
+        quality = Path(args.out).with_name("quality.json")
+        print(markdown(json.loads(Path(args.out).read_text()), json.loads(quality.read_text()) if quality.exists() else {}))
+        return
 
     from baselines import random_importance
     from megatron_prune import calibrate, make_forward_loop, prune
@@ -131,7 +165,7 @@ def main() -> None:
     model, shape, calib, perplexities = load_benchmark(args.windows)
     scores = str(cache_file("criteria_smollm2_scores.pt"))
     start = time.perf_counter()
-    costs = measure_costs(model, calib[:4], args.repeats)
+    costs = measure_costs(model, calib[:4], args.repeats) if args.repeats else []
     for row in costs:
         print(json.dumps(row), flush=True)
     if args.costs_only:
