@@ -23,7 +23,7 @@ from megatron_prune.config import (
     SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
 from megatron_prune.importance.criteria import describe, missing_statistics, needing_backward, resolve_criteria, statistics_needed
-from megatron_prune.importance.hooks import collect_statistics, local_layer_numbers, parse_stat_key
+from megatron_prune.importance.hooks import SITES, collect_statistics, local_layer_numbers, parse_stat_key
 from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
 from megatron_prune.importance.statistics import StatStore
@@ -174,6 +174,10 @@ def prune(
                 "pass make_forward_loop(batches, backward=True) (or a loop that back-propagates a loss through the "
                 "schedule and sets forward_loop.runs_backward = True), or choose forward-only criteria"
             )
+        if shape.num_query_groups < ctx.tp_size and criteria["num_query_groups"] != "minitron":
+            log(f"num_query_groups={shape.num_query_groups} < TP={ctx.tp_size}: K/V heads are replicated over TP ranks and "
+                "groups cannot be pruned at this layout; they are ordered by the reference's statistic")  # fmt: skip
+            criteria = {**criteria, "num_query_groups": "minitron"}
         log(f"importance criteria: {describe(criteria, shape)}")
 
         # a collective (a TP gather per split tensor), so computed once and only when a file is involved
@@ -317,6 +321,14 @@ def calibrate(
         if not extend:
             raise PruneConfigError(f"scores_path={scores_path!r} exists: pass extend=True to add to it, or another path")
         previous = _load_everywhere(scores_path, fingerprint, ctx)[0]  # cached NAS scores are dropped with the old sums
+    if previous is not None:
+        backward = bool(getattr(forward_loop, "runs_backward", False))
+        had_gradients = any(SITES[parse_stat_key(k)[1]].needs_backward for k in previous.keys())
+        if backward != had_gradients:  # Taylor sums would cover only part of the data
+            raise PruneConfigError(
+                f"scores_path={scores_path!r} was calibrated {'with' if had_gradients else 'without'} a backward pass: "
+                f"extend it with a forward loop that {'runs' if had_gradients else 'does not run'} backward"
+            )
     stats = _calibrate(model, forward_loop, ctx)
     if previous is not None:
         stats = previous.merge(stats)
@@ -344,11 +356,18 @@ def _calibrate(model, forward_loop, ctx: ParallelContext, criteria: Optional[Map
     """Every forward-only statistic, plus Taylor statistics when the loop runs backward (all of them: the
     backward pass is paid anyway) or, through `criteria`, when they are asked for."""
     backward = bool(getattr(forward_loop, "runs_backward", False))
+    if backward and getattr(model.config, "gradient_accumulation_fusion", False):
+        raise PruneConfigError("gradient_accumulation_fusion=True needs Megatron's DDP main_grad buffers, which an unwrapped "
+                               "model does not have: turn it off in the model's config to calibrate with gradients")  # fmt: skip
     sites = statistics_needed(criteria or {}, include_taylor=backward)
     log("calibrating: collecting activation statistics" + (" and gradients" if backward else ""))
     stats = reduce_statistics(collect_statistics(model, forward_loop, sites), ctx)
     if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
         raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
+    taylor = [v for k, v in stats.sums.items() if SITES[parse_stat_key(k)[1]].needs_backward]
+    if taylor and not any(bool(v.any()) for v in taylor):
+        raise PruneConfigError("forward_loop.runs_backward is set, but no gradient reached the model's layers: the loop "
+                               "must back-propagate a loss through them (e.g. make_forward_loop(batches, backward=True))")  # fmt: skip
     return stats
 
 

@@ -70,7 +70,8 @@ def test_output_contribution_equals_explicit_products_of_captured_inputs(mcore):
 
 def test_taylor_equals_the_gradient_of_a_per_sample_mask(mcore):
     """Taylor statistic of head h: sum over samples b of |dL/dm[b, h]|, where m multiplies head h's input of
-    linear_proj in sample b and L is the schedule's loss (each micro-batch's mean next-token loss / count)."""
+    linear_proj in sample b and L is the sample's micro-batch's mean next-token loss (whatever the number of
+    micro-batches or their split over data-parallel replicas)."""
     model, data = make(), batches()
     _, result = mp.prune(model, {"num_attention_heads": 4}, mp.make_forward_loop(data, progress=False, backward=True),
                          criteria="heads=taylor,groups=taylor,ffn=taylor")  # fmt: skip
@@ -80,7 +81,7 @@ def test_taylor_equals_the_gradient_of_a_per_sample_mask(mcore):
         mask = torch.ones(tokens.shape[0], N, requires_grad=True)  # [B, N]
         hook = proj.register_forward_pre_hook(lambda m, a: (a[0] * mask.repeat_interleave(D, dim=1).unsqueeze(0),))
         losses = model(tokens, torch.arange(SEQ).expand_as(tokens), attention_mask=None, labels=torch.roll(tokens, -1, 1))
-        (losses[:, :-1].mean() / len(data)).backward()
+        losses[:, :-1].mean().backward()
         hook.remove()
         expected += mask.grad.abs().sum(0)
     model.zero_grad(set_to_none=True)
@@ -195,3 +196,24 @@ def test_taylor_calibration_frees_each_micro_batchs_activations(mcore):
     spy.remove()
     gc.collect()
     assert len(refs) == 3 and all(r() is None for r in refs)
+
+
+def test_taylor_sums_do_not_depend_on_how_the_batches_are_split(mcore, tmp_path):
+    """One calibration over 3 micro-batches equals a calibration over 2 extended by one over the third (as DP
+    replicas or a resumed job split them); a loop that claims to run backward but does not, and extending a
+    file with the other kind of loop, are errors."""
+    model, data, scores = make(), batches(), str(tmp_path / "scores.pt")
+    whole = mp.calibrate(model, mp.make_forward_loop(data, progress=False, backward=True))
+    mp.calibrate(model, mp.make_forward_loop(data[:2], progress=False, backward=True), scores_path=scores)
+    parts = mp.calibrate(model, mp.make_forward_loop(data[2:], progress=False, backward=True), scores_path=scores, extend=True)
+    for key in ("layer1/proj_heads_taylor", "layer2/fc2_taylor", "layer3/proj_groups_taylor"):
+        torch.testing.assert_close(parts[key], whole[key], rtol=1e-5, atol=1e-9)
+    with pytest.raises(mp.PruneConfigError, match="calibrated with a backward pass: extend it with a forward loop that runs backward"):
+        mp.calibrate(model, mp.make_forward_loop(data, progress=False), scores_path=scores, extend=True)
+
+    def pretends(m):
+        mp.run_forward(m, data)
+
+    pretends.runs_backward = True
+    with pytest.raises(mp.PruneConfigError, match="no gradient reached the model's layers"):
+        mp.prune(model, {"num_attention_heads": 4}, pretends, criteria="heads=taylor")

@@ -34,13 +34,15 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     model = build_tiny_gpt(tiny_gpt_config(), vocab_size=VOCAB)
     batches = [random_tokens(2, SEQ, VOCAB, seed=i) for i in range(6)]
+    torch.manual_seed(2)
+    mqa = build_tiny_gpt(tiny_gpt_config(num_query_groups=1), vocab_size=VOCAB)
     torch.manual_seed(1)
     moe = build_tiny_gpt(tiny_moe_config(), vocab_size=VOCAB)
     hybrid = make_hybrid()
     with torch.no_grad():  # layer 4 (Mamba) is an identity: dropped, stage 1 keeps one layer
         hybrid.decoder.layers[3].mixer.out_proj.weight.zero_()
     case = {"state_dict": model.state_dict(), "config": {}, "vocab": VOCAB, "batches": batches, "export_config": EXPORT,
-            "moe_state_dict": moe.state_dict(), "moe_export_config": MOE_EXPORT,
+            "moe_state_dict": moe.state_dict(), "moe_export_config": MOE_EXPORT, "mqa_state_dict": mqa.state_dict(),
             "hybrid_state_dict": hybrid.state_dict(), "hybrid_export_config": HYBRID_EXPORT}  # fmt: skip
     torch.save(case, out / "case.pt")
     run_torchrun(REPO_ROOT / "tests/workers/prune_layouts.py", 2, out / "case.pt", out, timeout=600)
@@ -53,9 +55,9 @@ def runs(tmp_path_factory):
         return {"weights": global_state_dict(pruned), "result": result, "logits": logits}
 
     load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
-    return {"out": out, "model": model, "reference": reference(model, EXPORT), "moe": reference(moe, MOE_EXPORT),
+    return {"out": out, "model": model, "batches": batches, "reference": reference(model, EXPORT), "moe": reference(moe, MOE_EXPORT),
             "hybrid": reference(hybrid, HYBRID_EXPORT), "load": load,
-            "taylor": reference(model, EXPORT, criteria=TAYLOR)}  # fmt: skip
+            "taylor": reference(model, EXPORT, criteria=TAYLOR), "mqa": mqa}  # fmt: skip
 
 
 def merged_weights(runs, name):
@@ -104,6 +106,13 @@ def test_taylor_criteria_give_the_orders_of_one_process(runs, name):
     for n, orders in rank0.items():
         for field in ("ffn", "groups", "heads"):
             assert torch.equal(orders[field], getattr(ref[n], field)), (name, n, field)
+
+
+def test_fewer_kv_groups_than_tp_ranks_rank_heads_as_one_process(runs):
+    loop = mp.make_forward_loop(runs["batches"], progress=False, backward=True)
+    for spec, heads in runs["load"]("mqa-tp2", 0).items():
+        ref = mp.prune(runs["mqa"], {"num_attention_heads": 4}, loop, criteria=spec)[1].orders.layers
+        assert all(torch.equal(heads[n], ref[n].heads) for n in ref), spec
 
 
 @pytest.mark.parametrize("name", PP_LAYOUTS)

@@ -35,7 +35,7 @@ def run_forward(
     Returns, on the last pipeline stage, ``[collect(logits, tokens) for each micro-batch]`` (logits
     [B, S, V] as the model returns them); an empty list on other stages or when `collect` is None.
     `progress`: a label to print batches/s and ETA on rank 0 while running. `backward`: run the backward pass
-    of the mean next-token cross-entropy of each micro-batch (the schedule scales it by 1/micro-batches;
+    of the mean next-token cross-entropy of each micro-batch (unscaled by the number of micro-batches;
     gradients accumulate in `.grad`); `collect` is then not called.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -60,7 +60,7 @@ def run_forward(
             output = model(tokens, position_ids, attention_mask=None)
         if meter:
             meter.step()
-        return output, (_next_token_loss if backward else partial(_collect_output, collect, tokens))
+        return output, (partial(_next_token_loss, len(mine)) if backward else partial(_collect_output, collect, tokens))
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -77,10 +77,12 @@ def run_forward(
     return list(outputs) if collect is not None and outputs and not backward else []
 
 
-def _next_token_loss(losses: torch.Tensor):
-    """Mean over [B, S-1] of per-token losses [B, S] (the last position has no next token)."""
+def _next_token_loss(num_microbatches: int, losses: torch.Tensor):
+    """Mean over [B, S-1] of per-token losses [B, S] (the last position has no next token), times this rank's
+    micro-batch count, which the schedule divides by: each micro-batch's gradient is then that of its own mean
+    loss, whatever the data-parallel split or the number of batches (so gradient statistics add up exactly)."""
     loss = losses[:, :-1].float().mean()
-    return loss, {"lm loss": loss.detach()}
+    return loss * num_microbatches, {"lm loss": loss.detach()}
 
 
 def _collect_output(collect: Optional[Collect], tokens, output_tensor, non_loss_data=False):

@@ -170,6 +170,8 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
                 store.add(key, torch.zeros(D, device=device))
                 handles.append(in_proj.register_forward_hook(_mamba_x_hook(store, key, D)))
                 continue
+            if site.group == "query_group" and _kv_groups_replicated(layer):
+                continue  # a group's heads span TP ranks: its joint contribution is not a per-rank sum
             d = _group_width(layer, site.group)
             width = modules[0][1].weight.shape[1] // (1 if site.kind in ("input", "normed_input") else d)
             per_expert = modules[0][0] is not None
@@ -197,6 +199,12 @@ def _group_width(layer: torch.nn.Module, group: str) -> int:
     if group == "head":
         return d
     return d * (attention.num_attention_heads_per_partition // attention.num_query_groups_per_partition)
+
+
+def _kv_groups_replicated(layer: torch.nn.Module) -> bool:
+    """Fewer query groups than TP ranks: megatron-core replicates the K/V heads, each rank holds part of a group."""
+    attention = layer.self_attention
+    return attention.num_query_groups_per_partition * attention.config.tensor_model_parallel_size != attention.config.num_query_groups
 
 
 def _add(store: S.StatStore, key: str, value: torch.Tensor, row: Optional[int]) -> None:
@@ -275,12 +283,13 @@ def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.
     """Run `forward_loop(model)` in eval mode and return this rank's raw statistics of the named `sites`.
 
     Without Taylor sites it runs without gradients. With them gradients are enabled, and the loop must run
-    backward (`forward_loop.runs_backward`); the parameter gradients it leaves are dropped afterwards."""
+    backward (`forward_loop.runs_backward`); parameter gradients are restored to what they were before."""
     sites = tuple(sites)
     backward = any(SITES[s].needs_backward for s in sites if s in SITES)
     store = S.StatStore()
     handles = register_hooks(model, store, sites)
     modes = {m: m.training for m in model.modules()}  # restored module by module, as the user set them
+    grads = {p: p.grad for p in model.parameters()} if backward else {}  # the user's, restored afterwards
     model.eval()
     try:
         with torch.set_grad_enabled(backward):
@@ -290,9 +299,8 @@ def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.
             h.remove()
         for m, training in modes.items():
             m.training = training
-        if backward:
-            for p in model.parameters():
-                p.grad = None
+        for p, grad in grads.items():
+            p.grad = grad
     return store
 
 

@@ -93,6 +93,20 @@ def run(case: dict, out: str, name: str) -> None:
     parallel_state.destroy_model_parallel()
 
 
+def fewer_kv_groups_than_tp_ranks(case: dict, out: str) -> None:
+    """One query group at TP=2 (megatron-core replicates the K/V head on both ranks): calibration collects no
+    per-group statistics and heads are ranked as in one process."""
+    init_distributed(tensor_model_parallel_size=2)
+    model = build_tiny_gpt(tiny_gpt_config(num_query_groups=1), vocab_size=case["vocab"])
+    model.load_state_dict(stage_state_dict(case["mqa_state_dict"], model), strict=True)
+    loop = mp.make_forward_loop(case["batches"], progress=False, backward=True)
+    orders = {c: mp.prune(model, {"num_attention_heads": 4}, loop, criteria=c)[1].orders.layers
+              for c in ("heads=output_contribution", "heads=taylor")}  # fmt: skip
+    torch.save({c: {n: o.heads for n, o in layers.items()} for c, layers in orders.items()},
+               f"{out}/mqa-tp2-rank{torch.distributed.get_rank()}.pt")  # fmt: skip
+    parallel_state.destroy_model_parallel()
+
+
 def refuse_unsupported_module_on_one_stage(out: str) -> None:
     """Only stage 1 (layers 3-4) holds a module the axis table does not describe: both stages must raise the
     same error (rather than stage 0 waiting forever in a collective)."""
@@ -115,4 +129,5 @@ if __name__ == "__main__":
     case = torch.load(case_path, weights_only=False)
     for layout in LAYOUTS:
         run(case, out_dir, layout)
+    fewer_kv_groups_than_tp_ranks(case, out_dir)
     refuse_unsupported_module_on_one_stage(out_dir)
