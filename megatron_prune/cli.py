@@ -300,15 +300,20 @@ def _sizes(result) -> str:
     return ", ".join(f"{k} {result.original_sizes[k]}→{v}" for k, v in result.export_config.items() if result.original_sizes[k] != v)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(prog: str, job, args: argparse.Namespace) -> int:
+    """Run `job(args)` as a command's body: an error in the user's input prints `prog: error: ...` and returns 2
+    (a bug keeps its traceback); the distributed state is torn down either way."""
+    from megatron_prune.runtime.distributed import destroy_distributed
+
     try:
-        run(args)
+        job(args)
     except (PruneConfigError, UnsupportedModelError, ScoresFileError) as e:
-        print(f"megatron-prune: error: {e}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        from megatron_prune.runtime.distributed import destroy_distributed
-
         destroy_distributed()
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command("megatron-prune", run, build_parser().parse_args(argv))

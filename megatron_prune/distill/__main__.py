@@ -22,12 +22,11 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-from megatron_prune.config import PruneConfigError, UnsupportedModelError
+from megatron_prune.config import PruneConfigError
 
 _OVERRIDES = ("train_iters", "train_tokens", "seq_length", "micro_batch_size", "global_batch_size", "lr", "min_lr",
               "lr_warmup_iters", "temperature", "seed")  # fmt: skip
@@ -183,17 +182,9 @@ def _write_curve(history: List[dict], out: Path, plot: bool) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_prune.runtime.distributed import destroy_distributed
+    from megatron_prune.cli import run_command
 
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (PruneConfigError, UnsupportedModelError) as e:
-        print(f"megatron_prune.distill: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    return run_command("megatron_prune.distill", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

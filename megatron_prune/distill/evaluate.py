@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -92,18 +91,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_prune.config import UnsupportedModelError
-    from megatron_prune.runtime.distributed import destroy_distributed
+    from megatron_prune.cli import run_command
 
-    args = build_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except (PruneConfigError, UnsupportedModelError) as e:
-        print(f"megatron_prune.distill.evaluate: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    return run_command("megatron_prune.distill.evaluate", evaluate, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
