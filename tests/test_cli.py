@@ -140,3 +140,17 @@ def test_cli_nas_applies_the_best_scored_candidate(source, tmp_path):
     sizes = {"hidden_size": config.hidden_size, "ffn_hidden_size": config.intermediate_size, "num_layers": config.num_hidden_layers}
     assert {k: sizes[k] for k in winner["export_config"]} == winner["export_config"]
     assert (out / "nas_candidates.png").is_file() and all(c["ok"] for c in record["roundtrip_checks"])
+
+
+def test_cli_taylor_criteria_calibrate_with_gradients_and_reuse_the_statistics(source, tmp_path):
+    """--importance with a Taylor criterion runs the calibration backward through the bridge-imported model; the
+    statistics then serve a forward-only criterion without calibrating (same scores file)."""
+    scores = tmp_path / "scores.pt"
+    common = ["--hf-model", str(source), "--save-format", "hf", "--skip-roundtrip-check", "--no-report", *CALIB,
+              "--target-num-attention-heads", "2", "--scores-path", str(scores)]  # fmt: skip
+    assert main([*common, "--output-dir", str(tmp_path / "taylor"), "--importance", "heads=taylor,ffn=taylor"]) == 0
+    record = json.loads((tmp_path / "taylor" / "prune_summary.json").read_text())
+    assert record["importance_criteria"]["num_attention_heads"] == "taylor" and record["calibrated"]
+    assert main([*common, "--output-dir", str(tmp_path / "reference"), "--importance", "reference"]) == 0
+    record = json.loads((tmp_path / "reference" / "prune_summary.json").read_text())
+    assert record["importance_criteria"]["num_attention_heads"] == "minitron" and not record["calibrated"]
