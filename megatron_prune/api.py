@@ -23,7 +23,7 @@ from megatron_prune.config import (
     SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
 from megatron_prune.importance.criteria import describe, missing_statistics, needing_backward, resolve_criteria, statistics_needed
-from megatron_prune.importance.hooks import SITES, collect_statistics, local_layer_numbers, parse_stat_key
+from megatron_prune.importance.hooks import collect_statistics, is_gradient_statistic, local_layer_numbers, statistics_by_layer
 from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
 from megatron_prune.importance.statistics import StatStore
@@ -323,7 +323,7 @@ def calibrate(
         previous = _load_everywhere(scores_path, fingerprint, ctx)[0]  # cached NAS scores are dropped with the old sums
     if previous is not None:
         backward = bool(getattr(forward_loop, "runs_backward", False))
-        had_gradients = any(SITES[parse_stat_key(k)[1]].needs_backward for k in previous.keys())
+        had_gradients = any(is_gradient_statistic(k) for k in previous.keys())
         if backward != had_gradients:  # Taylor sums would cover only part of the data
             raise PruneConfigError(
                 f"scores_path={scores_path!r} was calibrated {'with' if had_gradients else 'without'} a backward pass: "
@@ -340,11 +340,7 @@ def calibrate(
 def _check_statistics(stats: StatStore, criteria: Mapping[str, str], scores_path: str) -> None:
     """A scores file must hold the statistic of every requested criterion (older files, or files calibrated
     without a backward pass, lack some)."""
-    present: Dict[int, set] = {}
-    for key in stats.keys():
-        n, name = parse_stat_key(key)
-        present.setdefault(n, set()).add(name)
-    missing = missing_statistics(present, criteria)
+    missing = missing_statistics(statistics_by_layer(stats.keys()), criteria)
     if missing:
         taylor = " with a forward loop that runs backward" if needing_backward(criteria) else ""
         raise ScoresFileError(f"scores_path={scores_path!r} lacks what the chosen importance criteria need: {'; '.join(missing)}. "
@@ -364,7 +360,7 @@ def _calibrate(model, forward_loop, ctx: ParallelContext, criteria: Optional[Map
     stats = reduce_statistics(collect_statistics(model, forward_loop, sites), ctx)
     if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
         raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
-    taylor = [v for k, v in stats.sums.items() if SITES[parse_stat_key(k)[1]].needs_backward]
+    taylor = [v for k, v in stats.sums.items() if is_gradient_statistic(k)]
     if taylor and not any(bool(v.any()) for v in taylor):
         raise PruneConfigError("forward_loop.runs_backward is set, but no gradient reached the model's layers: the loop "
                                "must back-propagate a loss through them (e.g. make_forward_loop(batches, backward=True))")  # fmt: skip

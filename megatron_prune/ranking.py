@@ -21,7 +21,7 @@ import torch
 
 from megatron_prune.config import ModelShape
 from megatron_prune.importance.criteria import CRITERIA, resolve_criteria
-from megatron_prune.importance.hooks import parse_stat_key, stat_key
+from megatron_prune.importance.hooks import stat_key, statistics_by_layer
 from megatron_prune.importance.statistics import StatStore
 
 Tensor = torch.Tensor
@@ -82,10 +82,7 @@ def score_importance(stats: StatStore, shape: ModelShape, criteria: Optional[Map
     from megatron_prune.importance.criteria import missing_statistics
 
     criteria = resolve_criteria(criteria)
-    present: Dict[int, set] = {}
-    for key in stats.keys():
-        n, name = parse_stat_key(key)
-        present.setdefault(n, set()).add(name)
+    present = statistics_by_layer(stats.keys())
     if sorted(present) != list(range(1, shape.num_layers + 1)):
         raise ValueError(f"statistics cover layers {sorted(present)}, expected 1..{shape.num_layers}")
     if stats.calls == 0:

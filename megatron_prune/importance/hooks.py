@@ -106,6 +106,20 @@ def parse_stat_key(key: str) -> Tuple[int, str]:
     return int(layer[len("layer") :]), site
 
 
+def statistics_by_layer(keys: Iterable[str]) -> Dict[int, set]:
+    """{global layer number: names of the statistics stored for it} for store keys ``layer{n}/{site}``."""
+    present: Dict[int, set] = {}
+    for key in keys:
+        n, name = parse_stat_key(key)
+        present.setdefault(n, set()).add(name)
+    return present
+
+
+def is_gradient_statistic(key: str) -> bool:
+    """Whether the store key ``layer{n}/{site}`` holds a statistic that needs a backward pass (Taylor)."""
+    return SITES[parse_stat_key(key)[1]].needs_backward
+
+
 def decoder_layers(model: torch.nn.Module) -> Iterator[Tuple[int, torch.nn.Module]]:
     """(global 1-indexed layer number, layer) for the decoder layers this rank holds."""
     for layer in model.decoder.layers:
@@ -173,7 +187,7 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
             if site.group == "query_group" and _kv_groups_replicated(layer):
                 continue  # a group's heads span TP ranks: its joint contribution is not a per-rank sum
             d = _group_width(layer, site.group)
-            width = modules[0][1].weight.shape[1] // (1 if site.kind in ("input", "normed_input") else d)
+            width = modules[0][1].weight.shape[1] // d  # input channels per scored unit (1 for channel statistics)
             per_expert = modules[0][0] is not None
             store.add(key, torch.zeros((len(modules), width) if per_expert else (width,), device=device))
             for expert, module in modules:
