@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+from megatron_prune.errors import PruneConfigError, UnsupportedModelError  # noqa: F401  (re-exported)
+
 # Axes megatron-prune can prune, in the order tables print them (TransformerConfig field names).
 SUPPORTED_AXES = (
     "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -21,14 +23,6 @@ SUPPORTED_AXES = (
     "mamba_num_heads", "mamba_head_dim", "num_layers",
 )  # fmt: skip
 HYBRID_SYMBOLS = "M*-E"  # a hybrid model's layers: Mamba, attention, MLP, MoE
-
-
-class PruneConfigError(ValueError):
-    """Bad user input. The message names the field and says how to fix it."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model holds a module the axis table does not describe (the message names its type)."""
 
 
 def moe_layer_pattern(config) -> List[bool]:
