@@ -28,7 +28,7 @@ from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
-from megatron_prune.model_checks import check_model
+from megatron_prune.model_checks import check_model, model_shape
 from megatron_prune.ranking import Importance, Orders, rank_orders, score_importance
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.search.nas import SearchResult, prepare_search, run_search
@@ -132,7 +132,7 @@ def prune(
     criteria = resolve_criteria(criteria)
     check_model(model, ctx, has_builder=model_builder is not None)
     pattern = hybrid_pattern_of(model)  # None for a GPTModel
-    shape = ModelShape.from_config(model.config, pattern)
+    shape = model_shape(model, ctx, pattern)
     numbers = local_layer_numbers(model)  # {global: local}
     stage_layers = ctx.gather_over_pp(sorted(numbers))
     original_counts = [len(s) for s in stage_layers]

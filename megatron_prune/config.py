@@ -104,7 +104,7 @@ class ModelShape:
             moe_ffn_hidden_size=(config.moe_ffn_hidden_size or config.ffn_hidden_size) if experts else None,
             moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size if experts else None,
             moe_router_topk=config.moe_router_topk if experts else 0,
-            mamba_num_heads=config.mamba_num_heads if mamba else None,  # prune() refuses mixers without it
+            mamba_num_heads=config.mamba_num_heads if mamba else None,  # None: model_checks.model_shape reads the mixers
             mamba_head_dim=head_dim,
             mamba_num_groups=config.mamba_num_groups if mamba else 0,
             mamba_state_dim=config.mamba_state_dim if mamba else 0,
@@ -245,7 +245,8 @@ class SearchConfig:
     seq_length: int = 4096  # memory_mb: KV cache of `batch_size` sequences of `seq_length` tokens
     batch_size: int = 1
     dtype_bytes: int = 2  # memory_mb: bytes per weight (2: bf16)
-    kv_cache_dtype_bytes: Optional[int] = None  # None: dtype_bytes
+    kv_cache_dtype_bytes: Optional[int] = None  # memory_mb: bytes per K/V cache value (None: dtype_bytes)
+    mamba_state_dtype_bytes: Optional[int] = None  # memory_mb: bytes per Mamba conv/SSM state value (None: dtype_bytes)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -254,8 +255,9 @@ class SearchConfig:
                 _positive_int(f"search.{f.name}", value)
             elif f.name.startswith("max_") and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1):
                 raise PruneConfigError(f"search.{f.name}={value!r} must be a fraction in [0, 1)")
-        if self.kv_cache_dtype_bytes is not None:
-            _positive_int("search.kv_cache_dtype_bytes", self.kv_cache_dtype_bytes)
+        for name in ("kv_cache_dtype_bytes", "mamba_state_dtype_bytes"):
+            if getattr(self, name) is not None:
+                _positive_int(f"search.{name}", getattr(self, name))
         if isinstance(self.axes_to_skip, str) or not all(isinstance(a, str) for a in self.axes_to_skip):
             raise PruneConfigError(f"search.axes_to_skip={self.axes_to_skip!r} must be a list of axis names")
         object.__setattr__(self, "axes_to_skip", tuple(self.axes_to_skip))

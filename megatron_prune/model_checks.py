@@ -1,4 +1,5 @@
-"""What megatron-prune refuses to prune, found before any work: `check_model(model, ctx)`.
+"""What megatron-prune refuses to prune, found before any work (`check_model(model, ctx)`), and the prunable
+sizes of a model as built (`model_shape`).
 
 Pipeline stages hold different modules, so the ranks agree on the verdict first: every rank raises the same
 error (PruneConfigError for a setting to change, UnsupportedModelError for a module type the axis table does
@@ -7,11 +8,12 @@ not describe) and none is left waiting in a collective.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional
 
 import torch
 
-from megatron_prune.config import PruneConfigError, UnsupportedModelError
+from megatron_prune.config import ModelShape, PruneConfigError, UnsupportedModelError
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing.model import block_spec_layers
 from megatron_prune.slicing.table import axes_of
@@ -61,7 +63,7 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
             return PruneConfigError, problem
     mixers = [layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer")]
     if mixers:
-        problem = _mamba_problem(mixers, cfg, ctx)
+        problem = _mamba_problem(mixers, ctx)
         if problem:
             return PruneConfigError, problem
     for name in model.state_dict():
@@ -85,18 +87,26 @@ def _is_mamba_model(model: torch.nn.Module) -> bool:
     return isinstance(model, MambaModel)
 
 
-def _mamba_problem(mixers: List[torch.nn.Module], cfg, ctx: ParallelContext) -> Optional[str]:
+def _mamba_problem(mixers: List[torch.nn.Module], ctx: ParallelContext) -> Optional[str]:
     """Why this stage's Mamba mixers cannot be pruned (None if they can)."""
     if ctx.tp_size > 1:
         return (f"Mamba layers at tensor_model_parallel_size={ctx.tp_size}: prune hybrid models at TP=1 (in_proj and "
                 "conv1d are split over TP ranks per segment, which megatron-prune does not gather yet)")  # fmt: skip
-    mixer = mixers[0]
-    if mixer.D_has_hdim:
+    if mixers[0].D_has_hdim:
         return "Mamba mixers with D_has_hdim=True (a D per channel) are not supported yet"
-    if cfg.mamba_num_heads is None:
-        return (f"config.mamba_num_heads is not set: set it to the mixers' {mixer.nheads} heads (MambaMixer derives "
-                "it from its expand factor, which the config does not record)")  # fmt: skip
     return None
+
+
+def model_shape(model: torch.nn.Module, ctx: ParallelContext, pattern: Optional[str] = None) -> ModelShape:
+    """The prunable sizes of the whole model: its config's, except `mamba_num_heads` when the config leaves it
+    unset (megatron-core's MambaMixer then derives it from its expand factor): read from the mixers (a gather
+    over pipeline stages, some of which may hold no Mamba layer)."""
+    shape = ModelShape.from_config(model.config, pattern)
+    if shape.mamba_head_dim is None or shape.mamba_num_heads is not None:
+        return shape
+    local = [int(layer.mixer.nheads) for layer in model.decoder.layers if hasattr(layer, "mixer")]
+    heads = next(h for stage in ctx.gather_over_pp(local) for h in stage)
+    return dataclasses.replace(shape, mamba_num_heads=heads)
 
 
 def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:

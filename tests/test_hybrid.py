@@ -181,10 +181,21 @@ def test_hybrid_targets_are_checked(mcore):
     calls = []
     with pytest.raises(mp.PruneConfigError, match="'num_attention_heads' is not an axis of this model"):
         mp.prune(model, {"num_attention_heads": 2}, forward_loop=calls.append)
-    model.config.mamba_num_heads = None
-    with pytest.raises(mp.PruneConfigError, match="config.mamba_num_heads is not set: set it to the mixers' 8 heads"):
-        mp.prune(model, {"mamba_head_dim": 8}, forward_loop=calls.append)
     assert calls == []
+
+
+def test_mamba_num_heads_left_to_the_mixers_is_read_from_them(mcore):
+    """megatron-core lets `mamba_num_heads` be None (MambaMixer derives 2 x 64 / 16 = 8 heads): the heads are read
+    from the model, sorting every axis keeps the logits, and the pruned config records the pruned head count."""
+    model = make(mamba_num_heads=None)
+    assert model.config.mamba_num_heads is None and model.decoder.layers[0].mixer.nheads == 8
+    data = batches()
+    before = logits(model, data)
+    sorted_model, _ = mp.prune(model, {"mamba_num_heads": 8}, forward_loop=loop(data))
+    torch.testing.assert_close(logits(sorted_model, data), before, atol=1e-5, rtol=0)
+    pruned, result = mp.prune(model, {"mamba_num_heads": 4}, forward_loop=loop(data))
+    assert result.config.mamba_num_heads == 4 and pruned.decoder.layers[0].mixer.nheads == 4
+    assert result.params_after == sum(p.numel() for p in pruned.parameters())
 
 
 def test_nas_searches_mamba_heads_per_group(mcore):
@@ -205,3 +216,42 @@ def test_nas_searches_mamba_heads_per_group(mcore):
     best = result.search.best
     assert result.params_after == best.counts.params == sum(p.numel() for p in pruned.parameters())
     assert pruned.decoder.layers[0].mixer.nheads == best.export_config["mamba_num_heads"]
+
+
+def test_nas_ties_keep_search_space_order_after_the_exact_recount(mcore):
+    """Layers differ in kind, so candidates are pre-sorted by lower bounds and recounted exactly once the layer
+    ranking is known. Dropping the MLP layer (it adds nothing) makes FFN 64 and FFN 128 at 4 layers tie exactly,
+    while their lower bounds differ: the tie straddles top_k=1, and the first in search-space order must win."""
+    model = make("M*M-")
+    with torch.no_grad():  # the MLP layer 4 is an identity: the layer block influence drops
+        model.decoder.layers[3].mlp.linear_fc2.weight.zero_()
+    full = full_sizes(model)
+    inventory = mp.inventory_of(model, ParallelContext.from_megatron())
+    budget = inventory.count({**full, "num_layers": 3}, kept_layers=[1, 2, 3]).params
+    search = dict(ffn_hidden_size_divisor=64, num_layers_divisor=1, max_width_pruning=0.6, max_depth_pruning=0.5,
+                  axes_to_skip=("mamba_num_heads", "mamba_head_dim", "num_attention_heads"), top_k=1)  # FFN {64, 128} x layers {3, 4}
+    _, result = mp.prune(model, constraints={"params": budget}, forward_loop=loop(batches()), search=search)
+    assert result.plan.kept_layers == [1, 2, 3]
+    assert result.search.space == {"ffn_hidden_size": [64, 128], "num_layers": [3, 4]}
+    lower = {f: inventory.smallest({**full, "ffn_hidden_size": f, "num_layers": 3}).params for f in (64, 128)}
+    assert lower[64] < lower[128] <= budget  # the lower bounds alone would put FFN 128 first
+    assert result.search.best.export_config == {"ffn_hidden_size": 64, "num_layers": 3}
+    assert result.search.best.counts.params == budget
+
+
+def test_mamba_state_is_counted_at_the_weights_dtype_like_the_reference(mcore):
+    """The KV cache is counted in kv_cache_dtype_bytes, the Mamba conv and SSM state in mamba_state_dtype_bytes,
+    which defaults to the weights' dtype_bytes (the reference's rule), not to the KV cache's."""
+    model = make("M*M-")
+    inventory = mp.inventory_of(model, ParallelContext.from_megatron())
+    full = full_sizes(model)
+    D = full["mamba_num_heads"] * full["mamba_head_dim"]
+    mamba_state = 2 * ((D + 2 * 2 * 16) * 3 + D * 16)  # two Mamba layers: conv window + SSM state, one sequence
+    kv = 64 * 2 * 2 * 16  # one attention layer: K and V of 2 groups x 16 channels, 64 tokens
+    params = inventory.count(full).params
+    fp8_kv = MemorySpec(64, 1, 2, kv_cache_dtype_bytes=1)
+    assert inventory.count(full, fp8_kv).memory_mb == pytest.approx((params * 2 + kv * 1 + mamba_state * 2) / MB, abs=1e-12)
+    fp32_state = MemorySpec(64, 1, 2, kv_cache_dtype_bytes=1, mamba_state_dtype_bytes=4)
+    assert inventory.count(full, fp32_state).memory_mb == pytest.approx((params * 2 + kv * 1 + mamba_state * 4) / MB, abs=1e-12)
+    with pytest.raises(mp.PruneConfigError, match="search.mamba_state_dtype_bytes=0 must be a positive integer"):
+        mp.SearchConfig(mamba_state_dtype_bytes=0)

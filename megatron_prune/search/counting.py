@@ -19,8 +19,10 @@ or MoE (local or TE spec), for counting a config without building it (hybrid Mam
 
 Memory (MB = 2**20 bytes) = parameters * dtype_bytes + inference state. The state a layer keeps is looked
 up in `INFERENCE_STATE` by a role it holds: attention keeps K and V of every query group per token (KV
-cache, assuming global attention in every layer: an upper bound with sliding windows); a Mamba mixer keeps,
-per sequence, its convolution window ((D + 2 ng ds) x (k - 1)) and its SSM state (nh x hd x ds).
+cache, assuming global attention in every layer: an upper bound with sliding windows), stored in
+`kv_cache_dtype_bytes`; a Mamba mixer keeps, per sequence, its convolution window ((D + 2 ng ds) x (k - 1))
+and its SSM state (nh x hd x ds), stored in `mamba_state_dtype_bytes`. Both default to `dtype_bytes`, as
+the reference counts them (ModelOpt counts the Mamba state at the weights' dtype).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ Dim = Union[int, Geometry]  # a fixed length, or a geometry of the axis table
 Template = Tuple[Dim, ...]
 MB = 2**20
 
-# Inference state per layer, by a role (a tensor name inside the layer) that keeps it:
-# sizes -> (elements per token of every sequence, elements per sequence), stored in kv_cache_dtype_bytes.
-INFERENCE_STATE: Dict[str, Callable[["Sizes"], Tuple[int, int]]] = {
-    "self_attention.linear_qkv.weight": lambda s: (2 * s.size("num_query_groups") * s.kv_channels, 0),  # K and V
-    "mixer.in_proj.weight": lambda s: (0, s.length(MAMBA_CONV_CHANNELS) * (s.mamba_conv_kernel - 1)  # conv window
-                                       + s.length(MAMBA_CHANNELS) * s.mamba_state_dim),  # SSM state
+# Inference state per layer, by a role (a tensor name inside the layer) that keeps it: (what it is, sizes ->
+# elements). The KV cache holds its elements per token of every sequence, the Mamba state per sequence.
+KV_CACHE, MAMBA_STATE = "kv_cache", "mamba_state"
+INFERENCE_STATE: Dict[str, Tuple[str, Callable[["Sizes"], int]]] = {
+    "self_attention.linear_qkv.weight": (KV_CACHE, lambda s: 2 * s.size("num_query_groups") * s.kv_channels),  # K, V
+    "mixer.in_proj.weight": (MAMBA_STATE, lambda s: s.length(MAMBA_CONV_CHANNELS) * (s.mamba_conv_kernel - 1)  # conv
+                                                    + s.length(MAMBA_CHANNELS) * s.mamba_state_dim),  # SSM state
 }
 
 
@@ -96,12 +99,21 @@ class Counts:
 
 @dataclass(frozen=True)
 class MemorySpec:
-    """What `memory_mb` assumes: weights in `dtype_bytes`, a KV cache for `batch_size` x `seq_length` tokens."""
+    """What `memory_mb` assumes: weights in `dtype_bytes`, a KV cache for `batch_size` x `seq_length` tokens in
+    `kv_cache_dtype_bytes`, the Mamba conv and SSM state of `batch_size` sequences in `mamba_state_dtype_bytes`
+    (both None: `dtype_bytes`)."""
 
     seq_length: int = 4096
     batch_size: int = 1
     dtype_bytes: int = 2
     kv_cache_dtype_bytes: Optional[int] = None
+    mamba_state_dtype_bytes: Optional[int] = None
+
+    def state_bytes(self, kind: str, elements: int) -> int:
+        """Bytes of `elements` of inference state of `kind` (per token for the KV cache, per sequence for Mamba)."""
+        if kind == KV_CACHE:
+            return self.batch_size * self.seq_length * elements * (self.kv_cache_dtype_bytes or self.dtype_bytes)
+        return self.batch_size * elements * (self.mamba_state_dtype_bytes or self.dtype_bytes)
 
 
 def is_routed_expert(name: str) -> bool:
@@ -158,8 +170,7 @@ class Inventory:
         for n in self.surviving(s.size("num_layers"), kept_layers):
             p, a, st = per_kind[self.layer_kinds[n - 1]]
             params, active, state = params + p, active + a, state + st
-        kv_bytes = memory.kv_cache_dtype_bytes or memory.dtype_bytes
-        return Counts(params, active, (params * memory.dtype_bytes + state * kv_bytes) / MB)
+        return Counts(params, active, (params * memory.dtype_bytes + state) / MB)
 
     def smallest(self, target: Mapping[str, int], memory: MemorySpec = MemorySpec()) -> Counts:
         """A lower bound of `count(target, ...)` over every choice of surviving layers: each count with its
@@ -169,13 +180,12 @@ class Inventory:
         s, n = self.sizes(target), target["num_layers"]
         rows = [self._layer(self.kinds[k], s, memory) for k in self.layer_kinds]
         base = sum(_numel(t, s) for t in self.model.values())
-        params, active, state = (base + sum(sorted(r[i] for r in rows)[:n]) for i in range(3))
-        kv_bytes = memory.kv_cache_dtype_bytes or memory.dtype_bytes
-        layer_bytes = sum(sorted(r[0] * memory.dtype_bytes + r[2] * kv_bytes for r in rows)[:n])
+        params, active = (base + sum(sorted(r[i] for r in rows)[:n]) for i in range(2))
+        layer_bytes = sum(sorted(r[0] * memory.dtype_bytes + r[2] for r in rows)[:n])
         return Counts(params, active, (base * memory.dtype_bytes + layer_bytes) / MB)
 
     def _layer(self, kind: Mapping[str, Template], s: Sizes, memory: MemorySpec) -> Tuple[int, int, int]:
-        """(parameters, active parameters, inference-state elements) of one layer of `kind` at sizes `s`."""
+        """(parameters, active parameters, inference-state bytes) of one layer of `kind` at sizes `s`."""
         experts = s.sizes.get("num_moe_experts", 0)
         params = active = 0
         for name, t in kind.items():
@@ -183,12 +193,8 @@ class Inventory:
             routed = is_routed_expert(name)
             params += n * (experts if routed else 1)
             active += n * (min(self.moe_router_topk, experts) if routed else 1)
-        per_token = per_sequence = 0
-        for role, state in INFERENCE_STATE.items():
-            if role in kind:
-                token, sequence = state(s)
-                per_token, per_sequence = per_token + token, per_sequence + sequence
-        return params, active, memory.batch_size * (per_token * memory.seq_length + per_sequence)
+        state = sum(memory.state_bytes(what, elements(s)) for role, (what, elements) in INFERENCE_STATE.items() if role in kind)
+        return params, active, state
 
 
 def is_mamba(kind: Mapping[str, Template]) -> bool:

@@ -167,7 +167,7 @@ def _recount(plan: SearchPlan, candidates: List[Candidate], kept_layers: Callabl
             "(before calibration they were counted with their smallest layers): raise the budget, or prune fewer layers"
         )
     primary = next(iter(plan.budgets))
-    return sorted(fitting, key=lambda c: -c.counts.get(primary))
+    return sorted(fitting, key=lambda c: c.rank_key(primary))  # not the lower bounds' order: ties by search-space index
 
 
 def _score(model: torch.nn.Module, score_func: ScoreFunc, ctx: ParallelContext) -> float:

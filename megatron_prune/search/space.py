@@ -110,6 +110,11 @@ class Candidate:
     export_config: Dict[str, int]
     counts: Counts
     score: Optional[float] = None
+    index: int = 0  # position in the search space's product order: ties are broken by it
+
+    def rank_key(self, primary: str) -> Tuple[float, int]:
+        """Sort key: closest to the primary budget first (the largest count within it), ties in search-space order."""
+        return (-self.counts.get(primary), self.index)
 
     @property
     def key(self) -> Tuple[Tuple[str, int], ...]:
@@ -136,7 +141,7 @@ def search_candidates(space: SearchSpace, inventory: Inventory, budgets: Mapping
     memory = memory_spec(config)
     primary = next(iter(budgets))
     out = Fitting(candidates=[])
-    for target in space.combinations():
+    for index, target in enumerate(space.combinations()):
         export_config = {axis: target[axis] for axis in space.axes}
         try:
             validate_export_config(export_config, shape, pp_size=pp_size, tp_size=tp_size, ep_size=ep_size)
@@ -151,10 +156,11 @@ def search_candidates(space: SearchSpace, inventory: Inventory, budgets: Mapping
             if budget not in out.smallest or counts.get(budget) < out.smallest[budget][0]:
                 out.smallest[budget] = (counts.get(budget), export_config)
         if all(counts.get(b) <= limit for b, limit in budgets.items()):
-            out.candidates.append(Candidate(export_config, counts))
-    out.candidates.sort(key=lambda c: -c.counts.get(primary))  # stable: ties keep product order
+            out.candidates.append(Candidate(export_config, counts, index=index))
+    out.candidates.sort(key=lambda c: c.rank_key(primary))
     return out
 
 
 def memory_spec(config: SearchConfig) -> MemorySpec:
-    return MemorySpec(config.seq_length, config.batch_size, config.dtype_bytes, config.kv_cache_dtype_bytes)
+    return MemorySpec(config.seq_length, config.batch_size, config.dtype_bytes, config.kv_cache_dtype_bytes,
+                      config.mamba_state_dtype_bytes)
