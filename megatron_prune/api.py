@@ -22,10 +22,9 @@ import torch
 from megatron_prune.config import (
     SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
-from megatron_prune.importance.criteria import describe, missing_statistics, needing_backward, resolve_criteria, statistics_needed
-from megatron_prune.importance.hooks import collect_statistics, is_gradient_statistic, local_layer_numbers, statistics_by_layer
-from megatron_prune.importance.reduce import reduce_statistics
-from megatron_prune.importance.scores_file import ScoresFileError, load_scores, model_fingerprint, save_scores
+from megatron_prune.importance.calibration import Statistics, calibrate, obtain_statistics  # noqa: F401  (calibrate: public)
+from megatron_prune.importance.criteria import describe, resolve_criteria
+from megatron_prune.importance.hooks import local_layer_numbers
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
 from megatron_prune.model_checks import check_model, model_shape
@@ -55,6 +54,7 @@ class PruneResult:
     scores_path: Optional[str] = None
     search: Optional[SearchResult] = None  # NAS: the space, the scored candidates and the winner
     criteria: Optional[Dict[str, str]] = None  # {axis: importance criterion}; None when `importance=` was given
+    calibration: Optional[dict] = None  # what the statistics were computed on (`calibration_record`), when known
 
 
 @dataclass
@@ -69,9 +69,7 @@ class _Source:
     importance: Importance
     orders: Orders
     params_before: int
-    calibrated: bool
-    calls: int
-    scores_path: Optional[str]
+    statistics: Statistics
     model_builder: Optional[Callable[[object], torch.nn.Module]]
     pattern: Optional[str] = None  # a hybrid model's layer pattern (whole model)
     criteria: Optional[Dict[str, str]] = None
@@ -89,6 +87,8 @@ def prune(
     search=None,
     importance: Optional[Importance] = None,
     criteria: Optional[Mapping[str, str] | str] = None,
+    reuse_scores: bool = False,
+    all_statistics: bool = False,
 ):
     """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`, or to the
     best-scoring architecture within the budgets in `constraints` (NAS).
@@ -120,6 +120,10 @@ def prune(
             unnamed axes keep their defaults). Taylor criteria need a `forward_loop` that runs backward
             (`make_forward_loop(batches, backward=True)`). A scores file serves every criterion whose
             statistic it holds.
+        reuse_scores: use an existing scores file even though it records other calibration data than
+            `forward_loop`'s (by default that is an error naming the setting that changed).
+        all_statistics: calibrate every forward-only statistic, not only what `criteria` read (a little slower;
+            the scores file then serves any forward-only criterion later without calibrating).
 
     Returns:
         (pruned_model, PruneResult). The pruned model is a stock GPTModel built from `result.config`
@@ -161,49 +165,27 @@ def prune(
         if nas is not None:
             raise PruneConfigError("importance= ranks a manual prune: it cannot be combined with constraints (NAS)")
         _check_importance(importance, shape, layer_symbols(model.config, pattern))
-        stats, calibrated, scores_path, ranked_by_statistics = StatStore(), False, None, False
+        statistics, ranked_by_statistics = Statistics(StatStore(), False, None), False
     else:
-        have_scores = ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path))
-        if not have_scores and forward_loop is None:
-            where = f"no scores file exists at scores_path={scores_path!r}" if scores_path else "no scores_path was given"
-            raise PruneConfigError(f"forward_loop is required: {where}, so calibration must run")
-        backward = needing_backward(criteria)
-        if backward and not have_scores and not getattr(forward_loop, "runs_backward", False):
-            raise PruneConfigError(
-                f"importance criteria {', '.join(backward)} need gradients, but forward_loop does not run backward: "
-                "pass make_forward_loop(batches, backward=True) (or a loop that back-propagates a loss through the "
-                "schedule and sets forward_loop.runs_backward = True), or choose forward-only criteria"
-            )
         if shape.num_query_groups < ctx.tp_size and criteria["num_query_groups"] != "minitron":
             log(f"num_query_groups={shape.num_query_groups} < TP={ctx.tp_size}: K/V heads are replicated over TP ranks and "
                 "groups cannot be pruned at this layout; they are ordered by the reference's statistic")  # fmt: skip
             criteria = {**criteria, "num_query_groups": "minitron"}
         log(f"importance criteria: {describe(criteria, shape)}")
-
-        # a collective (a TP gather per split tensor), so computed once and only when a file is involved
-        fingerprint = model_fingerprint(model, ctx) if scores_path else None
-        if have_scores:
-            stats, cache = _load_everywhere(scores_path, fingerprint, ctx)
-            _check_statistics(stats, criteria, scores_path)
-            log(f"loaded statistics of {stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
-        else:
-            stats, cache = _calibrate(model, forward_loop, ctx, criteria), {}
-            if scores_path:
-                _save(scores_path, stats, fingerprint, ctx)
-        importance, calibrated, ranked_by_statistics = score_importance(stats, shape, criteria), not have_scores, True
+        _dry_run_rebuild(model, ctx, shape, target if nas is None else nas.first_sizes(), stage_layers, pattern, model_builder)
+        statistics = obtain_statistics(model, forward_loop, ctx, criteria, scores_path, reuse_scores, all_statistics)
+        importance, ranked_by_statistics = score_importance(statistics.stats, shape, criteria), True
 
     src = _Source(
         model=model, ctx=ctx, shape=shape, numbers=numbers, stage_layers=stage_layers, importance=importance,
-        orders=rank_orders(importance, shape), params_before=params_before, calibrated=calibrated,
-        calls=stats.calls, scores_path=scores_path, model_builder=model_builder, pattern=pattern,
-        criteria=criteria if ranked_by_statistics else None,
+        orders=rank_orders(importance, shape), params_before=params_before, statistics=statistics,
+        model_builder=model_builder, pattern=pattern, criteria=criteria if ranked_by_statistics else None,
     )  # fmt: skip
     if nas is None:
         return _build(src, target, requested=export_config)
 
     def save(search_cache: dict) -> None:
-        if scores_path:
-            save_scores(scores_path, stats, fingerprint, ctx, meta=_meta(ctx), search=search_cache)
+        statistics.save_search(search_cache, ctx)
 
     def build_candidate(candidate) -> torch.nn.Module:
         return _build(src, {**shape.sizes(), **candidate.export_config}, candidate.export_config, verbose=False)[0]
@@ -214,7 +196,7 @@ def prune(
     def keeps_every_stage(candidate) -> bool:
         return not _emptied_stages(stage_layers, kept_layers(candidate))
 
-    found = run_search(nas, keeps_every_stage, build_candidate, score_func, cache, save, ctx, kept_layers, criteria)
+    found = run_search(nas, keeps_every_stage, build_candidate, score_func, statistics.search, save, ctx, kept_layers, criteria)
     pruned, result = _build(src, {**shape.sizes(), **found.best.export_config}, found.best.export_config)
     result.search = found
     return pruned, result
@@ -294,77 +276,10 @@ def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int]
     result = PruneResult(
         config=new_config, export_config=dict(target), original_sizes=shape.sizes(), importance=src.importance,
         orders=src.orders, plan=plan, stage_layers=stage_layers, params_before=src.params_before,
-        params_after=params_after, calibrated=src.calibrated, calibration_calls=src.calls,
-        scores_path=src.scores_path, criteria=src.criteria,
+        params_after=params_after, calibrated=src.statistics.calibrated, calibration_calls=src.statistics.stats.calls,
+        scores_path=src.statistics.scores_path, criteria=src.criteria, calibration=src.statistics.calibration,
     )  # fmt: skip
     return pruned, result
-
-
-def calibrate(
-    model: torch.nn.Module,
-    forward_loop: Callable[[torch.nn.Module], None],
-    scores_path: Optional[str] = None,
-    extend: bool = False,
-) -> StatStore:
-    """Collect the statistics of every layer (reduced over DP, gathered over PP) without pruning.
-
-    With `scores_path` the result is saved there; with `extend=True` and an existing file, the new sums
-    are *added* to the file's (more calibration data, e.g. after an interrupted job), which equals one
-    calibration over all the data. `prune()` then reuses the file at any layout and any target.
-    """
-    ctx = ParallelContext.from_megatron()
-    check_model(model, ctx)
-    # a collective (a TP gather per split tensor), so computed once and only when a file is involved
-    fingerprint = model_fingerprint(model, ctx) if scores_path else None
-    previous = None
-    if ctx.broadcast_object(scores_path is not None and os.path.exists(scores_path)):
-        if not extend:
-            raise PruneConfigError(f"scores_path={scores_path!r} exists: pass extend=True to add to it, or another path")
-        previous = _load_everywhere(scores_path, fingerprint, ctx)[0]  # cached NAS scores are dropped with the old sums
-    if previous is not None:
-        backward = bool(getattr(forward_loop, "runs_backward", False))
-        had_gradients = any(is_gradient_statistic(k) for k in previous.keys())
-        if backward != had_gradients:  # Taylor sums would cover only part of the data
-            raise PruneConfigError(
-                f"scores_path={scores_path!r} was calibrated {'with' if had_gradients else 'without'} a backward pass: "
-                f"extend it with a forward loop that {'runs' if had_gradients else 'does not run'} backward"
-            )
-    stats = _calibrate(model, forward_loop, ctx)
-    if previous is not None:
-        stats = previous.merge(stats)
-    if scores_path:
-        _save(scores_path, stats, fingerprint, ctx)
-    return stats
-
-
-def _check_statistics(stats: StatStore, criteria: Mapping[str, str], scores_path: str) -> None:
-    """A scores file must hold the statistic of every requested criterion (older files, or files calibrated
-    without a backward pass, lack some)."""
-    missing = missing_statistics(statistics_by_layer(stats.keys()), criteria)
-    if missing:
-        taylor = " with a forward loop that runs backward" if needing_backward(criteria) else ""
-        raise ScoresFileError(f"scores_path={scores_path!r} lacks what the chosen importance criteria need: {'; '.join(missing)}. "
-                              f"Calibration must run again{taylor}: delete the file or choose another scores_path, "
-                              "or choose criteria whose statistics it holds")  # fmt: skip
-
-
-def _calibrate(model, forward_loop, ctx: ParallelContext, criteria: Optional[Mapping[str, str]] = None) -> StatStore:
-    """Every forward-only statistic, plus Taylor statistics when the loop runs backward (all of them: the
-    backward pass is paid anyway) or, through `criteria`, when they are asked for."""
-    backward = bool(getattr(forward_loop, "runs_backward", False))
-    if backward and getattr(model.config, "gradient_accumulation_fusion", False):
-        raise PruneConfigError("gradient_accumulation_fusion=True needs Megatron's DDP main_grad buffers, which an unwrapped "
-                               "model does not have: turn it off in the model's config to calibrate with gradients")  # fmt: skip
-    sites = statistics_needed(criteria or {}, include_taylor=backward)
-    log("calibrating: collecting activation statistics" + (" and gradients" if backward else ""))
-    stats = reduce_statistics(collect_statistics(model, forward_loop, sites), ctx)
-    if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
-        raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
-    taylor = [v for k, v in stats.sums.items() if is_gradient_statistic(k)]
-    if taylor and not any(bool(v.any()) for v in taylor):
-        raise PruneConfigError("forward_loop.runs_backward is set, but no gradient reached the model's layers: the loop "
-                               "must back-propagate a loss through them (e.g. make_forward_loop(batches, backward=True))")  # fmt: skip
-    return stats
 
 
 def _emptied_stages(stage_layers: List[List[int]], kept) -> List[int]:
@@ -373,46 +288,45 @@ def _emptied_stages(stage_layers: List[List[int]], kept) -> List[int]:
     return [i for i, stage in enumerate(stage_layers) if stage and not kept.intersection(stage)]
 
 
-def _meta(ctx: ParallelContext) -> dict:
-    return {"tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
-
-
-def _save(scores_path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext) -> None:
-    """Write fresh statistics (a new calibration: any cached NAS scores belonged to the old ones)."""
-    save_scores(scores_path, stats, fingerprint, ctx, meta=_meta(ctx))
-    log(f"saved statistics of {stats.calls} micro-batches to {scores_path}")
-
-
-def _load_everywhere(scores_path: str, fingerprint: Dict[str, object], ctx: ParallelContext):
-    """Global rank 0 reads the file and checks it against `fingerprint`; every rank gets its statistics
-    and NAS cache, or the same error."""
-    loaded, problem = None, None
-    if ctx.is_main:
-        try:
-            stats, search = load_scores(scores_path, fingerprint)
-            loaded = (stats.state_dict(), search)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
-            problem = (ScoresFileError, str(e) if isinstance(e, ScoresFileError) else f"{type(e).__name__}: {e}")
-    ctx.raise_first(problem)
-    stats, search = ctx.broadcast_object(loaded)
-    return StatStore.from_state_dict(stats), search
-
-
 def _megatron_problem(config, shape: ModelShape, target: Mapping[str, int], counts: List[int],
                       pattern: Optional[str] = None) -> Optional[str]:  # fmt: skip
     """Build a pruned config now, so Megatron's own checks fail before calibration; returns why Megatron
-    refuses it (None if it builds). Which layers survive is not known yet: it assumes the last ones of the
-    fullest stages go (stages keep at least one)."""
-    provisional = list(counts)
-    for _ in range(shape.num_layers - target["num_layers"]):
-        fullest = max(range(len(provisional)), key=lambda i: (provisional[i], i))
-        provisional[fullest] -= 1
+    refuses it (None if it builds). Which layers survive is not known yet (`_provisional_counts`)."""
+    provisional = _provisional_counts(counts, shape.num_layers - target["num_layers"])
     kept = list(range(1, target["num_layers"] + 1))
     try:
         pruned_config(config, shape, target, provisional, counts, kept, pattern)
     except (AssertionError, ValueError) as e:
         return f"megatron-core rejects the pruned config {dict(target)}: {e}"
     return None
+
+
+def _provisional_counts(counts: List[int], dropped: int) -> List[int]:
+    """Layers per stage before the layer ranking is known: the last ones of the fullest stages go (stages keep one)."""
+    provisional = list(counts)
+    for _ in range(dropped):
+        fullest = max(range(len(provisional)), key=lambda i: (provisional[i], i))
+        provisional[fullest] -= 1
+    return provisional
+
+
+def _dry_run_rebuild(model, ctx: ParallelContext, shape: ModelShape, target: Mapping[str, int], stage_layers: List[List[int]],
+                     pattern: Optional[str], model_builder) -> None:  # fmt: skip
+    """Build this stage of the pruned model once on the meta device, before calibrating, so that a config that
+    cannot be rebuilt fails now rather than after calibration (a user's `model_builder` is not dry-run)."""
+    if model_builder is not None:
+        return
+    counts = [len(stage) for stage in stage_layers]
+    provisional = _provisional_counts(counts, shape.num_layers - target["num_layers"])
+    kept_layers = sorted(n for stage, c in zip(stage_layers, provisional) for n in stage[:c])
+    problem = None
+    try:
+        config = pruned_config(model.config, shape, target, provisional, counts, kept_layers, pattern)
+        rebuild(model, config, list(range(provisional[ctx.pp_rank])), kept_layers, on_meta=True)
+    except Exception as e:  # noqa: BLE001 - shared with every rank just below
+        problem = (PruneConfigError, f"the pruned model cannot be built from the pruned config ({type(e).__name__}: {e}); "
+                                     "nothing was calibrated")  # fmt: skip
+    ctx.raise_first(problem)
 
 
 def _copy_train_flags(model, pruned, kept_local: List[int]) -> None:

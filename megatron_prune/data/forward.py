@@ -6,17 +6,21 @@
 Taylor importance criteria; no optimizer step). With
 data parallelism each replica takes every dp_size-th micro-batch, so the replicas together see each
 micro-batch exactly once and their summed statistics equal a single process's.
+
+`make_forward_loop(batches)` is the calibration loop `prune()` runs: it records what it runs on (a hash of the
+token rows, `calibration_record`) and can run any range of its micro-batches, so calibration can be
+checkpointed and resumed (`importance/calibration.py`).
 """
 
 from __future__ import annotations
 
-import time
+import hashlib
 from functools import partial
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from megatron_prune.log import log
+from megatron_prune.log import Progress
 from megatron_prune.runtime.parallel import ParallelContext
 
 Collect = Callable[[torch.Tensor, torch.Tensor], Any]  # (logits [B, S, V], tokens [B, S]) -> anything
@@ -27,14 +31,15 @@ def run_forward(
     batches: Sequence[torch.Tensor],
     collect: Optional[Collect] = None,
     shard_over_dp: bool = True,
-    progress: str | None = None,
+    progress: Union[str, Progress, None] = None,
     backward: bool = False,
 ) -> List[Any]:
     """Forward every micro-batch (token ids [B, S], all of one shape) through the pipeline schedule.
 
     Returns, on the last pipeline stage, ``[collect(logits, tokens) for each micro-batch]`` (logits
     [B, S, V] as the model returns them); an empty list on other stages or when `collect` is None.
-    `progress`: a label to print batches/s and ETA on rank 0 while running. `backward`: run the backward pass
+    `progress`: a label to print samples/s and ETA on rank 0 while running (or a `Progress` the caller shares
+    between calls and closes). `backward`: run the backward pass
     of the mean next-token cross-entropy of each micro-batch (unscaled by the number of micro-batches;
     gradients accumulate in `.grad`); `collect` is then not called.
     """
@@ -49,7 +54,7 @@ def run_forward(
         raise ValueError(f"micro-batches must be token-id tensors [B, S] of one shape, got shapes {sorted(shapes)}")
     mbs, seq = next(iter(shapes))
     device = next(model.parameters()).device
-    meter = _Progress(progress, len(mine), mbs) if progress else None
+    meter = Progress(progress, len(mine), scale=mbs) if isinstance(progress, str) else progress
 
     def forward_step(data_iterator, model):
         tokens = next(data_iterator).to(device)
@@ -72,7 +77,7 @@ def run_forward(
         forward_only=not backward,
         collect_non_loss_data=not backward,
     )
-    if meter:
+    if isinstance(progress, str):
         meter.done()
     return list(outputs) if collect is not None and outputs and not backward else []
 
@@ -89,39 +94,49 @@ def _collect_output(collect: Optional[Collect], tokens, output_tensor, non_loss_
     return None if collect is None else collect(output_tensor, tokens)
 
 
-def make_forward_loop(batches: Sequence[torch.Tensor], progress: bool = True, backward: bool = False) -> Callable[[torch.nn.Module], None]:
-    """A `forward_loop(model)` for calibration: forwards `batches` (token ids [B, S]) through the schedule.
+def calibration_record(batches: Sequence[torch.Tensor], settings: Optional[Mapping[str, Any]] = None) -> dict:
+    """What a calibration runs on: {tokens_sha256 (the token rows in order), samples, seq_length, **settings}.
 
-    `backward=True` also back-propagates the next-token loss (what Taylor criteria need) and marks the loop
-    `runs_backward`, the attribute `prune()` checks before it calibrates with such a criterion."""
+    The micro-batch split is left out: it changes no importance order. `settings` name where the rows came from
+    (the CLI's --calib-data, --seed, ...) so that a mismatch can say which one changed."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(batch.detach().to(torch.int64).cpu().contiguous().numpy().tobytes())
+    rows = sum(int(b.shape[0]) for b in batches)
+    return {"tokens_sha256": digest.hexdigest(), "samples": rows, "seq_length": int(batches[0].shape[-1]) if batches else 0,
+            **dict(settings or {})}  # fmt: skip
 
-    def forward_loop(model: torch.nn.Module) -> None:
-        label = ("calibration (forward + backward)" if backward else "calibration") if progress else None
-        run_forward(model, batches, collect=None, progress=label, backward=backward)
 
-    forward_loop.runs_backward = backward
-    return forward_loop
+class ForwardLoop:
+    """`forward_loop(model)` for calibration: forwards `batches` (token ids [B, S]) through the schedule.
+
+    `backward=True` also back-propagates the next-token loss (what Taylor criteria need); `runs_backward` is what
+    `prune()` checks before it calibrates with such a criterion. `calibration` records the data
+    (`calibration_record`); `run_range(model, start, stop)` runs micro-batches [start, stop) only (each
+    data-parallel replica its share), which makes calibration resumable."""
+
+    def __init__(self, batches: Sequence[torch.Tensor], progress: bool = True, backward: bool = False,
+                 settings: Optional[Mapping[str, Any]] = None):  # fmt: skip
+        self.batches = list(batches)
+        self.progress, self.runs_backward = progress, backward
+        self.calibration = calibration_record(self.batches, settings)
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.batches)
+
+    @property
+    def label(self) -> Optional[str]:
+        return ("calibration (forward + backward)" if self.runs_backward else "calibration") if self.progress else None
+
+    def __call__(self, model: torch.nn.Module) -> None:
+        run_forward(model, self.batches, collect=None, progress=self.label, backward=self.runs_backward)
+
+    def run_range(self, model: torch.nn.Module, start: int, stop: int, meter: Optional[Progress] = None) -> None:
+        run_forward(model, self.batches[start:stop], collect=None, progress=meter, backward=self.runs_backward)
 
 
-class _Progress:
-    """Prints `label: i/n micro-batches, x samples/s, ETA` at most every 10% and every 2 s (or after 30 s).
-
-    Counts this rank's micro-batches; every data-parallel replica processes as many (rank 0 prints)."""
-
-    def __init__(self, label: str, total: int, micro_batch_size: int = 1):
-        self.label, self.total, self.done_n, self.mbs = label, total, 0, micro_batch_size
-        self.start = self.last = time.perf_counter()
-        self.every = max(1, total // 10)
-
-    def step(self) -> None:
-        self.done_n += 1
-        now = time.perf_counter()
-        if (self.done_n % self.every == 0 and now - self.last >= 2) or now - self.last > 30:
-            self.last = now
-            rate = self.done_n / max(now - self.start, 1e-9)
-            eta = (self.total - self.done_n) / max(rate, 1e-9)
-            log(f"{self.label}: {self.done_n}/{self.total} micro-batches, {rate * self.mbs:.2f} samples/s, ETA {eta:.0f}s")
-
-    def done(self) -> None:
-        seconds = time.perf_counter() - self.start
-        log(f"{self.label}: {self.total} micro-batches in {seconds:.1f}s ({self.total * self.mbs / max(seconds, 1e-9):.2f} samples/s)")
+def make_forward_loop(batches: Sequence[torch.Tensor], progress: bool = True, backward: bool = False,
+                      settings: Optional[Mapping[str, Any]] = None) -> ForwardLoop:  # fmt: skip
+    """A `forward_loop(model)` for calibration over `batches` (token ids [B, S]); see `ForwardLoop`."""
+    return ForwardLoop(batches, progress, backward, settings)

@@ -2,8 +2,8 @@
 
 A criterion reads one raw statistic of a layer (a hook site, `hooks.LAYER_SITES`, e.g. ``proj_heads_out``)
 and turns it into that layer's importance for its axis (higher is more important). Calibration stores every
-forward-only statistic at once, so switching between forward-only criteria never needs another pass; Taylor
-statistics are stored when the forward loop runs backward.
+statistic its criteria read (or, asked to, every forward-only one, so that switching between forward-only
+criteria needs no other pass); a forward loop that runs backward stores every statistic, Taylor ones included.
 
   axis                                  criterion            statistic            importance of a layer
   hidden_size                           minitron             *_in (every norm)    sum over norms of sqrt(stat)  [H]
@@ -168,14 +168,16 @@ def chosen(criteria: Mapping[str, str]) -> List[Criterion]:
     return [CRITERIA[axis][name] for axis, name in criteria.items()]
 
 
-def statistics_needed(criteria: Mapping[str, str], include_taylor: bool = False) -> Tuple[str, ...]:
-    """Every statistic to collect while calibrating: all forward-only ones (so forward-only criteria can be
-    switched later without calibrating), plus the Taylor ones the criteria ask for, or all of them with
-    `include_taylor` (a loop that runs backward pays for gradients anyway)."""
+def statistics_needed(criteria: Mapping[str, str], backward: bool = False, everything: bool = False) -> Tuple[str, ...]:
+    """The statistics a calibration collects: those the chosen `criteria` read (the default: the cheapest pass), or
+    every forward-only one with `everything` (so that forward-only criteria can be switched later without
+    calibrating). A loop that runs `backward` collects every statistic, Taylor ones included: the backward pass
+    costs several times what the statistics do."""
     from megatron_prune.importance.hooks import LAYER_SITES
 
-    taylor = {s for c in chosen(criteria) if c.needs_backward for s in c.statistics}
-    return tuple(site.name for site in LAYER_SITES if not site.needs_backward or include_taylor or site.name in taylor)
+    needed = {s for c in chosen(criteria) for s in c.statistics}
+    return tuple(site.name for site in LAYER_SITES
+                 if backward or (everything and not site.needs_backward) or site.name in needed)  # fmt: skip
 
 
 def needing_backward(criteria: Mapping[str, str]) -> List[str]:
@@ -186,12 +188,16 @@ def needing_backward(criteria: Mapping[str, str]) -> List[str]:
 def missing_statistics(present: Mapping[int, set], criteria: Mapping[str, str]) -> List[str]:
     """What the stored statistics lack for `criteria`: ["num_attention_heads=taylor needs 'proj_heads_taylor'"].
 
-    `present`: {layer number: names of the statistics stored for it}. A layer has the criterion's module
-    when it has the axis's reference statistic (what every calibration stores for that module)."""
+    `present`: {layer number: names of the statistics stored for it}. A layer has the criterion's module when
+    it has some statistic observed at that module (every calibration stores one per hooked module: the one of
+    its axis' criterion)."""
+    from megatron_prune.importance.hooks import SITES
+
     problems = []
     for c in chosen(criteria):
-        reference = CRITERIA[c.axis][next(iter(CRITERIA[c.axis]))].statistics[0]
-        lacking = [n for n, names in present.items() if reference in names and c.statistics[0] not in names]
+        module = SITES[c.statistics[0]].module
+        lacking = [n for n, names in present.items()
+                   if c.statistics[0] not in names and any(SITES[name].module == module for name in names)]  # fmt: skip
         if lacking:
             problems.append(f"{c.axis}={c.name} needs statistic {c.statistics[0]!r} (missing for layers {lacking[:6]})")
     return problems

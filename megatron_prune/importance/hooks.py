@@ -293,14 +293,15 @@ def _block_hook(store: S.StatStore, key: str, count: bool) -> Callable:
 
 
 def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None],
-                       sites: Iterable[str] = FORWARD_SITES) -> S.StatStore:  # fmt: skip
-    """Run `forward_loop(model)` in eval mode and return this rank's raw statistics of the named `sites`.
+                       sites: Iterable[str] = FORWARD_SITES, store: Optional[S.StatStore] = None) -> S.StatStore:  # fmt: skip
+    """Run `forward_loop(model)` in eval mode and return this rank's raw statistics of the named `sites`
+    (accumulated into `store` if given, so the loop may read them while it runs, e.g. to checkpoint them).
 
     Without Taylor sites it runs without gradients. With them gradients are enabled, and the loop must run
     backward (`forward_loop.runs_backward`); parameter gradients are restored to what they were before."""
     sites = tuple(sites)
     backward = any(SITES[s].needs_backward for s in sites if s in SITES)
-    store = S.StatStore()
+    store = S.StatStore() if store is None else store
     handles = register_hooks(model, store, sites)
     modes = {m: m.training for m in model.modules()}  # restored module by module, as the user set them
     grads = {p: p.grad for p in model.parameters()} if backward else {}  # the user's, restored afterwards

@@ -4,7 +4,10 @@ One file (written by global rank 0, atomically) holds the raw sums of *all* laye
 number, so a model loaded at any TP/PP/DP size can reuse it. A fingerprint of the model (architecture and a
 sample of every weight, keyed by global names) guards against reusing scores from a different model.
 The optional `search` section caches NAS candidates and their scores per budget (plain dicts, lists and
-numbers); files written before it existed read as having an empty one.
+numbers); files written before it existed read as having an empty one. The optional `calibration` section
+records what the statistics were computed on (`data.forward.calibration_record`: a hash of the token rows and
+the settings behind them); `calibration_mismatch` says how another calibration differs. A file is also the
+format of a calibration's checkpoint (`<scores_path>.partial`, with `meta["partial"]`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import torch
 
+from megatron_prune.errors import PruneError
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.runtime.parallel import ParallelContext
 from megatron_prune.slicing.model import hybrid_pattern_of
@@ -43,8 +48,56 @@ _VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _VOCAB_ROWS = 1024  # rows of vocabulary-indexed tensors digested: real tokens under any vocabulary padding
 
 
-class ScoresFileError(ValueError):
+# Settings of a calibration record that users set, with the command-line flag that sets each
+CALIBRATION_FLAGS = {"data": "--calib-data", "samples": "--calib-samples", "seq_length": "--seq-length", "seed": "--seed",
+                     "text_field": "--calib-text-field", "split": "--calib-split"}  # fmt: skip
+
+
+class ScoresFileError(PruneError, ValueError):
     """The scores file cannot be used for this model (or is not a scores file)."""
+
+
+@dataclass
+class ScoresFile:
+    """The contents of a scores file."""
+
+    stats: StatStore
+    fingerprint: Optional[Dict[str, object]]
+    meta: dict = field(default_factory=dict)  # layout it was written at; "partial" for a calibration checkpoint
+    search: dict = field(default_factory=dict)  # the NAS cache
+    calibration: Optional[dict] = None  # what the statistics were computed on; None when unknown (older files)
+
+    def to_payload(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "statistics": self.stats.state_dict(),
+                "meta": self.meta or {}, "search": self.search or {}, "calibration": self.calibration}  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "ScoresFile":
+        return cls(StatStore.from_state_dict(payload["statistics"]), payload["fingerprint"], payload.get("meta") or {},
+                   payload.get("search") or {}, payload.get("calibration"))  # fmt: skip
+
+
+def calibration_mismatch(recorded: Optional[dict], wanted: Optional[dict]) -> Optional[str]:
+    """How the calibration `wanted` differs from the one a file `recorded` (None: the same, or unknown because a
+    side records nothing or the file extended several calibrations). Names the settings that changed."""
+    if not recorded or not wanted or "extended" in recorded or recorded.get("tokens_sha256") == wanted.get("tokens_sha256"):
+        return None
+    changed = [f"{CALIBRATION_FLAGS.get(k, k)} {recorded.get(k)!r} in the file, {wanted.get(k)!r} now"
+               for k in sorted(set(recorded) | set(wanted), key=str) if k != "tokens_sha256" and recorded.get(k) != wanted.get(k)]  # fmt: skip
+    return "; ".join(changed) or "the calibration tokens differ with the same settings (the data files or the tokenizer changed)"
+
+
+def config_architecture(cfg, pattern: Optional[str] = None) -> Dict[str, object]:
+    """The part of the architecture fingerprint a config alone gives (so a file of another model is refused
+    before that model's weights are read); `pattern`: a hybrid model's layer pattern."""
+    fields = _FINGERPRINT_FIELDS + (_MOE_FINGERPRINT_FIELDS if cfg.num_moe_experts else ()) + (_MAMBA_FINGERPRINT_FIELDS if pattern else ())
+    arch = {f: getattr(cfg, f, None) for f in fields}
+    if pattern:
+        arch["hybrid_pattern"] = pattern
+    arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
+    arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
+    arch["activation_func"] = getattr(cfg.activation_func, "__name__", repr(cfg.activation_func))
+    return arch
 
 
 def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str, object]:
@@ -54,14 +107,7 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     TP shards are digested in their logical full form (one gather per partitioned tensor when TP > 1).
     """
     cfg = model.config
-    pattern = hybrid_pattern_of(model)  # hybrid models: which layer is which, and the Mamba sizes
-    fields = _FINGERPRINT_FIELDS + (_MOE_FINGERPRINT_FIELDS if cfg.num_moe_experts else ()) + (_MAMBA_FINGERPRINT_FIELDS if pattern else ())
-    arch = {f: getattr(cfg, f, None) for f in fields}
-    if pattern:
-        arch["hybrid_pattern"] = pattern
-    arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
-    arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
-    arch["activation_func"] = getattr(cfg.activation_func, "__name__", repr(cfg.activation_func))
+    arch = config_architecture(cfg, hybrid_pattern_of(model))  # hybrid models: which layer is which, Mamba sizes
     arch["share_embeddings_and_output_weights"] = bool(model.share_embeddings_and_output_weights)
     arch["position_embedding_type"] = model.position_embedding_type
     rope = getattr(model, "rotary_pos_emb", None)
@@ -99,16 +145,13 @@ def _tensor_digest(t: torch.Tensor, samples: int = 4096) -> str:
     return f"{tuple(t.shape)}:" + hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
 
 
-def save_scores(path: str, stats: StatStore, fingerprint: Dict[str, object], ctx: ParallelContext,
-                meta: Optional[dict] = None, search: Optional[dict] = None) -> None:  # fmt: skip
-    """Write the file atomically on global rank 0 (temp file + rename); every rank returns, or raises
-    the same error, once it is written. `search`: the NAS cache (global rank 0's is written)."""
+def save_scores(path: str, contents: ScoresFile, ctx: ParallelContext) -> None:
+    """Write the file atomically on global rank 0 (temp file + rename); every rank returns, or raises the same
+    error, once it is written (global rank 0's contents are written)."""
     problem = None
     if ctx.is_main:
-        payload = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-                   "statistics": stats.state_dict(), "meta": meta or {}, "search": search or {}}  # fmt: skip
         try:
-            _write_atomically(path, payload)
+            _write_atomically(path, contents.to_payload())
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             problem = (ScoresFileError, f"could not write scores_path={path!r}: {type(e).__name__}: {e}")
     ctx.raise_first(problem)
@@ -128,9 +171,8 @@ def _write_atomically(path: str, payload: dict) -> None:
         raise
 
 
-def load_scores(path: str, fingerprint: Dict[str, object]) -> Tuple[StatStore, dict]:
-    """Load and check a scores file against this model's fingerprint; raises ScoresFileError on mismatch.
-    Returns the statistics and the NAS cache (empty for files without one)."""
+def read_scores_file(path: str) -> dict:
+    """The payload of a scores file, format and version checked (nothing compared with a model yet)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -139,19 +181,30 @@ def load_scores(path: str, fingerprint: Dict[str, object]) -> Tuple[StatStore, d
         raise ScoresFileError(f"scores_path={path!r} is not a megatron-prune scores file")
     if payload.get("version") != VERSION:
         raise ScoresFileError(f"scores_path={path!r} has version {payload.get('version')}, this megatron-prune reads {VERSION}")
-    theirs, ours = payload["fingerprint"], fingerprint
-    if theirs["architecture"] != ours["architecture"]:
-        diff = [f"{k}: file {theirs['architecture'].get(k)!r} vs model {v!r}"
-                for k, v in ours["architecture"].items() if theirs["architecture"].get(k) != v]  # fmt: skip
+    return payload
+
+
+def check_architecture(path: str, theirs: Dict[str, object], ours: Dict[str, object], subset: bool = False) -> None:
+    """Refuse a file whose architecture fingerprint differs from `ours` (naming the fields); with `subset`, only
+    in the fields `ours` has (a check from the config alone, before the model exists)."""
+    keys = list(ours) if subset else sorted(set(ours) | set(theirs), key=str)
+    diff = [f"{k}: file {theirs.get(k)!r} vs model {ours.get(k)!r}" for k in keys if theirs.get(k) != ours.get(k)]
+    if diff:
         raise ScoresFileError(f"scores_path={path!r} was computed for a different model ({'; '.join(diff)}); "
                               "delete it or choose another scores_path to recalibrate")  # fmt: skip
+
+
+def load_scores(path: str, fingerprint: Dict[str, object]) -> ScoresFile:
+    """Load and check a scores file against this model's fingerprint; raises ScoresFileError on mismatch."""
+    payload = read_scores_file(path)
+    theirs, ours = payload["fingerprint"], fingerprint
+    check_architecture(path, theirs["architecture"], ours["architecture"])
     if theirs["weights"] != ours["weights"]:
         raise ScoresFileError(f"scores_path={path!r} was computed for a model with the same architecture but different "
                               "weights; delete it or choose another scores_path to recalibrate")  # fmt: skip
-    search = payload.get("search") or {}
     try:
-        if not isinstance(search, dict):
-            raise TypeError(f"search section is a {type(search).__name__}")
-        return StatStore.from_state_dict(payload["statistics"]), search
+        if not isinstance(payload.get("search") or {}, dict):
+            raise TypeError(f"search section is a {type(payload.get('search')).__name__}")
+        return ScoresFile.from_payload(payload)
     except (KeyError, TypeError, AttributeError) as e:
         raise ScoresFileError(f"scores_path={path!r} is damaged: {type(e).__name__}: {e}") from e

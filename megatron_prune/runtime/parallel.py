@@ -141,10 +141,9 @@ class ParallelContext:
 def as_problem(error: Exception) -> Tuple[type, str]:
     """(class, message) of an exception for `raise_first`: the package's own errors keep their class, any
     other becomes a RuntimeError naming the original type."""
-    from megatron_prune.config import PruneConfigError, UnsupportedModelError
-    from megatron_prune.importance.scores_file import ScoresFileError
+    from megatron_prune.errors import PruneError
 
-    if isinstance(error, (PruneConfigError, UnsupportedModelError, ScoresFileError)):
+    if isinstance(error, PruneError):
         return type(error), str(error)
     return RuntimeError, f"{type(error).__name__}: {error}"
 

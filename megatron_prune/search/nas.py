@@ -43,6 +43,10 @@ class SearchPlan:
     candidates: List[Candidate]  # within every budget and accepted by Megatron, best first
     inventory: Inventory  # for exact counts once the layer ranking is known (layers of different kinds)
 
+    def first_sizes(self) -> Dict[str, int]:
+        """Complete sizes of the candidate placed first (before calibration: the layer ranking is not known yet)."""
+        return _sizes(self.space, self.candidates[0])
+
 
 @dataclass
 class SearchResult:

@@ -8,6 +8,7 @@ constructor arguments as the original.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -83,19 +84,31 @@ def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_co
     with warnings.catch_warnings():  # __post_init__ re-runs and repeats deprecation notes the user has seen
         warnings.simplefilter("ignore")
         new = dataclasses.replace(config, **changes)
+        _carry_instance_attributes(config, new)
         if callable(getattr(new, "finalize", None)):  # Megatron-Bridge providers defer __post_init__ to finalize()
             new.finalize()
         return new
 
 
-def rebuild_gpt(model: torch.nn.Module, config, kept_local: List[int]) -> torch.nn.Module:
+def _carry_instance_attributes(config, new) -> None:
+    """Attributes set on the `config` instance that are not dataclass fields (e.g. `yarn_rotary_scaling_factor`,
+    which GPTModel reads for YaRN rope and model builders set after construction): `dataclasses.replace` drops
+    them; copy each one `new` lacks (those __post_init__ derives are recomputed, not copied)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    for name, value in vars(config).items():
+        if name not in fields and not hasattr(new, name):
+            setattr(new, name, value)
+
+
+def rebuild_gpt(model: torch.nn.Module, config, kept_local: List[int], on_meta: bool = False) -> torch.nn.Module:
     """Build this stage of a GPTModel like `model` (same spec, vocab, embeddings, rope) from `config`.
 
     `kept_local`: positions in `model.decoder.layers` of the layers this stage keeps, in order. A block spec
     (per-layer specs plus the final norm, e.g. dense and MoE layers mixed) is rebuilt with the specs of
     those layers and the same final norm. The rotary frequencies are copied from `model`, as they depend on
     constructor arguments (e.g. the rope scaling factor) that the model does not keep. Weights are
-    allocated without initialisation: the caller loads the sliced state dict.
+    allocated without initialisation: the caller loads the sliced state dict (`on_meta`: not allocated at all,
+    a dry run of the build).
     """
     spec = _block_spec(model.transformer_layer_spec, kept_local)
     kwargs = dict(
@@ -111,7 +124,7 @@ def rebuild_gpt(model: torch.nn.Module, config, kept_local: List[int]) -> torch.
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None:
         kwargs["seq_len_interpolation_factor"] = rope.seq_len_interpolation_factor
-    return _build_uninitialised(model, config, kwargs)
+    return _build_uninitialised(model, config, kwargs, on_meta)
 
 
 def slice_hybrid_pattern(pattern: str, kept_layers: Sequence[int]) -> str:
@@ -144,16 +157,16 @@ def hybrid_pattern_of(model: torch.nn.Module) -> Optional[str]:
     return "".join(allocate_layers(model.config.num_layers, model.hybrid_attention_ratio, model.hybrid_mlp_ratio))
 
 
-def rebuild(model: torch.nn.Module, config, kept_local: List[int], kept_layers: List[int]) -> torch.nn.Module:
+def rebuild(model: torch.nn.Module, config, kept_local: List[int], kept_layers: List[int], on_meta: bool = False) -> torch.nn.Module:
     """This stage of `model` rebuilt from the pruned `config`, keeping the layers at `kept_local` of this stage
-    (`kept_layers`: the global numbers of every surviving layer)."""
+    (`kept_layers`: the global numbers of every surviving layer). `on_meta`: a dry run, nothing allocated."""
     pattern = hybrid_pattern_of(model)
     if pattern is None:
-        return rebuild_gpt(model, config, kept_local)
-    return rebuild_hybrid(model, config, slice_hybrid_pattern(pattern, kept_layers))
+        return rebuild_gpt(model, config, kept_local, on_meta)
+    return rebuild_hybrid(model, config, slice_hybrid_pattern(pattern, kept_layers), on_meta)
 
 
-def rebuild_hybrid(model: torch.nn.Module, config, pattern: str) -> torch.nn.Module:
+def rebuild_hybrid(model: torch.nn.Module, config, pattern: str, on_meta: bool = False) -> torch.nn.Module:
     """Build this stage of a MambaModel like `model` (same stack spec, vocab, embeddings, rope) from `config`
     with the layer pattern `pattern`. Rotary frequencies are copied from `model`; weights are allocated
     without initialisation."""
@@ -167,7 +180,7 @@ def rebuild_hybrid(model: torch.nn.Module, config, pattern: str) -> torch.nn.Mod
     if rope is not None:  # the rotated share of each head; the frequencies themselves are copied below
         kwargs["rotary_percent"] = 2 * rope.inv_freq.numel() / config.kv_channels
         kwargs["seq_len_interpolation_factor"] = rope.seq_len_interpolation_factor
-    return _build_uninitialised(model, config, kwargs)
+    return _build_uninitialised(model, config, kwargs, on_meta)
 
 
 def _language_model_kwargs(model: torch.nn.Module) -> dict:
@@ -177,14 +190,23 @@ def _language_model_kwargs(model: torch.nn.Module) -> dict:
     return {name: getattr(model, name) for name in names}
 
 
-def _build_uninitialised(model: torch.nn.Module, config, kwargs: dict) -> torch.nn.Module:
-    """`type(model)(config, **kwargs)` without weight initialisation, with `model`'s rotary frequencies, on its device."""
+def _build_uninitialised(model: torch.nn.Module, config, kwargs: dict, on_meta: bool = False) -> torch.nn.Module:
+    """`type(model)(config, **kwargs)` without weight initialisation, with `model`'s rotary frequencies, on its device.
+
+    `on_meta`: on the meta device (weights Megatron places with an explicit device, i.e. without CPU
+    initialisation, are still allocated), and with the output layer untied at PP > 1, where the tie is an
+    all-reduce of real embedding weights between the first and last stage."""
     init = config.perform_initialization
     config.perform_initialization = False
+    if on_meta and config.pipeline_model_parallel_size > 1:
+        kwargs = {**kwargs, "share_embeddings_and_output_weights": False}
     try:
-        new = type(model)(config=config, **kwargs)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            new = type(model)(config=config, **kwargs)
     finally:
         config.perform_initialization = init
+    if on_meta:
+        return new
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None and hasattr(rope, "inv_freq"):
         new.rotary_pos_emb.inv_freq = rope.inv_freq.clone()
