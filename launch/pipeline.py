@@ -137,18 +137,6 @@ def budget_steps(params: int, final: float, steps: int) -> List[str]:
     return [str(int(params * (final / params) ** (k / steps))) for k in range(1, steps + 1)]
 
 
-def parse_budget(text: str, params: Optional[int]) -> float:
-    """'50%' (of `params`), or a count with an optional K/M/B suffix."""
-    from megatron_prune.search.args import count
-
-    if text.strip().endswith("%"):
-        share = float(text.strip()[:-1]) / 100
-        if params is None:
-            raise PipelineError("a percentage budget needs the model's parameter count")
-        return share * params
-    return count(text)
-
-
 def plan_targets(args: argparse.Namespace) -> List[Target]:
     """Each step's target from --target / --target-params / --step-targets and --steps."""
     given = [name for name in ("target", "target_params", "step_targets") if getattr(args, name)]
@@ -168,9 +156,31 @@ def plan_targets(args: argparse.Namespace) -> List[Target]:
         if args.steps == 1 and not (Path(args.hf_model) / "config.json").is_file():
             return [final]  # a hub id: megatron-prune checks the sizes
         return size_steps(hf_sizes(args.hf_model), final, args.steps)
-    params = hf_params(args.hf_model) if (args.steps > 1 or args.target_params.strip().endswith("%")) else None
-    final = parse_budget(args.target_params, params)
+    from megatron_prune.budgets import is_percent, parse_budget
+    from megatron_prune.errors import PruneConfigError
+    from megatron_prune.search.args import budget_arg
+
+    params = hf_params(args.hf_model) if (args.steps > 1 or is_percent(args.target_params)) else None
+    try:  # "50%" of the parameters counted from the config (no weights read), or a count such as 350M
+        final = parse_budget("--target-params", budget_arg(args.target_params), params)
+    except (PruneConfigError, argparse.ArgumentTypeError) as e:
+        raise PipelineError(str(e)) from None
     return budget_steps(params, final, args.steps) if args.steps > 1 else [str(int(final))]
+
+
+def cpu_distill_flags(distill_args: Sequence[str], max_positions: Optional[int] = None) -> List[str]:
+    """A CPU-sized recipe for the CPU distillation loop, for each flag `distill_args` does not set itself: the run
+    card's recipe is the GPU guideline (global batch 768 of 4096 tokens, 100 warm-up steps of ~25k), which a CPU
+    loop cannot run. Sequence length 256 (at most `max_positions`)."""
+    args = list(distill_args)
+    given = {a.split("=", 1)[0] for a in args}
+    iters = int(args[args.index("--train-iters") + 1]) if "--train-iters" in args[:-1] else 100
+    defaults = {"--train-iters": str(iters), "--lr-warmup-iters": str(iters // 10), "--global-batch-size": "8",
+                "--micro-batch-size": "2", "--seq-length": str(min(256, max_positions or 256))}  # fmt: skip
+    if "--train-tokens" in given:  # a token budget sets the length instead (and the card's warm-up stays)
+        defaults.pop("--train-iters")
+        defaults.pop("--lr-warmup-iters")
+    return [x for flag, value in defaults.items() if flag not in given for x in (flag, value)]
 
 
 def target_flags(export_config: Dict[str, int]) -> List[str]:
@@ -183,11 +193,14 @@ def build_plan(hf_model: str, work_dir: str, targets: Sequence[Target], distill:
                nproc: Optional[int] = None, distill_nproc: int = 1, prune_args: Sequence[str] = (),
                distill_args: Sequence[str] = (), eval_args: Sequence[str] = (), overwrite: bool = False) -> Plan:  # fmt: skip
     """The commands of len(targets) prune -> distill -> evaluate steps. `distill`: cpu (the CPU loop,
-    `python -m megatron_prune.distill`) or bridge (Megatron-Bridge, launch/bridge_distill.py, on GPUs)."""
+    `python -m megatron_prune.distill`, with a CPU-sized recipe unless `distill_args` set one: `cpu_distill_flags`)
+    or bridge (Megatron-Bridge, launch/bridge_distill.py, on GPUs: the card's recipe)."""
     if distill not in ("cpu", "bridge"):
         raise PipelineError(f"--distill {distill!r}: cpu or bridge")
     work = Path(work_dir).absolute()
     plan = Plan(str(hf_model), str(work), list(targets))
+    config = Path(hf_model) / "config.json"
+    max_positions = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
     source = str(hf_model)
     again = ["--overwrite"] if overwrite else []
     for k, target in enumerate(targets, start=1):
@@ -202,6 +215,7 @@ def build_plan(hf_model: str, work_dir: str, targets: Sequence[Target], distill:
             module="megatron_prune", nproc=nproc or tp * pp, output=str(card)))  # fmt: skip
         distill_cmd = ["--run-card", str(card), "--output-dir", str(distilled), *distill_args]
         if distill == "cpu":
+            distill_cmd += cpu_distill_flags(distill_args, max_positions)
             plan.commands.append(Command(f"distill{k}", "distill", distill_cmd + again, module="megatron_prune.distill",
                                          output=str(distilled / "hf")))  # fmt: skip
         else:

@@ -23,7 +23,7 @@ from megatron_prune.config import (
     SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
 from megatron_prune.importance.calibration import Statistics, calibrate, obtain_statistics  # noqa: F401  (calibrate: public)
-from megatron_prune.importance.criteria import describe, resolve_criteria
+from megatron_prune.importance.criteria import criteria_at_layout, describe, resolve_criteria
 from megatron_prune.importance.hooks import local_layer_numbers
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import log
@@ -167,10 +167,9 @@ def prune(
         _check_importance(importance, shape, layer_symbols(model.config, pattern))
         statistics, ranked_by_statistics = Statistics(StatStore(), False, None), False
     else:
-        if shape.num_query_groups < ctx.tp_size and criteria["num_query_groups"] != "minitron":
-            log(f"num_query_groups={shape.num_query_groups} < TP={ctx.tp_size}: K/V heads are replicated over TP ranks and "
-                "groups cannot be pruned at this layout; they are ordered by the reference's statistic")  # fmt: skip
-            criteria = {**criteria, "num_query_groups": "minitron"}
+        criteria, note = criteria_at_layout(criteria, shape.num_query_groups, ctx.tp_size)
+        if note:
+            log(note)
         log(f"importance criteria: {describe(criteria, shape)}")
         _dry_run_rebuild(model, ctx, shape, target if nas is None else nas.first_sizes(), stage_layers, pattern, model_builder)
         statistics = obtain_statistics(model, forward_loop, ctx, criteria, scores_path, reuse_scores, all_statistics)

@@ -3,11 +3,12 @@
     torchrun --nproc-per-node P -m megatron_prune --hf-model PATH --target-ffn-hidden-size 1024 --output-dir OUT
     megatron-prune --output-dir OUT          # the offline default: SmolLM2-135M to ~70% of its parameters
 
-Every check of the user's input runs before the model's weights are read; calibration data is tokenised
-before the model is imported. OUT appears complete or not at all:
+Every check of the user's input runs before the model's weights are read (`preflight.py`); calibration data is
+tokenised before the model is imported. OUT appears complete or not at all (never after Ctrl-C, which exits 130
+keeping the calibration statistics saved so far: the same command resumes):
     OUT/hf/                  the pruned model as a Hugging Face folder (config, tokenizer, safetensors)
     OUT/megatron/            a Megatron-Bridge checkpoint that carries its model config and tokenizer
-    OUT/prune_summary.json   sizes, parameters, per-layer importance, round-trip results
+    OUT/prune_summary.json   sizes, parameters, per-layer importance, round-trip results, dtype, statistics' origin
     OUT/prune_report.png     block influence, hidden-channel importance, FFN/head keep masks
     OUT/importance_scores.pt calibration statistics (unless --scores-path): reuse them to re-prune
     OUT/distillation_run_card.yaml  student, teacher, layout and a starting recipe for `python -m megatron_prune.distill`
@@ -21,19 +22,18 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
-import torch
-
-from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, UnsupportedModelError
+from megatron_prune.config import SUPPORTED_AXES, PruneConfigError
+from megatron_prune.errors import PruneError
 from megatron_prune.importance.criteria import describe, needing_backward, resolve_criteria
-from megatron_prune.importance.scores_file import ScoresFileError
 
 # The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 72.4% of its 134.5M parameters:
 # the NAS winner at <= 100M parameters in benchmarks/quality (held-out perplexity 52.8 / 126.3, against
 # 91.6 / 188.1 for hidden 512 + FFN 1024 at 71.3%).
 DEFAULT_TARGET = {"ffn_hidden_size": 1024, "num_layers": 26}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REFERENCE_CALIB_SAMPLES = 1024  # what the reference's Megatron-LM pruning example calibrates on (--calib-size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,36 +44,49 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     m = p.add_argument_group("model and output")
-    m.add_argument("--hf-model", default=None, help="HF model folder or hub id; default: SmolLM2-135M-Instruct, offline")
+    m.add_argument("--hf-model", "--pretrained-model-path", default=None,
+                   help="HF model folder or hub id; none: SmolLM2-135M-Instruct, offline (the demo job)")
     m.add_argument("--output-dir", required=True, help="new directory for the pruned checkpoints and the report")
     m.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists and is not empty")
-    m.add_argument("--save-format", choices=("hf", "megatron", "both"), default="both")
-    m.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="weights while pruning and in the output")
-    m.add_argument("--trust-remote-code", action="store_true")
+    m.add_argument("--save-format", choices=("hf", "megatron", "both"), default="both",
+                   help="hf: OUT/hf (transformers); megatron: OUT/megatron (Megatron-Bridge checkpoint); both")
+    m.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights while pruning and in the output; auto: the source checkpoint's (config.json)")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code (transformers)")
 
     t = p.add_argument_group("targets (TransformerConfig names)")
     t.add_argument("--export-config", default=None, help='JSON, e.g. \'{"hidden_size": 512, "ffn_hidden_size": 1024}\'')
     for axis in SUPPORTED_AXES:
-        t.add_argument(f"--target-{axis.replace('_', '-')}", type=int, default=None, dest=f"target_{axis}")
+        t.add_argument(f"--target-{axis.replace('_', '-')}", type=int, default=None, dest=f"target_{axis}",
+                       help=f"pruned {axis}")
 
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib-data", default="default", help="'default' (packaged public-domain text), files, a directory, a glob, or a dataset name")
+    c.add_argument("--calib-data", default=None,
+                   help="'default' (the packaged public-domain Jargon File excerpt, the default), files, a directory, "
+                        "a glob, or a dataset name (name or org/name, :config); use text like the model's training data")
     c.add_argument("--calib-text-field", default="text", help="column holding the text (JSON/Parquet/datasets)")
     c.add_argument("--calib-split", default="train", help="split of a named dataset")
-    c.add_argument("--calib-samples", type=int, default=64)
-    c.add_argument("--seq-length", type=int, default=256)
-    c.add_argument("--micro-batch-size", type=int, default=4)
+    c.add_argument("--calib-samples", "--calib-size", type=int, default=64,
+                   help=f"calibration samples of --seq-length tokens (the reference's example uses {REFERENCE_CALIB_SAMPLES})")
+    c.add_argument("--seq-length", type=int, default=256, help="tokens per calibration sample (at most max_position_embeddings)")
+    c.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward pass while calibrating")
     c.add_argument("--seed", type=int, default=1234, help="choice of calibration samples")
-    c.add_argument("--scores-path", default=None, help="statistics file: reused if it exists (no calibration), else written")
+    c.add_argument("--scores-path", "--pruning-scores-path", default=None,
+                   help="statistics file: reused if it exists (no calibration), else written; default OUT/importance_scores.pt")
+    c.add_argument("--reuse-scores", action="store_true",
+                   help="use --scores-path even though it was calibrated on other data than the calibration flags give")
+    c.add_argument("--all-statistics", action="store_true",
+                   help="collect every forward-only statistic, not only what --importance reads (a little slower; the "
+                        "scores file then serves any forward-only criterion)")
     c.add_argument("--importance", default=None, metavar="AXIS=CRITERION,...",
                    help="importance criterion per axis, e.g. heads=output_contribution,ffn=taylor (axes: hidden, ffn, heads, "
                         "groups, layers, experts, moe_ffn, shared_ffn, mamba_heads, mamba_head_dim; criteria: minitron, "
-                        "output_contribution, taylor (a backward pass per calibration batch), block_influence); "
-                        "default: " + describe(resolve_criteria(None)))  # fmt: skip
+                        "output_contribution, taylor (a backward pass per calibration batch), block_influence; "
+                        "'reference': the reference's); default: " + describe(resolve_criteria(None)))  # fmt: skip
 
-    par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par = p.add_argument_group("parallelism (the layout the model is imported and pruned at)")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks each layer is split over")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are spread over")
 
     from megatron_prune.search.args import add_search_arguments
 
@@ -129,82 +142,31 @@ def check_world(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> dict:
     """The whole job; returns the JSON summary. Collective under torchrun."""
     from megatron_prune.api import prune
-    from megatron_prune.bridge import check_hf_source, compare_with_hf, import_hf_model, save_hf, save_megatron
-    from megatron_prune.bridge.offline_model import smollm2_folder
-    from megatron_prune.config import ModelShape, validate_export_config
-    from megatron_prune.data.forward import make_forward_loop
-    from megatron_prune.distill.args import run_card_options_from_args
+    from megatron_prune.bridge import compare_with_hf, import_hf_model, save_hf, save_megatron
     from megatron_prune.distill.handoff import write_prune_run_card
     from megatron_prune.log import log
-    from megatron_prune.output import atomic_output_dir, check_output_dir
+    from megatron_prune.output import atomic_output_dir
     from megatron_prune.report import format_tables, parameter_groups, write_report
     from megatron_prune.search.nas import search_record
     from megatron_prune.search.plot import plot_candidates
-    from megatron_prune.runtime.distributed import init_distributed
-    from megatron_prune.runtime.parallel import ParallelContext
-
-    from megatron_prune.config import validate_budgets
-    from megatron_prune.search.args import search_options_from_args
 
     started = time.perf_counter()
-    criteria = resolve_criteria(args.importance)
-    target = export_config_from_args(args)
-    search = search_options_from_args(args)
-    default_job = args.hf_model is None
-    if search.constraints is not None:
-        if target is not None:
-            raise PruneConfigError("--export-config/--target-<axis> sizes cannot be combined with NAS budgets (--target-params...): give one")
-        validate_budgets(search.constraints)
-        if search.score.name == "mmlu" and not args.score_data:
-            raise PruneConfigError("--score-func mmlu needs --score-data (a JSONL file of question/choices/answer)")
-    elif target is None:
-        if not default_job:
-            raise PruneConfigError("no target given: pass --export-config or --target-<axis> sizes, or a NAS budget (--target-params)")
-        target = dict(DEFAULT_TARGET)
-    dp = check_world(args)
-    out = check_output_dir(args.output_dir, args.overwrite)
-    _check_apart(out, {"--hf-model": args.hf_model, "--scores-path": args.scores_path, "--calib-data": args.calib_data,
-                       "--score-data": args.score_data})  # fmt: skip
-    if args.scores_path and os.path.isdir(args.scores_path):
-        raise PruneConfigError(f"--scores-path {args.scores_path!r} is a directory; give a file path")
-    dtype = _DTYPES[args.dtype]
-    tolerance = args.roundtrip_tolerance if args.roundtrip_tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
-
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
-    ctx = ParallelContext.from_megatron()
-    source = smollm2_folder() if default_job else args.hf_model
-    hf_config, provider = check_hf_source(source, args.trust_remote_code)
-    shape = ModelShape.from_config(provider)
-    card_layout, card_recipe = run_card_options_from_args(args, hf_config, shape.sizes())
-    if target is not None:  # NAS budgets are checked against the model by prune(), before calibration
-        validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
-    batches, score_func = _calibration_and_score(args, search, tokenizer)
-    if len(batches) < dp:
-        raise PruneConfigError(f"{len(batches)} micro-batches cannot feed {dp} data-parallel replicas: raise --calib-samples")
-    log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {args.calib_data!r}, "
-        f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
-
-    imported = import_hf_model(source, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    check_tokens = batches[0][:2, :64]
+    job = prepare(args)
+    ctx, source, out = job.ctx, job.source, job.out
+    imported = import_hf_model(source, dtype=job.dtype, trust_remote_code=args.trust_remote_code)
+    check_tokens = job.loop.batches[0][:2, :64]
     checks: List = []
 
     def check(model, hf_dir: str, name: str) -> None:
         if not args.skip_roundtrip_check:
-            checks.append(_checked(compare_with_hf(model, hf_dir, check_tokens, name, tolerance, args.trust_remote_code)))
+            checks.append(_checked(compare_with_hf(model, hf_dir, check_tokens, name, job.tolerance, args.trust_remote_code)))
 
     check(imported.model, source, "HF source vs imported MCore")
     groups_before = parameter_groups(imported.model, ctx)
-    # the statistics live outside the temporary directory, so a failed or interrupted run keeps them: the same
-    # command resumes without calibrating (and NAS at the next unscored candidate)
-    scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
-        nas = dict(constraints=search.constraints, score_func=score_func, search=search.search) if search.constraints else {}
-        loop = make_forward_loop(batches, backward=bool(needing_backward(criteria)))
-        pruned, result = prune(imported.model, target, loop, scores_path=scores_path, criteria=criteria, **nas)
+        nas = dict(constraints=job.budgets, score_func=job.score_func, search=job.search.search) if job.budgets else {}
+        pruned, result = prune(imported.model, job.target, job.loop, scores_path=job.scores_path, criteria=job.criteria,
+                               reuse_scores=args.reuse_scores, all_statistics=args.all_statistics, **nas)  # fmt: skip
         groups_after = parameter_groups(pruned, ctx)
         ctx.on_main(lambda: print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True))
         hf_dir = os.path.join(tmp, "hf")
@@ -212,13 +174,12 @@ def run(args: argparse.Namespace) -> dict:
             save_hf(imported, pruned, result.plan.kept_layers, hf_dir)
             check(pruned, hf_dir, "pruned MCore vs exported HF")
         if args.save_format in ("megatron", "both"):
-            tokenizer_path = hf_dir if args.save_format == "both" else source
-            save_megatron(imported, pruned, os.path.join(tmp, "megatron"), tokenizer_path)
+            save_megatron(imported, pruned, os.path.join(tmp, "megatron"), hf_dir if args.save_format == "both" else source)
         extra = {
-            "source": str(source), "output_dir": str(out), "save_format": args.save_format, "dtype": args.dtype,
+            "source": str(source), "output_dir": str(out), "save_format": args.save_format,
+            "dtype": _name(job.dtype), "source_dtype": _name(job.source_dtype),
             "parallelism": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
-            "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_length": args.seq_length,
-                            "micro_batch_size": args.micro_batch_size, "seed": args.seed},
+            "calibration_micro_batch_size": args.micro_batch_size,
             "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in checks],
             "wall_time_s": round(time.perf_counter() - started, 1),
         }  # fmt: skip
@@ -233,9 +194,10 @@ def run(args: argparse.Namespace) -> dict:
             if result.search is not None and not args.no_report:
                 plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
             if not args.scores_path:  # published with the rest
-                os.replace(scores_path, os.path.join(tmp, "importance_scores.pt"))
+                os.replace(job.scores_path, os.path.join(tmp, "importance_scores.pt"))
             write_prune_run_card(result, str(tmp), str(out), source, imported.bridge.hf_pretrained.config.vocab_size,
-                                 args.save_format, ctx, card_layout, **card_recipe)  # fmt: skip
+                                 args.save_format, ctx, job.card_layout, dtypes=(_name(job.dtype), _name(job.source_dtype)),
+                                 **job.card_recipe)  # fmt: skip
 
         ctx.on_main(write_outputs)
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
@@ -243,19 +205,115 @@ def run(args: argparse.Namespace) -> dict:
     return extra
 
 
-def _calibration_and_score(args, search, tokenizer):
+def prepare(args: argparse.Namespace) -> SimpleNamespace:
+    """Every check that needs no weights, in order: flags, layout, output directory, the model's config and weight
+    files, targets or budgets (percentages resolved from the config's counts), calibration data, an existing
+    scores file. Initialises torch.distributed. Returns what the job needs."""
+    from megatron_prune.bridge import check_hf_source
+    from megatron_prune.bridge.offline_model import smollm2_folder
+    from megatron_prune.config import ModelShape, validate_export_config
+    from megatron_prune.distill.args import run_card_options_from_args
+    from megatron_prune.log import log
+    from megatron_prune.output import check_output_dir
+    from megatron_prune.preflight import check_budgets, check_sequence_length, check_weight_files, resolve_dtype
+    from megatron_prune.runtime.distributed import init_distributed
+    from megatron_prune.runtime.parallel import ParallelContext
+    from megatron_prune.search.args import search_options_from_args
+
+    criteria = resolve_criteria(args.importance)
+    target = export_config_from_args(args)
+    search = search_options_from_args(args)
+    default_job = args.hf_model is None
+    if search.constraints is not None:
+        if target is not None:
+            raise PruneConfigError("--export-config/--target-<axis> sizes cannot be combined with NAS budgets (--target-params...): give one")
+        if search.score.name == "mmlu" and not args.score_data:
+            raise PruneConfigError("--score-func mmlu needs --score-data (a JSONL file of question/choices/answer)")
+    elif target is None:
+        if not default_job:
+            raise PruneConfigError("no target given: pass --export-config or --target-<axis> sizes, or a NAS budget (--target-params)")
+        target = dict(DEFAULT_TARGET)
+    dp = check_world(args)
+    out = check_output_dir(args.output_dir, args.overwrite)
+    _check_apart(out, {"--hf-model": args.hf_model, "--scores-path": args.scores_path, "--calib-data": args.calib_data,
+                       "--score-data": args.score_data})  # fmt: skip
+    if args.scores_path and os.path.isdir(args.scores_path):
+        raise PruneConfigError(f"--scores-path {args.scores_path!r} is a directory; give a file path")
+
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    ctx = ParallelContext.from_megatron()
+    if default_job:
+        log(f"no --hf-model: pruning the offline demo model SmolLM2-135M-Instruct to {_compact(target)} "
+            "(pass --hf-model PATH to prune your model)")  # fmt: skip
+    source = smollm2_folder() if default_job else args.hf_model
+    hf_config, provider = check_hf_source(source, args.trust_remote_code)
+    ctx.on_main(lambda: check_weight_files(source, hf_config, args.trust_remote_code))
+    check_sequence_length(args.seq_length, hf_config)
+    source_dtype = resolve_dtype("auto", hf_config)
+    dtype = resolve_dtype(args.dtype, hf_config)
+    shape = ModelShape.from_config(provider)
+    card_layout, card_recipe = run_card_options_from_args(args, hf_config, shape.sizes())
+    budgets = None
+    if target is not None:
+        validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
+    else:  # counted from the config: a budget that cannot work fails before the import, and "60%" is resolved
+        budgets = check_budgets(search.constraints, search.search, provider, shape, ctx.tp_size, ctx.pp_size)
+        log(f"NAS budgets: {', '.join(f'{k} <= {v:,.0f}' for k, v in budgets.items())}")
+    if args.calib_data is None and not default_job:
+        log(f"warning: no --calib-data: calibrating on the packaged Jargon File excerpt ({args.calib_samples} x "
+            f"{args.seq_length} tokens of public-domain computing folklore); pass text like your model's training data (the reference "
+            f"calibrates on {REFERENCE_CALIB_SAMPLES} samples)")  # fmt: skip
+    calib_data = args.calib_data or "default"
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    batches, score_func = _calibration_and_score(args, calib_data, search, tokenizer)
+    if len(batches) < dp:
+        raise PruneConfigError(f"{len(batches)} micro-batches cannot feed {dp} data-parallel replicas: raise --calib-samples")
+    from megatron_prune.data.forward import make_forward_loop
+
+    settings = {"data": calib_data, "seed": args.seed, "text_field": args.calib_text_field, "split": args.calib_split}
+    loop = make_forward_loop(batches, backward=bool(needing_backward(criteria)), settings=settings)
+    # the statistics live outside the temporary directory, so a failed or interrupted run keeps them: the same
+    # command resumes without calibrating (and NAS at the next unscored candidate)
+    scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
+    _precheck_scores(scores_path, provider, criteria, loop.calibration, args, ctx, shape, dtype)
+    log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {calib_data!r}, "
+        f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
+    tolerance = args.roundtrip_tolerance
+    if tolerance is None:
+        import torch
+
+        tolerance = 1e-4 if dtype == source_dtype == torch.float32 else 2e-2
+    return SimpleNamespace(ctx=ctx, source=source, out=out, target=target, budgets=budgets, search=search, criteria=criteria,
+                           dtype=dtype, source_dtype=source_dtype, tolerance=tolerance, loop=loop, score_func=score_func,
+                           scores_path=scores_path, card_layout=card_layout, card_recipe=card_recipe)  # fmt: skip
+
+
+def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ctx, shape, dtype) -> None:
+    """An existing scores file, checked from the config before the import (architecture, statistics, data)."""
+    from megatron_prune.bridge.hf_import import finalized_provider
+    from megatron_prune.importance.calibration import precheck_scores_file
+    from megatron_prune.importance.criteria import criteria_at_layout
+
+    if not ctx.broadcast_object(os.path.exists(scores_path)):
+        return
+    at_layout = criteria_at_layout(criteria, shape.num_query_groups, ctx.tp_size)[0]
+    config = finalized_provider(provider, ctx.tp_size, ctx.pp_size, dtype)
+    ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, calibration, args.reuse_scores))
+
+
+def _calibration_and_score(args, calib_data: str, search, tokenizer):
     """Calibration micro-batches and, for NAS, the score function. lm_loss scores on --score-samples rows of
-    --score-data, or else on rows of --calib-data drawn with the calibration rows (so never the same rows)."""
+    --score-data, or else on rows of --calib-data disjoint from the calibration rows (which do not depend on them)."""
     from megatron_prune.data.calibration import calibration_tokens, micro_batches
     from megatron_prune.data.scores import make_score_func
 
     scored = search.constraints is not None and search.search.top_k > 1  # one candidate needs no score
     carve = args.score_samples if scored and search.score.name == "lm_loss" and not args.score_data else 0
-    try:
-        rows = calibration_tokens(args.calib_data, tokenizer, args.calib_samples + carve, args.seq_length, args.seed,
-                                  args.calib_text_field, args.calib_split)  # fmt: skip
-    except PruneConfigError as e:
-        raise PruneConfigError(f"{e}" + (f" (--calib-samples {args.calib_samples} + --score-samples {carve} held-out rows)" if carve else "")) from None
+    rows = calibration_tokens(calib_data, tokenizer, args.calib_samples, args.seq_length, args.seed, args.calib_text_field,
+                              args.calib_split, held_out=carve)  # fmt: skip
     batches = micro_batches(rows[: args.calib_samples], args.micro_batch_size)
     if not scored:
         return batches, None
@@ -300,19 +358,51 @@ def _sizes(result) -> str:
     return ", ".join(f"{k} {result.original_sizes[k]}→{v}" for k, v in result.export_config.items() if result.original_sizes[k] != v)
 
 
-def run_command(prog: str, job, args: argparse.Namespace) -> int:
-    """Run `job(args)` as a command's body: an error in the user's input prints `prog: error: ...` and returns 2
-    (a bug keeps its traceback); the distributed state is torn down either way."""
-    from megatron_prune.runtime.distributed import destroy_distributed
+def _compact(sizes: Dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
 
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_command(prog: str, job, args: argparse.Namespace) -> int:
+    """Run `job(args)` as a command's body: an error in the user's input prints `prog: error: ...` (once, from
+    global rank 0) and returns 2; Ctrl-C prints one line and returns 130 (nothing published; a bug keeps its
+    traceback); the distributed state is torn down either way."""
+    from megatron_prune.runtime.distributed import destroy_distributed
+    from megatron_prune.runtime.interrupt import watch_interrupts
+
+    quiet_other_ranks()
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        job(args)
-    except (PruneConfigError, UnsupportedModelError, ScoresFileError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        with watch_interrupts():
+            job(args)
+    except PruneError as e:
+        if main_rank:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"{prog}: interrupted: nothing was published to --output-dir; statistics calibrated so far are "
+                  "kept beside it (or in --scores-path): the same command resumes", file=sys.stderr, flush=True)
+        return 130
     finally:
         destroy_distributed()
     return 0
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun, ranks other than global rank 0 print no third-party warnings or notices (rank 0 does):
+    Python warnings off, library logging above WARNING, stdout discarded. Errors still reach stderr."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def main(argv: Optional[List[str]] = None) -> int:

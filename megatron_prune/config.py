@@ -14,6 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+from megatron_prune.budgets import UNITS, is_percent, resolve_budgets
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError  # noqa: F401  (re-exported)
 
 # Axes megatron-prune can prune, in the order tables print them (TransformerConfig field names).
@@ -283,10 +284,10 @@ def _positive_int(name: str, value) -> None:
         raise PruneConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def validate_budgets(constraints) -> Dict[str, float]:
-    """Check NAS budgets: a non-empty dict of `BUDGETS` keys to positive finite numbers (upper bounds).
-
-    Returns them in priority order (the first is the primary budget).
+def validate_budgets(constraints, originals: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """Check NAS budgets: a non-empty dict of `BUDGETS` keys to upper bounds, each a positive finite number, a
+    count with a unit ("350M") or a percentage of the model's own count in `originals` ("60%"; `budgets.py`
+    parses the strings). Returns them as numbers in priority order (the first is the primary budget).
     """
     if not isinstance(constraints, Mapping):
         raise PruneConfigError(f"constraints must be a dict of budgets, got {type(constraints).__name__}")
@@ -298,6 +299,10 @@ def validate_budgets(constraints) -> Dict[str, float]:
     if unknown:
         raise PruneConfigError(f"constraints: unknown budget {', '.join(map(repr, unknown))}; budgets are {', '.join(BUDGETS)}")
     for key, value in constraints.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-            raise PruneConfigError(f"constraints[{key!r}]={value!r} must be a positive number")
-    return {k: float(constraints[k]) for k in BUDGETS if k in constraints}
+        field = f"constraints[{key!r}]"
+        if isinstance(value, str) and not is_percent(value) and value.strip()[-1:].upper() not in UNITS:
+            raise PruneConfigError(f"{field}={value!r} must be a positive number, a count with a unit ('350M') or a percentage ('60%')")
+        if not isinstance(value, str) and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                           or not math.isfinite(value) or value <= 0):  # fmt: skip
+            raise PruneConfigError(f"{field}={value!r} must be a positive number")
+    return resolve_budgets(constraints, BUDGETS, originals or {})

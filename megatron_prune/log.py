@@ -21,7 +21,7 @@ def log(msg: str) -> None:
 class Progress:
     """Logs `label: i/n unit, rate, ETA` at most every 10% (and at least every 2 s apart, or after 30 s of
     silence), then a closing line with the total time. Plain lines: a log file or a non-TTY reads them as
-    they are. `scale`: items per step for the rate (e.g. samples per micro-batch)."""
+    they are. `scale`: items per step for the rate (e.g. samples per micro-batch; 0: no rate)."""
 
     def __init__(self, label: str, total: int, unit: str = "micro-batches", scale: int = 1, rate_unit: str = "samples"):
         self.label, self.total, self.unit, self.scale, self.rate_unit = label, total, unit, scale, rate_unit
@@ -36,7 +36,8 @@ class Progress:
             self.last = now
             rate = self.done_n / max(now - self.start, 1e-9)
             eta = (self.total - self.done_n) / max(rate, 1e-9)
-            log(f"{self.label}: {self.done_n}/{self.total} {self.unit}, {rate * self.scale:.2f} {self.rate_unit}/s, ETA {eta:.0f}s")
+            speed = f", {rate * self.scale:.2f} {self.rate_unit}/s" if self.scale else ""
+            log(f"{self.label}: {self.done_n}/{self.total} {self.unit}{speed}, ETA {eta:.0f}s")
 
     def done(self) -> None:
         seconds = time.perf_counter() - self.start

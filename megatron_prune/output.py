@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from megatron_prune.config import PruneConfigError
+from megatron_prune.runtime.interrupt import raise_if_interrupted
 from megatron_prune.runtime.parallel import ParallelContext, as_problem
 
 
@@ -28,7 +30,23 @@ def check_output_dir(path: str, overwrite: bool = False) -> Path:
         raise PruneConfigError(f"--output-dir {path!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise PruneConfigError(f"--output-dir {path!r} exists and is not empty: choose a new directory or pass --overwrite")
+    _check_writable(out.parent, path)
     return out
+
+
+def _check_writable(parent: Path, path: str) -> None:
+    """The temporary directory is created in `parent` (or its nearest existing ancestor): try writing there now."""
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise PruneConfigError(f"--output-dir {path!r} cannot be created: {existing} is not writable "
+                               f"({e.strerror or e}): choose a directory you can write to") from None
 
 
 @contextlib.contextmanager
@@ -41,6 +59,7 @@ def atomic_output_dir(path: str, overwrite: bool = False):
     failure = None
     try:
         yield tmp
+        raise_if_interrupted()  # a Ctrl-C that something swallowed: never publish after it
     except BaseException as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
         failure = e
     problems = ctx.gather_all(None if failure is None else as_problem(failure))

@@ -88,6 +88,8 @@ def summary(result, groups_before: Optional[Mapping[str, int]] = None, groups_af
         "hidden_importance_kept_share": _share(imp.hidden, masks["hidden"]),
         "importance_criteria": dict(result.criteria) if result.criteria else None,
         "calibrated": result.calibrated,
+        "statistics_from": "calibration" if result.calibrated else f"scores file {result.scores_path}",
+        "calibration": result.calibration,  # what the statistics were computed on (None: not recorded)
         "calibration_micro_batches": result.calibration_calls,
         "scores_path": result.scores_path,
         "layers": layers,

@@ -65,3 +65,29 @@ def test_errors_name_the_flag(tokenizer, tmp_path):
 
 def test_default_corpus_ships_with_the_package():
     assert resolve_files("default") == [str(DEFAULT_CORPUS)] and DEFAULT_CORPUS.stat().st_size > 100_000
+
+
+def test_mistyped_paths_fail_at_once_and_bad_encodings_are_named(tokenizer, tmp_path, monkeypatch):
+    """A data file's name that does not exist is a path, not a dataset to look up on the Hub (which took 40 s
+    offline and then reported an unreachable Hub); a file that is not UTF-8 is named, with its byte offset."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for typo in ("calib.jsonl", "data/calib", "corpus.txt.gz"):
+        start = time.perf_counter()
+        with pytest.raises(PruneConfigError, match=f"--calib-data: '{typo}' does not exist"):
+            calibration_tokens(typo, tokenizer, 1, 8)
+        assert time.perf_counter() - start < 5
+    (tmp_path / "latin.txt").write_bytes(("caf\xe9 au lait, " * 200).encode("latin-1"))
+    with pytest.raises(PruneConfigError, match=r"latin.txt \(byte 3\) is not UTF-8 text \(an encoding error\)"):
+        calibration_tokens(str(tmp_path / "latin.txt"), tokenizer, 1, 8)
+
+
+def test_held_out_rows_leave_the_calibration_rows_unchanged(tokenizer):
+    """NAS carves held-out rows from the calibration text: the calibration rows stay those of a manual prune (so a
+    scores file of one serves the other) and the held-out rows are other rows."""
+    alone = calibration_tokens("default", tokenizer, 8, 32, seed=3)
+    both = calibration_tokens("default", tokenizer, 8, 32, seed=3, held_out=4)
+    assert torch.equal(both[:8], alone) and both.shape == (12, 32)
+    assert not any(torch.equal(row, other) for row in both[8:] for other in alone)

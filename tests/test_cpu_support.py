@@ -200,3 +200,22 @@ def test_pipeline_parallel_forward_equals_single_process(pipeline_runs, layout):
     expected, last_stage = pipeline_runs[layout]
     assert last_stage["layer_numbers"] == PIPELINE_LAYOUTS[layout][2]
     torch.testing.assert_close(last_stage["logits"], expected, rtol=0, atol=1e-6)
+
+
+@cpu_only
+def test_bf16_attention_takes_the_torch_softmax_on_cpu(single_process):
+    """A bf16 model with `masked_softmax_fusion` (Megatron-Bridge's providers turn it on) would import the CUDA softmax extension for
+    these shapes (16 < sk <= 4096, multiples of 4); on CPU it runs torch's softmax and matches the fp32 model."""
+    torch.manual_seed(0)
+    fp32 = build_tiny_gpt(tiny_gpt_config(), max_seq_length=32)
+    torch.manual_seed(0)
+    bf16 = build_tiny_gpt(tiny_gpt_config(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+                                          masked_softmax_fusion=True), max_seq_length=32)  # fmt: skip
+    bf16.load_state_dict({k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                          for k, v in fp32.state_dict().items()})  # fmt: skip
+    tokens = random_tokens(4, 32, VOCAB, seed=0)
+    with torch.no_grad():
+        (low,) = _forward_through_schedule(bf16, tokens)
+        (high,) = _forward_through_schedule(fp32, tokens)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), high, atol=0.1, rtol=0.05)

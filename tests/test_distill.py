@@ -122,3 +122,32 @@ def test_distill_cli_bad_inputs_fail_before_weights_are_read(pruned, tmp_path, c
     (tmp_path / "megatron_only.yaml").write_text(yaml.safe_dump(data))
     fails("--run-card", tmp_path / "megatron_only.yaml", "--output-dir", dist, match="lacks")
     assert not dist.exists()
+
+
+def test_short_runs_name_the_warm_up_flag_and_the_cpu_pipeline_distils_a_guideline_card(pruned, tmp_path, capsys):
+    """The card's recipe is the GPU guideline (100 warm-up steps, global batch 768): a 50-step run says which flag
+    fits the warm-up, and the pipeline's CPU distillation step brings a CPU-sized recipe, so a finished prune is
+    not followed by a distillation that cannot run."""
+    import sys
+
+    from tests.torchrun import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "launch"))
+    import pipeline
+
+    source, out = pruned
+    data = yaml.safe_load((out / FILE_NAME).read_text())
+    data["recipe"].update(global_batch_size=768, train_tokens=80_000_000_000, train_iters=None, lr_warmup_iters=100)
+    card = tmp_path / FILE_NAME
+    card.write_text(yaml.safe_dump(data))
+    assert distill_main(["--run-card", str(card), "--output-dir", str(tmp_path / "x"), "--train-iters", "50"]) == 2
+    assert "lr_warmup_iters=100 must be smaller than recipe.train_iters=50: for a run this short pass --lr-warmup-iters (e.g. 5)" in capsys.readouterr().err
+    plan = pipeline.build_plan(str(source), tmp_path / "work", [{"num_layers": 3}], distill="cpu",
+                               distill_args=["--train-iters", "3", "--no-plot"])  # fmt: skip
+    distill = next(c for c in plan.commands if c.kind == "distill")
+    args = distill.args[distill.args.index("--output-dir") + 2 :]
+    assert args == ["--train-iters", "3", "--no-plot", "--lr-warmup-iters", "0", "--global-batch-size", "8",
+                    "--micro-batch-size", "2", "--seq-length", "128"]  # the model has 128 positions
+    assert distill_main(["--run-card", str(card), "--output-dir", str(tmp_path / "d"), *args]) == 0
+    record = json.loads((tmp_path / "d" / "distill_summary.json").read_text())
+    assert record["recipe"]["global_batch_size"] == 8 and record["tokens_seen"] == 3 * 8 * 128

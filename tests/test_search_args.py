@@ -46,3 +46,16 @@ def test_bad_values():
         parser.parse_args(["--target-params", "lots"])
     with pytest.raises(PruneConfigError, match="search.max_width_pruning=1.5 must be a fraction"):
         search_options_from_args(parser.parse_args(["--max-width-pruning", "1.5"]))
+
+
+def test_percent_budgets_are_kept_until_the_model_is_counted():
+    options = parse("--target-params", "60%", "--target-memory-mb", "512")
+    assert options.constraints == {"params": "60%", "memory_mb": 512.0}
+    from megatron_prune.config import validate_budgets
+
+    assert validate_budgets(options.constraints, {"params": 1e6, "memory_mb": 1e3}) == {"params": 6e5, "memory_mb": 512.0}
+    parser = argparse.ArgumentParser()
+    add_search_arguments(parser)
+    for bad in ("150%", "x%"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--target-params", bad])

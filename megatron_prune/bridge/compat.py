@@ -1,4 +1,10 @@
-"""A fix for Megatron-Bridge 0.3.1 that is not about the CPU (applied on every machine; idempotent).
+"""Megatron-Bridge 0.3.1 adjustments that are not about the CPU (applied on every machine).
+
+`logged_progress()`: while it is active, the bridge's weight conversion (import, HF export) reports progress as
+plain log lines (`log.Progress`: count, rate, ETA, on global rank 0) instead of a `rich` progress bar, which
+turns into control sequences and one-line-per-refresh noise in log files and under torchrun.
+
+`apply_bridge_compat()` (idempotent) fixes one bug:
 
 Exporting an MoE model whose experts are a `SequentialMLP` (names `...mlp.experts.local_experts.{e}.linear_fc1
 .weight`, the layout megatron-prune prunes) to Hugging Face crashes in
@@ -12,7 +18,31 @@ run exporting SequentialMLP experts hits the same bug.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+
+from megatron_prune.log import Progress
+
+
+@contextlib.contextmanager
+def logged_progress(label: str):
+    """Replace the bridge's progress bar by `Progress` lines labelled `label` while the block runs."""
+    from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+
+    original = MegatronModelBridge._with_progress_tracking
+
+    def tracked(self, tasks, description, show_progress=True):
+        meter = Progress(label, len(tasks), unit="tensors", scale=0)
+        for task in tasks:
+            yield task
+            meter.step()
+        meter.done()
+
+    MegatronModelBridge._with_progress_tracking = tracked
+    try:
+        yield
+    finally:
+        MegatronModelBridge._with_progress_tracking = original
 
 
 def apply_bridge_compat() -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Iterable, Sequence, Tuple
 
 import torch
 
+from megatron_prune.bridge.compat import logged_progress
 from megatron_prune.bridge.hf_config import pruned_hf_config
 from megatron_prune.bridge.hf_import import ImportedModel
 from megatron_prune.log import log
@@ -31,24 +33,28 @@ _SHARD_BYTES = 2 * 1024**3
 def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Sequence[int], out_dir: str) -> None:
     """Write `pruned` (this rank's stage) as an HF model folder that `from_pretrained` loads without extra code."""
     ctx, out = ParallelContext.from_megatron(), Path(out_dir)
-    config = pruned_hf_config(imported.bridge.hf_pretrained.config, pruned.config, kept_layers)
+    dtype = next(pruned.parameters()).dtype  # the weights go out as the model holds them
+    config = pruned_hf_config(imported.bridge.hf_pretrained.config, pruned.config, kept_layers, dtype)
     ctx.on_main(lambda: _write_artifacts(imported, config, out))
-    tensors = imported.bridge.export_hf_weights([pruned], cpu=True, show_progress=False)
-    if ctx.is_main:
-        _write_safetensors(tensors, out)
-    else:
-        for _ in tensors:  # the gathers are collective
-            pass
+    with logged_progress("exporting to Hugging Face"):
+        tensors = imported.bridge.export_hf_weights([pruned], cpu=True, show_progress=True)
+        if ctx.is_main:
+            _write_safetensors(tensors, out)
+        else:
+            for _ in tensors:  # the gathers are collective
+                pass
     ctx.barrier()
-    log(f"wrote Hugging Face model to {out}")
+    log(f"wrote Hugging Face model ({str(dtype).replace('torch.', '')}) to {out}")
 
 
 def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str) -> None:
     """Write `pruned` as a Megatron-Bridge checkpoint (weights + model config + tokenizer) in `out_dir`."""
+    start = time.perf_counter()
+    log(f"saving the Megatron checkpoint (torch_dist) to {out_dir}")
     imported.bridge.save_megatron_model([pruned], out_dir, hf_tokenizer_path=tokenizer_path,
                                         hf_tokenizer_kwargs={"use_fast": True})  # megatron's default is the slow one
     ParallelContext.from_megatron().on_main(lambda: _make_config_portable(Path(out_dir), imported.saved_layer_spec))
-    log(f"wrote Megatron checkpoint to {out_dir}")
+    log(f"wrote Megatron checkpoint to {out_dir} in {time.perf_counter() - start:.1f}s")
 
 
 def load_megatron_checkpoint(path: str) -> torch.nn.Module:

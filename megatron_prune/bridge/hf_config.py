@@ -33,14 +33,17 @@ _MOE_SIZES = {  # written only where the HF config has the field
 }
 
 
-def pruned_hf_config(hf_config, config, kept_layers: Sequence[int]):
+def pruned_hf_config(hf_config, config, kept_layers: Sequence[int], dtype=None):
     """A copy of `hf_config` with the sizes of the pruned `config` (a TransformerConfig).
 
-    `kept_layers`: the original 1-indexed numbers of the surviving layers, ascending. The original is not
-    modified. Warns under transformers 5, which refuses a hidden size that is not heads x head_dim.
+    `kept_layers`: the original 1-indexed numbers of the surviving layers, ascending. `dtype`: the dtype of the
+    weights written with it, recorded as the config's dtype (so that the folder loads as it was saved). The
+    original is not modified. Warns under transformers 5, which refuses a hidden size that is not heads x head_dim.
     """
     original_layers = hf_config.num_hidden_layers
     pruned = copy.deepcopy(hf_config)
+    if dtype is not None:  # transformers >= 4.56 names it `dtype`, older versions `torch_dtype`
+        setattr(pruned, "dtype" if hasattr(pruned, "dtype") else "torch_dtype", dtype)
     for hf_field, mcore_field in _SIZES.items():
         setattr(pruned, hf_field, int(getattr(config, mcore_field) or _default(config, mcore_field)))
     if getattr(config, "num_moe_experts", None):

@@ -69,7 +69,7 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
     from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
-    from megatron_prune.bridge.compat import apply_bridge_compat
+    from megatron_prune.bridge.compat import apply_bridge_compat, logged_progress
     from megatron_prune.runtime.cpu import apply_bridge_cpu_support
 
     apply_bridge_cpu_support()
@@ -84,12 +84,39 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
     provider = bridge.to_megatron_provider(load_weights=True)
     saved_spec = _configure(provider, tp, pp, dtype)
     provider.finalize()
-    stages = provider.provide_distributed_model(
-        wrap_with_ddp=False, use_cpu_initialization=not torch.cuda.is_available(), mixed_precision_wrapper=None
-    )
+    with logged_progress("importing weights"):
+        stages = provider.provide_distributed_model(
+            wrap_with_ddp=False, use_cpu_initialization=not torch.cuda.is_available(), mixed_precision_wrapper=None
+        )
     model = unwrap_model(stages)[0].eval()
     log(f"imported in {time.perf_counter() - start:.1f}s")
     return ImportedModel(bridge=bridge, provider=provider, model=model, source=str(source), saved_layer_spec=saved_spec)
+
+
+def provider_inventory(provider, tp: int):
+    """The analytic inventory (`search.counting`) of the model the bridge builds from `provider` at TP=`tp`, from
+    the config alone: for budgets and search-space checks before any weight is read. The vocabulary is padded
+    as the provider pads it."""
+    from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
+
+    from megatron_prune.search.counting import inventory_of_config
+
+    vocab = provider.vocab_size
+    if getattr(provider, "should_pad_vocab", False):
+        vocab = calculate_padded_vocab_size(vocab, provider.make_vocab_size_divisible_by, tp, logging_enabled=False)
+    return inventory_of_config(provider, vocab, bool(provider.share_embeddings_and_output_weights),
+                               provider.position_embedding_type, provider.seq_length)  # fmt: skip
+
+
+def finalized_provider(provider, tp: int, pp: int, dtype: torch.dtype):
+    """A finalized copy of `provider` configured as `import_hf_model` configures it: the TransformerConfig the
+    model will be built from, known before any weight is read."""
+    import copy
+
+    config = copy.deepcopy(provider)
+    _configure(config, tp, pp, dtype)
+    config.finalize()
+    return config
 
 
 def _configure(provider, tp: int, pp: int, dtype: torch.dtype) -> Callable:

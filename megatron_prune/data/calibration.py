@@ -12,6 +12,7 @@ sizes and seed give the same samples.
 from __future__ import annotations
 
 import glob
+import gzip
 import itertools
 import os
 from pathlib import Path
@@ -27,24 +28,28 @@ _POOL_FACTOR = 4  # tokenise up to this many times the tokens needed, then choos
 
 
 def calibration_tokens(source: str, tokenizer, num_samples: int, seq_length: int, seed: int = 1234,
-                       text_field: str = "text", split: str = "train") -> torch.LongTensor:  # fmt: skip
-    """[num_samples, seq_length] token ids packed from `source`.
+                       text_field: str = "text", split: str = "train", held_out: int = 0) -> torch.LongTensor:  # fmt: skip
+    """[num_samples + held_out, seq_length] token ids packed from `source`: a seeded choice of rows, the first
+    `num_samples` for calibration (the same rows whatever `held_out` is, as long as it is at most 3 x num_samples)
+    and then `held_out` other rows (e.g. to score NAS candidates on).
 
-    Raises PruneConfigError, before anything is calibrated, when the source yields fewer than
-    num_samples x seq_length tokens, or cannot be read.
+    Raises PruneConfigError, before anything is calibrated, when the source yields too few tokens, or cannot be read.
     """
     if num_samples < 1 or seq_length < 1:
         raise PruneConfigError(f"--calib-samples ({num_samples}) and --seq-length ({seq_length}) must be >= 1")
-    needed = num_samples * seq_length
-    stream = _token_stream(_documents(source, text_field, split), tokenizer, limit=_POOL_FACTOR * needed)
+    needed = (num_samples + held_out) * seq_length
+    pool = max(_POOL_FACTOR * num_samples * seq_length, needed)
+    stream = _token_stream(_documents(source, text_field, split), tokenizer, limit=pool)
     if stream.numel() < needed:
         raise PruneConfigError(
             f"--calib-data {source!r} has {stream.numel():,} tokens; --calib-samples {num_samples} x --seq-length "
-            f"{seq_length} needs {needed:,}: give more text or ask for fewer/shorter samples"
+            f"{seq_length} needs {num_samples * seq_length:,}" + (f" (and {held_out} held-out rows {needed:,})" if held_out else "")
+            + ": give more text or ask for fewer/shorter samples"
         )
     rows = stream[: stream.numel() // seq_length * seq_length].view(-1, seq_length)
-    chosen = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return rows[chosen.sort().values].clone()
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+    calibration, rest = order[:num_samples].sort().values, order[num_samples : num_samples + held_out].sort().values
+    return rows[torch.cat([calibration, rest])].clone()
 
 
 def token_rows(source: str, tokenizer, seq_length: int, max_rows: int, text_field: str = "text",
@@ -79,9 +84,16 @@ def resolve_files(source: str) -> List[str]:
             files.append(str(path))
         elif glob.has_magic(part):
             files += sorted(f for f in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(f))
-        elif os.sep in part or part.startswith("."):
-            raise PruneConfigError(f"--calib-data: {part!r} does not exist")
+        elif part.count("/") > 1 or part.startswith((".", "/", "~")) or _builder(part) or _under_local_dir(part):
+            # a path (a dataset name is "name" or "org/name", without a data file's suffix): no network look-up
+            raise PruneConfigError(f"--calib-data: {part!r} does not exist (no such file or directory)")
     return list(dict.fromkeys(files))
+
+
+def _under_local_dir(part: str) -> bool:
+    """"data/calib" where ./data exists: a path, not the dataset "org/name"."""
+    parent = os.path.dirname(part)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
 
 
 def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
@@ -108,7 +120,7 @@ def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
     except PruneConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - name the source and the cause
-        raise PruneConfigError(f"--calib-data {source!r} cannot be loaded: {type(e).__name__}: {e}") from e
+        raise _load_error(source, files, e) from e
     if first is None:
         return
     if text_field not in first:
@@ -116,6 +128,34 @@ def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
     for row in itertools.chain([first], rows):
         if row[text_field]:
             yield row[text_field]
+
+
+def _load_error(source: str, files: List[str], error: Exception) -> PruneConfigError:
+    """What went wrong loading `source`, in the user's terms: the file that is not UTF-8, the dataset that the
+    Hub did not serve, or the loader's own message."""
+    cause = error
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        culprit = next((f"{f} (byte {b})" for f, b in map(_non_utf8_byte, files) if b is not None), "a file")
+        return PruneConfigError(f"--calib-data {source!r}: {culprit} is not UTF-8 text (an encoding error): convert it "
+                                "to UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8")  # fmt: skip
+    if not files:
+        return PruneConfigError(f"--calib-data {source!r} is not a file or directory here, and as a dataset name it could "
+                                f"not be loaded: {type(error).__name__}: {error}")  # fmt: skip
+    return PruneConfigError(f"--calib-data {source!r} cannot be loaded: {type(error).__name__}: {error}")
+
+
+def _non_utf8_byte(name: str):
+    """(name, offset of the first byte that is not UTF-8, or None); gzip files are read unpacked."""
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(name, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return name, e.start
+    return name, None
 
 
 def _token_stream(documents: Iterator[str], tokenizer, limit: int) -> torch.LongTensor:

@@ -33,7 +33,7 @@ _OVERRIDES = ("train_iters", "train_tokens", "seq_length", "micro_batch_size", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_prune.search.args import count
+    from megatron_prune.search.args import count_arg
 
     p = argparse.ArgumentParser(prog="python -m megatron_prune.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     r = p.add_argument_group("recipe overrides (default: the card's)")
     r.add_argument("--train-iters", type=int)
-    r.add_argument("--train-tokens", type=lambda s: int(count(s)))
+    r.add_argument("--train-tokens", type=lambda s: int(count_arg(s)))
     for name, kind in (("seq_length", int), ("micro_batch_size", int), ("global_batch_size", int), ("lr", float),
                        ("min_lr", float), ("lr_warmup_iters", int), ("temperature", float), ("seed", int)):  # fmt: skip
         r.add_argument(f"--{name.replace('_', '-')}", type=kind)

@@ -13,7 +13,7 @@ import argparse
 from typing import Any, Dict, Tuple
 
 from megatron_prune.distill.run_card import Parallelism, Recipe, check_parallelism, override_recipe
-from megatron_prune.search.args import count
+from megatron_prune.search.args import count_arg
 
 _RECIPE_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_tokens", "lr", "min_lr")
 _LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
@@ -25,7 +25,7 @@ def add_run_card_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
                    help=f"default {Recipe.seq_length}, at most the model's max_position_embeddings")
     g.add_argument("--distill-micro-batch-size", type=int, default=None, help=f"default {Recipe.micro_batch_size}")
     g.add_argument("--distill-global-batch-size", type=int, default=None, help=f"default {Recipe.global_batch_size}")
-    g.add_argument("--distill-train-tokens", type=lambda s: int(count(s)), default=None,
+    g.add_argument("--distill-train-tokens", type=lambda s: int(count_arg(s)), default=None,
                    help=f"token budget, e.g. 80B (default {Recipe.train_tokens / 1e9:.0f}B); train_iters follows")
     g.add_argument("--distill-lr", type=float, default=None, help=f"peak LR (default {Recipe.lr})")
     g.add_argument("--distill-min-lr", type=float, default=None, help=f"final LR of the linear decay (default {Recipe.min_lr})")

@@ -12,6 +12,7 @@ Owns the schema, its defaults (the published guideline) and its validation; read
       config: {hidden_size: .., ffn_hidden_size: .., num_attention_heads: .., num_query_groups: .., kv_channels: ..,
                num_layers: .., (MoE / Mamba sizes when the model has them)}   # TransformerConfig names
       params: 97351488
+      dtype: float32               # of the checkpoint's weights
     teacher:                       # the model before pruning
       hf_checkpoint: /abs/SOURCE or org/name (hub id)
       megatron_checkpoint: null
@@ -90,6 +91,7 @@ class Checkpoint:
     megatron_checkpoint: Optional[str] = None
     config: Dict[str, int] = field(default_factory=dict)
     params: Optional[int] = None
+    dtype: Optional[str] = None  # of the checkpoint's weights, e.g. bfloat16 (None: not recorded)
 
 
 @dataclass
@@ -347,7 +349,8 @@ def _check_recipe(r: Recipe) -> None:
         raise RunCardError(f"recipe.train_iters={r.train_iters} disagrees with recipe.train_tokens={r.train_tokens} / "
                            f"(global_batch_size x seq_length = {r.tokens_per_iter}) = {derived}: set one of them to null")  # fmt: skip
     if r.train_iters < 1 or r.lr_warmup_iters >= r.train_iters:
-        raise RunCardError(f"recipe.lr_warmup_iters={r.lr_warmup_iters} must be smaller than recipe.train_iters={r.train_iters}")
+        raise RunCardError(f"recipe.lr_warmup_iters={r.lr_warmup_iters} must be smaller than recipe.train_iters={r.train_iters}: "
+                           f"for a run this short pass --lr-warmup-iters (e.g. {max(r.train_iters // 10, 0)})")  # fmt: skip
     if not r.data_blend or any(not isinstance(p, dict) or "path" not in p for p in r.data_blend):
         raise RunCardError(f"recipe.data_blend must be a list of {{path, weight}} entries, got {r.data_blend!r}")
     if r.kd.loss != "logits_kl" or not r.kd.temperature > 0:

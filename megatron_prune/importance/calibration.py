@@ -25,7 +25,8 @@ from megatron_prune.importance.criteria import missing_statistics, needing_backw
 from megatron_prune.importance.hooks import collect_statistics, is_gradient_statistic, statistics_by_layer
 from megatron_prune.importance.reduce import reduce_statistics
 from megatron_prune.importance.scores_file import (
-    ScoresFile, ScoresFileError, calibration_mismatch, load_scores, model_fingerprint, save_scores,
+    ScoresFile, ScoresFileError, calibration_mismatch, check_architecture, config_architecture, load_scores,
+    model_fingerprint, read_scores_file, save_scores,
 )  # fmt: skip
 from megatron_prune.importance.statistics import StatStore
 from megatron_prune.log import Progress, log
@@ -75,13 +76,7 @@ def obtain_statistics(model: torch.nn.Module, forward_loop: Optional[Callable], 
     if have_scores:
         loaded = _load_everywhere(scores_path, fingerprint, ctx)
         check_statistics(loaded.stats, criteria, scores_path)
-        mismatch = calibration_mismatch(loaded.calibration, wanted)
-        if mismatch and not reuse_scores:
-            raise ScoresFileError(f"scores_path={scores_path!r} holds statistics of other calibration data: {mismatch}. "
-                                  "Delete it (or choose another path) to calibrate on the data given now, or pass "
-                                  "--reuse-scores (reuse_scores=True) to use its statistics anyway")  # fmt: skip
-        if mismatch:
-            log(f"reusing statistics of other calibration data ({mismatch}): --reuse-scores")
+        check_calibration(scores_path, loaded.calibration, wanted, reuse_scores)
         log(f"loaded statistics of {loaded.stats.calls} calibration micro-batches from {scores_path}; skipping calibration")
         return Statistics(loaded.stats, False, loaded.calibration, scores_path, fingerprint, loaded.search)
     sites = statistics_needed(criteria, backward=bool(getattr(forward_loop, "runs_backward", False)), everything=all_statistics)
@@ -139,6 +134,28 @@ def check_statistics(stats: StatStore, criteria: Mapping[str, str], scores_path:
                               f"Calibration must run again{taylor}: delete the file or choose another scores_path, "
                               "or choose criteria whose statistics it holds (calibrate with --all-statistics / "
                               "all_statistics=True to keep every forward-only statistic for later switches)")  # fmt: skip
+
+
+def check_calibration(scores_path: str, recorded: Optional[dict], wanted: Optional[dict], reuse_scores: bool) -> None:
+    """Refuse statistics of other calibration data than `wanted` (naming what changed), unless `reuse_scores`."""
+    mismatch = calibration_mismatch(recorded, wanted)
+    if mismatch and not reuse_scores:
+        raise ScoresFileError(f"scores_path={scores_path!r} holds statistics of other calibration data: {mismatch}. "
+                              "Delete it (or choose another path) to calibrate on the data given now, or pass "
+                              "--reuse-scores (reuse_scores=True) to use its statistics anyway")  # fmt: skip
+    if mismatch:
+        log(f"reusing statistics of other calibration data ({mismatch}): --reuse-scores")
+
+
+def precheck_scores_file(scores_path: str, config, criteria: Mapping[str, str], wanted: Optional[dict],
+                         reuse_scores: bool = False) -> None:  # fmt: skip
+    """What can be checked of an existing scores file from the model's config alone, before its weights are read:
+    the format, the architecture, the statistics `criteria` need, the calibration data (`wanted`). The weights
+    digest is compared once the model is loaded. Raises ScoresFileError."""
+    payload = read_scores_file(scores_path)
+    check_architecture(scores_path, payload["fingerprint"].get("architecture", {}), config_architecture(config), subset=True)
+    check_statistics(StatStore.from_state_dict(payload["statistics"]), criteria, scores_path)
+    check_calibration(scores_path, payload.get("calibration"), wanted, reuse_scores)
 
 
 def run_calibration(model: torch.nn.Module, forward_loop: Callable, ctx: ParallelContext, sites: Sequence[str],

@@ -164,6 +164,17 @@ def parse_criteria(text: str) -> Dict[str, str]:
     return out
 
 
+def criteria_at_layout(criteria: Mapping[str, str], num_query_groups: int, tp_size: int) -> Tuple[Dict[str, str], Optional[str]]:
+    """The criteria a layout can serve, and why they changed (None if they did not): with fewer query groups
+    than TP ranks megatron-core replicates K/V heads, no rank holds a whole group, and groups fall back to the
+    reference's statistic."""
+    if num_query_groups >= tp_size or criteria["num_query_groups"] == "minitron":
+        return dict(criteria), None
+    return {**criteria, "num_query_groups": "minitron"}, (
+        f"num_query_groups={num_query_groups} < TP={tp_size}: K/V heads are replicated over TP ranks and groups "
+        "cannot be pruned at this layout; they are ordered by the reference's statistic")  # fmt: skip
+
+
 def chosen(criteria: Mapping[str, str]) -> List[Criterion]:
     return [CRITERIA[axis][name] for axis, name in criteria.items()]
 

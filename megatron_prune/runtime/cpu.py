@@ -49,6 +49,9 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
    stream whose work is complete when issued (its events are already synchronised).
 13. Training (`apply_training_cpu_support()`, called by the distillation loop only): the literal "cuda" tensors
    of `megatron.core.utils`, the optimizers, gradient clipping and `param_and_grad_buffer` (see its docstring).
+14. `FusedScaleMaskSoftmax.is_kernel_available` answers False: with bf16/fp16 activations and
+   `masked_softmax_fusion` (on by default) it imports the CUDA extension `scaled_masked_softmax_cuda`, which
+   does not exist without a GPU; attention then takes its plain torch softmax, as it does in fp32.
 
 Not patched, because no run of this package reaches them: `tensor_parallel.broadcast_data` (Megatron-LM's
 batch loader, `.cuda()`), the distributed optimizer, and MoE's all-to-all token dispatcher at expert-parallel
@@ -65,6 +68,7 @@ import types
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mcore_random
@@ -110,6 +114,7 @@ def apply_cpu_support() -> bool:
         moe_utils.te_general_gemm = None
     token_dispatcher.torch = _torch_with_cpu_streams()
     torch.cuda.get_rng_state = _cpu_rng_state
+    FusedScaleMaskSoftmax.is_kernel_available = _no_fused_softmax_kernel
     if not any(isinstance(f, _BridgeWithoutTransformerEngine) for f in sys.meta_path):
         sys.meta_path.insert(0, _BridgeWithoutTransformerEngine())
 
@@ -274,6 +279,11 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
             grad = getattr(p, name, None)
             if grad is not None:
                 grad.detach().mul_(coeff)
+
+
+def _no_fused_softmax_kernel(self, mask, b, np, sq, sk) -> bool:
+    """Stands in for `FusedScaleMaskSoftmax.is_kernel_available`: the fused softmax is a CUDA kernel."""
+    return False
 
 
 def _cpu_rng_state(device="cuda") -> torch.Tensor:

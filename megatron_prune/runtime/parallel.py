@@ -138,13 +138,15 @@ class ParallelContext:
                 raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
 
 
-def as_problem(error: Exception) -> Tuple[type, str]:
-    """(class, message) of an exception for `raise_first`: the package's own errors keep their class, any
-    other becomes a RuntimeError naming the original type."""
+def as_problem(error: BaseException) -> Tuple[type, str]:
+    """(class, message) of an exception for `raise_first`: the package's own errors and KeyboardInterrupt keep
+    their class, any other becomes a RuntimeError naming the original type."""
     from megatron_prune.errors import PruneError
 
     if isinstance(error, PruneError):
         return type(error), str(error)
+    if isinstance(error, KeyboardInterrupt):  # every rank stops as interrupted
+        return KeyboardInterrupt, "interrupted"
     return RuntimeError, f"{type(error).__name__}: {error}"
 
 

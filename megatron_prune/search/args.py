@@ -12,30 +12,40 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
-from megatron_prune.config import BUDGETS, SearchConfig
+from megatron_prune.budgets import is_percent, parse_budget, parse_count
+from megatron_prune.config import BUDGETS, PruneConfigError, SearchConfig
 from megatron_prune.data.scores import ScoreSpec
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
-_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
 @dataclass(frozen=True)
 class SearchOptions:
-    constraints: Optional[Dict[str, float]]  # None: no budget flag given (manual pruning)
+    constraints: Optional[Dict[str, Union[float, str]]]  # None: no budget flag given; "60%" until the model is counted
     search: SearchConfig
     score: ScoreSpec
 
 
-def count(text: str) -> float:
-    """A number, optionally with a K/M/B/T suffix: "1.5B" -> 1.5e9."""
-    text = text.strip()
-    scale = _UNITS.get(text[-1:].upper(), 1)
+def count_arg(text: str) -> float:
+    """argparse type for a count ("1.5B", "3e9"): `budgets.parse_count`, its error shown as argparse's."""
     try:
-        return float(text[:-1] if scale != 1 else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 3e9, 3B, 350M)") from None
+        return parse_count(text, "value")
+    except PruneConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def budget_arg(text: str) -> Union[float, str]:
+    """argparse type for a budget: a count ("350M", as a number) or a percentage ("60%", kept as text: it is
+    resolved against the model's own count once the model's config is read, `config.validate_budgets`)."""
+    if not is_percent(text):
+        return count_arg(text)  # on a command line a plain "8000" is a number
+    try:
+        parse_budget("budget", text, original=1.0)  # the syntax, whatever the original
+    except PruneConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
 
 
 def _flag(name: str) -> str:
@@ -47,7 +57,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     g = parser.add_argument_group("NAS auto pruning", "give any of the --target-* budgets to search instead of a fixed export config")
     for budget in BUDGETS:
         unit = "MB of inference memory" if budget == "memory_mb" else budget.replace("_", " ") + " (e.g. 3B, 350M)"
-        g.add_argument(_flag(f"target_{budget}"), type=count, default=None, help=f"upper bound on {unit}")
+        g.add_argument(_flag(f"target_{budget}"), type=budget_arg, default=None,
+                       help=f"upper bound on {unit}, or a percentage of the model's (e.g. 60%%)")
     g.add_argument("--score-func", choices=("lm_loss", "mmlu"), default="lm_loss",
                    help="lm_loss: minus the LM loss on held-out batches; mmlu: accuracy on --score-data")  # fmt: skip
     g.add_argument("--score-data", default=None,

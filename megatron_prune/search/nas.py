@@ -69,7 +69,6 @@ def prepare_search(model: torch.nn.Module, ctx: ParallelContext, shape: ModelSha
                    score_func: Optional[ScoreFunc], megatron_problem: Callable[[Dict[str, int]], Optional[str]]) -> SearchPlan:  # fmt: skip
     """Validate and enumerate before calibration. `megatron_problem(sizes)` says why Megatron would refuse
     a candidate (None if it builds). Raises PruneConfigError naming the field on bad input."""
-    budgets = validate_budgets(constraints)
     config = SearchConfig.of(search)
     if score_func is None and config.top_k > 1:
         raise PruneConfigError(
@@ -82,31 +81,43 @@ def prepare_search(model: torch.nn.Module, ctx: ParallelContext, shape: ModelSha
         inventory = inventory_of(model, ctx)
     except ValueError as e:
         raise PruneConfigError(f"NAS needs analytic counts: {e}; prune with export_config instead") from e
+    return plan_search(inventory, shape, constraints, config, megatron_problem, ctx.tp_size, ctx.pp_size, ctx.ep_size)
+
+
+def plan_search(inventory: Inventory, shape: ModelShape, constraints, search,
+                megatron_problem: Callable[[Dict[str, int]], Optional[str]] = lambda sizes: None, tp_size: int = 1,
+                pp_size: int = 1, ep_size: int = 1, verbose: bool = True) -> SearchPlan:  # fmt: skip
+    """`prepare_search` on an inventory, e.g. one counted from a config alone (`inventory_of_config`), so that a
+    command line checks its budgets before importing the model (`verbose=False`: nothing logged). Percent
+    budgets are resolved against the model's own counts."""
+    config = SearchConfig.of(search)
     memory = memory_spec(config)
     original = inventory.count(shape.sizes(), memory)
+    budgets = validate_budgets(constraints, {b: original.get(b) for b in _LABELS})
     for budget, limit in budgets.items():
         if limit >= original.get(budget):
             raise PruneConfigError(
                 f"constraints[{budget!r}]={_fmt(budget, limit)} is not below the model's {_fmt(budget, original.get(budget))} "
                 f"{_LABELS[budget]}: nothing to prune"
             )
-    log(f"analytic counts: {original.params:,} parameters, {original.memory_mb:.1f} MB inference memory "
-        f"({config.dtype_bytes}-byte weights, KV cache of {config.batch_size} x {config.seq_length} tokens)")
     space = build_space(shape, config)
-    log_space(space, config)
+    if verbose:
+        log(f"analytic counts: {original.params:,} parameters, {original.memory_mb:.1f} MB inference memory "
+            f"({config.dtype_bytes}-byte weights, KV cache of {config.batch_size} x {config.seq_length} tokens)")
+        log_space(space, config)
     if not space.choices:
         raise PruneConfigError(
             "the search space is empty: every axis is skipped (axes_to_skip) or left with one choice "
             "(a *_divisor larger than the axis, or max_width_pruning/max_depth_pruning too small)"
         )
-    fitting = search_candidates(space, inventory, budgets, config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size,
-                                ep_size=ctx.ep_size)  # fmt: skip
+    fitting = search_candidates(space, inventory, budgets, config, shape, pp_size=pp_size, tp_size=tp_size, ep_size=ep_size)
     valid = [c for c in fitting.candidates if megatron_problem(_sizes(space, c)) is None]
-    if fitting.filtered:
+    if fitting.filtered and verbose:
         log(f"candidate_filter rejected {fitting.filtered} candidates")
     if not valid:
         raise PruneConfigError(_nothing_fits(budgets, fitting, len(fitting.candidates) - len(valid)))
-    log(f"{len(valid)} of {space.size} candidates fit {_budgets_text(budgets)}")
+    if verbose:
+        log(f"{len(valid)} of {space.size} candidates fit {_budgets_text(budgets)}")
     return SearchPlan(budgets, config, space, original, valid, inventory)
 
 
