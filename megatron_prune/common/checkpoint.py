@@ -4,6 +4,8 @@
     ckpt.get("layer1.0.conv1=32")          -> a score measured earlier, or None
     ckpt.put("layer1.0.conv1=32", 0.871)   # written to disk at once, atomically
 
+    ckpt.save_state({"batches": 12, "sums": {...}})   # an algorithm's own progress (tensors allowed), also atomic
+
 An interrupted search reopened with the same file skips every score it already has and therefore reaches the
 same result. A file written for another model is refused; one written with other settings (importance
 criterion, BatchNorm batches, ...) is not reused, with a warning saying which setting changed.
@@ -56,6 +58,7 @@ class SearchCheckpoint:
     settings: Dict[str, object]
     scores: Dict[str, float] = field(default_factory=dict)
     reused: int = 0  # scores taken from the file
+    state: Dict[str, object] = field(default_factory=dict)  # algorithm-specific progress (GradNAS: gradient sums)
 
     @classmethod
     def open(cls, path, algorithm: str, model_id: str, settings: Mapping[str, object]) -> "SearchCheckpoint":
@@ -83,6 +86,7 @@ class SearchCheckpoint:
             warnings.warn(f"checkpoint {str(p)!r}: not reusing its scores, measured with other settings ({', '.join(changed)})", stacklevel=3)
             return ckpt
         ckpt.scores = dict(state["scores"])
+        ckpt.state = dict(state.get("state", {}))
         return ckpt
 
     def get(self, key: str) -> Optional[float]:
@@ -93,6 +97,14 @@ class SearchCheckpoint:
 
     def put(self, key: str, score: float) -> None:
         self.scores[key] = float(score)
+        self._write()
+
+    def save_state(self, state: Mapping[str, object]) -> None:
+        """Replace the algorithm's progress record (plain values and tensors) and write the file."""
+        self.state = dict(state)
+        self._write()
+
+    def _write(self) -> None:
         if self.path is not None:
             atomic_save({"format": FORMAT, "algorithm": self.algorithm, "model_id": self.model_id,
-                         "settings": self.settings, "scores": self.scores}, self.path)
+                         "settings": self.settings, "scores": self.scores, "state": self.state}, self.path)

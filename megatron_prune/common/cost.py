@@ -14,7 +14,7 @@ them (tested on every model family).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 from megatron_prune.common.extent import Extent, count_elements
 
@@ -47,6 +47,32 @@ class CostModel:
             params += n if t.params else 0
             flops += n * t.flops
         return {"params": params, "flops": flops}
+
+    def fast(self) -> Callable[[Mapping[str, int]], Dict[str, float]]:
+        """`count`, sped up for a solver that calls it thousands of times: when every term depends on at most one
+        group (no tensor is pruned on two groups at once, as in transformer layers), each group's share is computed
+        once per width and summed; otherwise `count` itself. The values are the same (integers in float64)."""
+        owners = [{g for e in t.dims.values() for g in e.groups} for t in self.terms]
+        if any(len(o) > 1 for o in owners):
+            return self.count
+        fixed = CostModel([t for t, o in zip(self.terms, owners) if not o], self.full).count({})
+        by_group: Dict[str, List[Term]] = {}
+        for t, o in zip(self.terms, owners):
+            if o:
+                by_group.setdefault(next(iter(o)), []).append(t)
+        shares: Dict[Tuple[str, int], Tuple[float, float]] = {}
+
+        def count(widths: Mapping[str, int]) -> Dict[str, float]:
+            params, flops = fixed["params"], fixed["flops"]
+            for g, terms in by_group.items():
+                key = (g, widths.get(g, self.full[g]))
+                if key not in shares:
+                    c = CostModel(terms, self.full).count({g: key[1]})
+                    shares[key] = (c["params"], c["flops"])
+                params, flops = params + shares[key][0], flops + shares[key][1]
+            return {"params": params, "flops": flops}
+
+        return count
 
     def per_group(self, groups: Sequence[str]) -> Dict[str, Dict[str, float]]:
         """How much of each metric each group's terms hold at full width (for profile tables)."""

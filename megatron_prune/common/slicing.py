@@ -56,6 +56,8 @@ def sync_attributes(m: nn.Module, depthwise: bool = False, channels: int = -1) -
         m.out_channels = m.weight.shape[1] * m.groups
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
+    elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # Hugging Face's transposed linear (GPT-2): [in, out]
+        m.nf = m.weight.shape[1]
     elif isinstance(m, nn.GroupNorm):
         n = _first_dim(m, ("weight",), channels)
         m.num_groups = m.num_groups * n // m.num_channels
