@@ -64,12 +64,19 @@ def batches(family: str, n: int = 4, batch: int = 4, seed: int = 0):
     return out
 
 
-def rebatch(batches_, size: int):
-    """The same samples, in batches of `size`."""
+def rebatch(batches_, sizes):
+    """The same samples, in batches of `sizes` (one size for all, or a list of sizes in turn)."""
     keys = batches_[0].keys()
     whole = {k: torch.cat([b[k] for b in batches_]) for k in keys}
     n = next(iter(whole.values())).shape[0]
-    return [{k: v[i:i + size] for k, v in whole.items()} for i in range(0, n, size)]
+    sizes = [sizes] * n if isinstance(sizes, int) else list(sizes)
+    out, start = [], 0
+    for size in sizes:
+        if start >= n:
+            break
+        out.append({k: v[start:start + size] for k, v in whole.items()})
+        start += size
+    return out
 
 
 def state_hash(model) -> dict:
