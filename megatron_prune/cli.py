@@ -370,10 +370,10 @@ def run_command(prog: str, job, args: argparse.Namespace) -> int:
     """Run `job(args)` as a command's body: an error in the user's input prints `prog: error: ...` (once, from
     global rank 0) and returns 2; Ctrl-C prints one line and returns 130 (nothing published; a bug keeps its
     traceback); the distributed state is torn down either way."""
+    quiet_other_ranks()  # before megatron-core is imported: it warns at import time
     from megatron_prune.runtime.distributed import destroy_distributed
     from megatron_prune.runtime.interrupt import watch_interrupts
 
-    quiet_other_ranks()
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         with watch_interrupts():
@@ -394,13 +394,13 @@ def run_command(prog: str, job, args: argparse.Namespace) -> int:
 
 def quiet_other_ranks() -> None:
     """Under torchrun, ranks other than global rank 0 print no third-party warnings or notices (rank 0 does):
-    Python warnings off, library logging above WARNING, stdout discarded. Errors still reach stderr."""
+    Python warnings not shown, library logging only above WARNING, stdout discarded. Errors still reach stderr."""
     if os.environ.get("RANK", "0") == "0":
         return
     import logging
     import warnings
 
-    warnings.simplefilter("ignore")
+    warnings.showwarning = lambda *args, **kwargs: None  # libraries reset the filters, not the display hook
     logging.disable(logging.WARNING)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 

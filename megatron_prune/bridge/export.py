@@ -33,13 +33,13 @@ _SHARD_BYTES = 2 * 1024**3
 def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Sequence[int], out_dir: str) -> None:
     """Write `pruned` (this rank's stage) as an HF model folder that `from_pretrained` loads without extra code."""
     ctx, out = ParallelContext.from_megatron(), Path(out_dir)
-    dtype = next(pruned.parameters()).dtype  # the weights go out as the model holds them
+    dtype = pruned.config.params_dtype  # every floating tensor goes out in it (the local spec keeps norms in fp32)
     config = pruned_hf_config(imported.bridge.hf_pretrained.config, pruned.config, kept_layers, dtype)
     ctx.on_main(lambda: _write_artifacts(imported, config, out))
     with logged_progress("exporting to Hugging Face"):
         tensors = imported.bridge.export_hf_weights([pruned], cpu=True, show_progress=True)
         if ctx.is_main:
-            _write_safetensors(tensors, out)
+            _write_safetensors(((n, t.to(dtype) if t.is_floating_point() else t) for n, t in tensors), out)
         else:
             for _ in tensors:  # the gathers are collective
                 pass
