@@ -37,6 +37,11 @@ def test_experiment_runs_prune_distill_evaluate_locally(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     for task in ("prune1", "distill1", "evaluate1"):
         assert f"[experiment] {task}: SUCCEEDED" in run.stdout, run.stdout[-2000:]
+    # full log paths, and a status command that finds the run (NeMo-Run's own omits the NEMORUN_HOME it needs)
+    logs = [line.split("(log: ")[1].rstrip(")") for line in run.stdout.splitlines() if line.startswith("[experiment] prune1:")]
+    assert logs and os.path.isfile(logs[0]) and "..." not in logs[0] and "done in" in open(logs[0]).read()
+    assert f"NEMORUN_HOME={tmp_path / 'nemo_run'} nemo experiment status megatron-prune_" in run.stdout
+    assert "# You can inspect this experiment at a later point" not in run.stdout
 
     step = work / "step1"
     card = step / "pruned" / "distillation_run_card.yaml"

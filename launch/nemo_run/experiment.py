@@ -20,9 +20,10 @@ NeMo-Run's own files (job logs, configs) go to W/nemo_run unless NEMORUN_HOME / 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # launch/: pipeline.py
 import pipeline  # noqa: E402
@@ -82,15 +83,28 @@ def add_tasks(exp, plan: Plan, executor=None) -> None:
 
 
 def run_experiment(plan: Plan, title: str = "megatron-prune", base_dir: Optional[str] = None, executor=None,
-                   detach: bool = False) -> Dict[str, str]:  # fmt: skip
-    """Run the plan as one experiment, tasks one after the other; returns {task: status name}."""
+                   detach: bool = False) -> Tuple[Dict[str, str], str, str]:  # fmt: skip
+    """Run the plan as one experiment, tasks one after the other; returns ({task: status name}, experiment id,
+    experiment directory). NeMo-Run's own closing hints are off: its `nemo experiment status` line omits the
+    NEMORUN_HOME this script chose, so it cannot find the run (`inspect_command` is the working one)."""
     import nemo_run as run
 
-    with run.Experiment(title, base_dir=base_dir, log_level="WARN") as exp:
+    with run.Experiment(title, base_dir=base_dir, log_level="WARN", enable_goodbye_message=False) as exp:
         add_tasks(exp, plan, executor)
         exp.run(sequential=True, detach=detach)
         statuses = exp.status(return_dict=True) or {}
-    return {name: str(info["status"]).split()[0] for name, info in statuses.items()}
+    return {name: str(info["status"]).split()[0] for name, info in statuses.items()}, exp._id, exp._exp_dir
+
+
+def task_log(exp_dir: str, name: str) -> Optional[str]:
+    """The full path of a local task's log (stdout and stderr of its processes), if NeMo-Run wrote one."""
+    logs = sorted(Path(exp_dir, name).rglob("combined.log")) or sorted(Path(exp_dir, name).rglob("stdout.log"))
+    return str(logs[0]) if logs else None
+
+
+def inspect_command(base_dir: str, exp_id: str) -> str:
+    """The NeMo-Run CLI command that finds this experiment again (its records live under `base_dir`)."""
+    return f"NEMORUN_HOME={shlex.quote(base_dir)} nemo experiment status {exp_id}"
 
 
 def build_parser():
@@ -136,12 +150,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   args.gpus_per_node, args.time, args.container_mounts, args.ssh_host, args.ssh_user,
                                   args.cluster_job_dir)  # fmt: skip
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
-    statuses = run_experiment(plan, args.title, base_dir, executor, detach=args.detach)
-    print("\n".join(f"[experiment] {c.name}: {statuses.get(c.name)}" for c in plan.commands))
+    statuses, exp_id, exp_dir = run_experiment(plan, args.title, base_dir, executor, detach=args.detach)
+    logs = {c.name: task_log(exp_dir, c.name) for c in plan.commands} if executor is None else {}
+    print(flush=True)  # NeMo-Run's status panel ends without a newline
+    for c in plan.commands:
+        print(f"[experiment] {c.name}: {statuses.get(c.name)}" + (f" (log: {logs[c.name]})" if logs.get(c.name) else ""))
+    print(f"[experiment] inspect it later with: {inspect_command(base_dir, exp_id)}")
     failed = [c.name for c in plan.commands if statuses.get(c.name) != "SUCCEEDED"]
     if executor is None and failed:
-        failed = failed[0]
-        print(f"experiment: error: {failed} did not succeed (its log: {base_dir}/experiments/{args.title}/...)", file=sys.stderr)
+        where = logs.get(failed[0]) or os.path.join(exp_dir, failed[0])
+        print(f"experiment: error: {failed[0]} did not succeed (its log: {where})", file=sys.stderr)
         return 1
     return 0
 
