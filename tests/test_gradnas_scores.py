@@ -110,6 +110,8 @@ def test_resume_after_an_interruption_gives_the_same_result(tmp_path):
     assert resumed.widths == full.widths and resumed.scores == full.scores
     _, again = run(model, "llama", checkpoint=ckpt, loss_func=lambda out, b: 1 / 0)  # every batch from the file
     assert again.reused_batches == 4 and again.scores == full.scores
+    _, uniform = run(model, "llama", checkpoint=ckpt, uniform=True, loss_func=lambda out, b: 1 / 0)  # search settings
+    assert uniform.reused_batches == 4 and uniform.scores == full.scores                            # share the gradients
 
 
 def test_a_checkpoint_of_another_model_or_other_data_is_refused(tmp_path):

@@ -82,9 +82,9 @@ def prune(model: nn.Module, mode="gradnas", constraints: Optional[Dict] = None, 
     space = build_space(model, dummy_input, opts["rules"], opts["prune_kv_groups"], opts["uniform"])
     limits = check_limits(space, constraints)
     batches, total = _batches(opts["data_loader"])
-    settings = {"max_batches": opts["max_batches"], "prune_kv_groups": opts["prune_kv_groups"], "uniform": opts["uniform"],
-                "rules": repr(opts["rules"].entries), "selectors": list(opts["selectors"])}
-    ckpt = SearchCheckpoint.open(opts["checkpoint"], "gradnas", fingerprint(model), settings)
+    # the checkpoint holds gradient sums and candidate scores keyed by their widths: neither depends on the rules,
+    # `uniform`, `prune_kv_groups` or the selectors, so runs that differ only in those share one file
+    ckpt = SearchCheckpoint.open(opts["checkpoint"], "gradnas", fingerprint(model), {"max_batches": opts["max_batches"]})
     log(f"gradnas: {family.name}, {len(space.layers)} layers, {len(space.variables)} search variables; budgets "
         + ", ".join(f"{m} <= {v:,.0f} ({100 * v / space.count()[m]:.1f}%)" for m, v in limits.items()))
     state, reused = collect_gradients(model, space.sites, batches, opts["collect_func"] or default_collect,
@@ -114,7 +114,8 @@ def prune(model: nn.Module, mode="gradnas", constraints: Optional[Dict] = None, 
         original_counts=space.count(), penalties=penalties, scores={s: t.tolist() for s, t in site_scores.items()},
         candidates=candidates, fixed=dict(space.fixed), batches=state["batches"], samples=state["samples"],
         reused_batches=reused, score_calls=calls[0], config_update=update, hf_loadable=loadable,
-        seconds=time.time() - start, settings=settings, selector=best.selector)
+        seconds=time.time() - start, selector=best.selector,
+        settings={k: opts[k] for k in ("max_batches", "prune_kv_groups", "uniform", "selectors")})
     log("gradnas: done\n" + result.table())
     return pruned, result
 

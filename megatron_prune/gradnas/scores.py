@@ -179,7 +179,8 @@ def collect_gradients(model: nn.Module, sites: Sites, batches: Iterable, collect
                                f"{str(checkpoint.path)!r}: pass the same data or another checkpoint path")
     if done:
         log(f"gradnas: {done} batches of gradients taken from the checkpoint")
-    progress.done()
+    if state["batches"] > done:
+        progress.done()
     return state, done
 
 
