@@ -42,7 +42,7 @@ def refused(error, match, model=None, **kw):
     ({"params": -5}, r"must be a positive, finite number"),
     ({"latency": 3}, r"unknown key\(s\) 'latency'; gradnas budgets are flops, params"),
     ({}, r"constraints is empty"),
-    ({"params": "5%"}, r"below the smallest reachable subnet's [\d,]+ \([\d.]+% of the original; hidden size and embeddings"),
+    ({"params": "5%"}, r"below the smallest reachable subnet's [\d,]+ \([\d.]+% of the original\); hidden size and embeddings"),
     ({"params": 10**9}, r"is not below the original model's"),
     (None, None),
 ])

@@ -50,6 +50,18 @@ class Rule:
         return width_choices(full, self.ratios, self.divisor, block)
 
 
+class ChoiceSpace:
+    """Mixin for a search space with `choices`: {group: ascending widths, the full width last}."""
+
+    @property
+    def full(self) -> Dict[str, int]:
+        return {g: c[-1] for g, c in self.choices.items()}
+
+    @property
+    def smallest(self) -> Dict[str, int]:
+        return {g: c[0] for g, c in self.choices.items()}
+
+
 _MO_FIELDS = {"channels_ratio": "ratios", "features_ratio": "ratios", "channel_divisor": "divisor",
               "feature_divisor": "divisor", "ratios": "ratios", "divisor": "divisor"}
 _MO_IGNORED = {"kernel_size"}

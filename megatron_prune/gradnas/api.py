@@ -26,10 +26,10 @@ from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
-from megatron_prune.budgets import resolve_budgets
 from megatron_prune.common import solver
 from megatron_prune.common.checkpoint import SearchCheckpoint, fingerprint
 from megatron_prune.common.choices import Rules
+from megatron_prune.common.options import check_selectors, merge_options, reachable_limits
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.fastnas.api import default_collect
 from megatron_prune.fastnas.search import Candidate
@@ -127,7 +127,6 @@ def profile(model: nn.Module, dummy_input, constraints: Optional[Dict] = None, c
     opts = _options("gradnas", config, {})
     space = build_space(model, dummy_input, opts["rules"], opts["prune_kv_groups"], opts["uniform"])
     if constraints is not None:
-        _check_keys(constraints)
         check_limits(space, constraints)
     if verbose:
         print(space.table())
@@ -144,21 +143,12 @@ def _options(mode, config, options, **explicit) -> Dict[str, object]:
                                "megatron_prune.fastnas)")
     if config is not None and not isinstance(config, dict):
         raise PruneConfigError(f"config must be a dict, got {type(config).__name__}")
-    merged = {**DEFAULTS, "data_loader": None, "score_func": None, "checkpoint": None}
-    for source in (config or {}), options, {k: v for k, v in explicit.items() if v is not None}:
-        for k, v in source.items():
-            k = ALIASES.get(k, k)
-            if k in IGNORED:
-                continue
-            if k not in merged:
-                raise PruneConfigError(f"config: unknown option {k!r}; known: {', '.join(sorted(set(merged) | set(ALIASES)))}")
-            merged[k] = v
+    merged = merge_options({**DEFAULTS, "data_loader": None, "score_func": None, "checkpoint": None},
+                           [config or {}, options, {k: v for k, v in explicit.items() if v is not None}], ALIASES, IGNORED)
     n = merged["max_batches"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PruneConfigError(f"config['max_batches']={n!r} must be a positive integer")
-    sel = merged["selectors"]
-    if isinstance(sel, str) or not sel or any(s not in solver.SELECTORS for s in sel):
-        raise PruneConfigError(f"config['selectors']={sel!r} must be a non-empty list of {', '.join(solver.SELECTORS)}")
+    check_selectors(merged["selectors"])
     for k in ("collect_func", "loss_func", "score_func"):
         if merged[k] is not None and not callable(merged[k]):
             raise PruneConfigError(f"config[{k!r}] must be a callable, got {type(merged[k]).__name__}")
@@ -179,17 +169,10 @@ def _check_keys(constraints) -> None:
 
 
 def check_limits(space: SearchSpace, constraints) -> Dict[str, float]:
-    """Budgets in absolute units; each below the original and at or above the smallest subnet."""
-    full, smallest = space.count(), space.count(space.smallest)
-    limits = resolve_budgets(constraints, METRICS, full)
-    for m, v in limits.items():
-        if v >= full[m]:
-            raise PruneConfigError(f"constraints[{m!r}] = {v:,.0f} is not below the original model's {full[m]:,.0f}: nothing to prune")
-        if v < smallest[m]:
-            raise PruneConfigError(
-                f"constraints[{m!r}] = {v:,.0f} is below the smallest reachable subnet's {smallest[m]:,.0f} "
-                f"({100 * smallest[m] / full[m]:.1f}% of the original; hidden size and embeddings are not pruned); "
-                "see gradnas.profile()")
+    """Budgets in absolute units, reachable by the space (hidden size and embeddings stay)."""
+    _check_keys(constraints)
+    limits = reachable_limits(constraints, METRICS, space.count(), space.count(space.smallest),
+                              "hidden size and embeddings are not pruned; see gradnas.profile()")
     if not space.variables:
         raise PruneConfigError("no head or FFN group of this model can be pruned: " + "; ".join(
             f"{g}: {r}" for g, r in list(space.fixed.items())[:4]))

@@ -11,12 +11,13 @@ fit every budget and fill it (no group can be widened by one step without exceed
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from megatron_prune.common import solver
+from megatron_prune.common.record import SearchRecord
 from megatron_prune.fastnas.search import Candidate
 from megatron_prune.gradnas.space import SearchSpace
 from megatron_prune.report import format_table
@@ -70,7 +71,7 @@ def select(space: SearchSpace, penalties: Mapping[str, Mapping[int, float]], lim
 
 
 @dataclass
-class GradNASResult:
+class GradNASResult(SearchRecord):
     """What a search did; `to_dict()` is JSON-friendly."""
     widths: Dict[str, int]                      # every group's width (fixed ones at full)
     original_widths: Dict[str, int]
@@ -91,15 +92,6 @@ class GradNASResult:
     settings: Dict[str, object] = field(default_factory=dict)
     selector: str = "greedy"
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["penalties"] = {g: {str(w): p for w, p in c.items()} for g, c in self.penalties.items()}
-        return d
-
-    def fill(self) -> Dict[str, float]:
-        """Achieved share of each budget."""
-        return {m: self.counts[m] / lim for m, lim in self.limits.items()}
-
     def table(self) -> str:
         layers = sorted({g.split(".")[1] for g in self.widths}, key=int)
         rows = []
@@ -110,9 +102,7 @@ class GradNASResult:
                 cells.append(f"{self.original_widths[g]} -> {self.widths[g]}" if g in self.widths else "-")
             rows.append(tuple(cells))
         out = [format_table(["layer", "heads", "KV groups", "FFN"], rows)]
-        out.append(format_table(["", "original", "pruned", "kept", "budget"], [
-            (m, f"{self.original_counts[m]:,.0f}", f"{self.counts[m]:,.0f}", f"{100 * self.counts[m] / self.original_counts[m]:.1f}%",
-             f"{self.limits[m]:,.0f}" if m in self.limits else "-") for m in ("flops", "params")]))
+        out.append(self.counts_table())
         out.append(format_table(["candidate", "predicted loss", "score", "cost"], [
             (c.selector + (" *" if c.selector == self.selector else ""), f"{c.predicted_loss:.4f}", f"{c.score:.4f}",
              " ".join(f"{m} {100 * c.counts[m] / self.original_counts[m]:.1f}%" for m in self.limits)) for c in self.candidates]))

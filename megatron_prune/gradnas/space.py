@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from megatron_prune.common.choices import Rules
+from megatron_prune.common.choices import ChoiceSpace, Rules
 from megatron_prune.common.cost import CostModel, Term
 from megatron_prune.common.extent import Extent, Segment
 from megatron_prune.errors import PruneConfigError
@@ -51,7 +51,7 @@ class Group:
 
 
 @dataclass
-class SearchSpace:
+class SearchSpace(ChoiceSpace):
     family: Family
     layers: List[LayerSizes]
     groups: Dict[str, Group]
@@ -61,14 +61,6 @@ class SearchSpace:
     tensors: Dict[TensorKey, Dict[int, Extent]]
     cost: CostModel
     sites: Dict[str, Tuple[str, int]]                 # mask site ("layers.3.heads") -> (module it gates, units)
-
-    @property
-    def full(self) -> Dict[str, int]:
-        return {g: c[-1] for g, c in self.choices.items()}
-
-    @property
-    def smallest(self) -> Dict[str, int]:
-        return {g: c[0] for g, c in self.choices.items()}
 
     @property
     def searchable(self) -> Dict[str, List[int]]:
