@@ -217,3 +217,17 @@ def test_taylor_sums_do_not_depend_on_how_the_batches_are_split(mcore, tmp_path)
     pretends.runs_backward = True
     with pytest.raises(mp.PruneConfigError, match="no gradient reached the model's layers"):
         mp.prune(model, {"num_attention_heads": 4}, pretends, criteria="heads=taylor")
+
+
+def test_calibration_computes_each_gram_once(mcore, monkeypatch):
+    """The column Gram blocks of linear_proj (for heads and groups) are computed once per layer for a whole
+    calibration, not once per micro-batch (recomputing them cost as much as linear_proj itself)."""
+    import megatron_prune as mp
+    from megatron_prune.importance import statistics as S
+
+    calls = []
+    gram = S.column_gram
+    monkeypatch.setattr(S, "column_gram", lambda w, d: calls.append(d) or gram(w, d))
+    model = build_tiny_gpt(tiny_gpt_config())
+    mp.prune(model, {"num_attention_heads": 4}, mp.make_forward_loop([random_tokens(2, 16, 128, seed=i) for i in range(5)], progress=False))
+    assert len(calls) == 4  # one per layer (heads and groups share it), for 5 micro-batches

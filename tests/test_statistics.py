@@ -124,3 +124,26 @@ def test_taylor_groups_by_hand():
     # sample 0: channel 0: 1*1 + (-1)*1 = 0, channel 1: 2*1 + 1*(-3) = -1;  sample 1: 3*1 + 1*2 = 5, 0 + 0 = 0
     assert torch.equal(taylor_groups(x, g, 1), torch.tensor([5.0, 1.0]))
     assert torch.equal(taylor_groups(x, g, 2), torch.tensor([1.0 + 5.0]))  # one group: |0 - 1| + |5 + 0|
+
+
+@pytest.mark.parametrize("G, q, d", [(2, 4, 8), (3, 3, 4), (4, 1, 8)])
+def test_heads_and_groups_at_once_equal_each_on_its_own(G, q, d):
+    """One pass for heads and query groups (diagonal blocks + cross terms) gives the two separate statistics."""
+    from megatron_prune.importance.statistics import column_gram, gram_blocks, group_output_norms, head_and_group_output_norms
+
+    torch.manual_seed(0)
+    x, W = torch.randn(6, 2, G * q * d), torch.randn(24, G * q * d)
+    heads, groups = head_and_group_output_norms(x, gram_blocks(column_gram(W, q * d), q))
+    torch.testing.assert_close(heads, group_output_norms(x, column_gram(W, d)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(groups, group_output_norms(x, column_gram(W, q * d)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_rms_normed_channel_statistic_needs_no_normalised_copy(zero_centered):
+    from megatron_prune.importance.statistics import rms_normed_channel_sum_sq
+
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 3, 16), torch.rand(16) - 0.5
+    expected = channel_sum_sq(rms_norm(x, w, 1e-5, zero_centered))
+    torch.testing.assert_close(rms_normed_channel_sum_sq(x, w, 1e-5, zero_centered), expected, rtol=1e-5, atol=1e-7)
+

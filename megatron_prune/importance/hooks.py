@@ -126,16 +126,18 @@ def decoder_layers(model: torch.nn.Module) -> Iterator[Tuple[int, torch.nn.Modul
         yield int(layer.layer_number), layer
 
 
-def _normalise(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pre-sublayer norm's output: recomputed for TE fused norm+linear, else x itself."""
+def _normed_channel_statistic(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The channel statistic of the pre-sublayer norm's output: x's own with the local spec (the norm is a module
+    of its own), recomputed from the linear's input for a Transformer Engine norm fused into the linear
+    (`layer_norm_weight`); for RMSNorm without materialising the normalised activations."""
     weight = getattr(linear, "layer_norm_weight", None)
     if weight is None:
-        return x
+        return S.channel_sum_sq(x)
     cfg = linear.config
     zc = getattr(cfg, "layernorm_zero_centered_gamma", False)
     if cfg.normalization == "RMSNorm":
-        return S.rms_norm(x, weight, cfg.layernorm_epsilon, zc)
-    return S.layer_norm(x, weight, getattr(linear, "layer_norm_bias", None), cfg.layernorm_epsilon, zc)
+        return S.rms_normed_channel_sum_sq(x, weight, cfg.layernorm_epsilon, zc)
+    return S.channel_sum_sq(S.layer_norm(x, weight, getattr(linear, "layer_norm_bias", None), cfg.layernorm_epsilon, zc))
 
 
 def site_modules(layer: torch.nn.Module, path: str) -> List[Tuple[Optional[int], torch.nn.Module]]:
@@ -160,6 +162,7 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(SITES)}")
     chosen = [site for site in LAYER_SITES if site.name in set(sites)]
+    joint = {"proj_heads_out", "proj_groups_out"} <= set(sites)  # one hook computes both (about half the work)
     handles = []
     first = True
     for number, layer in decoder_layers(model):
@@ -186,6 +189,10 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
                 continue
             if site.group == "query_group" and _kv_groups_replicated(layer):
                 continue  # a group's heads span TP ranks: its joint contribution is not a per-rank sum
+            if joint and site.name in ("proj_heads_out", "proj_groups_out") and not _kv_groups_replicated(layer):
+                if site.name == "proj_heads_out":
+                    handles.append(_register_heads_and_groups(layer, modules[0][1], store, number, device))
+                continue
             d = _group_width(layer, site.group)
             width = modules[0][1].weight.shape[1] // d  # input channels per scored unit (1 for channel statistics)
             per_expert = modules[0][0] is not None
@@ -200,6 +207,26 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
                 handles.append(module.register_forward_pre_hook(fn))
         first = False
     return handles
+
+
+def _register_heads_and_groups(layer, proj: torch.nn.Module, store: S.StatStore, number: int, device) -> torch.utils.hooks.RemovableHandle:
+    """One hook on `linear_proj` for the output contribution of its heads and of its query groups."""
+    heads, groups = stat_key(number, "proj_heads_out"), stat_key(number, "proj_groups_out")
+    attention = layer.self_attention
+    G, q = attention.num_query_groups_per_partition, attention.num_attention_heads_per_partition // attention.num_query_groups_per_partition
+    store.add(heads, torch.zeros(G * q, device=device))
+    store.add(groups, torch.zeros(G, device=device))
+    d = _group_width(layer, "query_group")
+    blocks: List = []  # the Gram blocks, computed on the first call and kept (see _output_contribution_hook)
+
+    def hook(module, args):
+        if not blocks:
+            blocks.append(S.gram_blocks(S.column_gram(module.weight, d), q))
+        per_head, per_group = S.head_and_group_output_norms(args[0], blocks[0])
+        store.add(heads, per_head)
+        store.add(groups, per_group)
+
+    return proj.register_forward_pre_hook(hook)
 
 
 def _group_width(layer: torch.nn.Module, group: str) -> int:
@@ -233,19 +260,23 @@ def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int
         x = args[0]
         if x.numel() == 0:  # a routed expert that got no tokens in this call: no sample
             return
-        _add(store, key, S.channel_sum_sq(_normalise(module, x) if normalise else x), row)
+        _add(store, key, _normed_channel_statistic(module, x) if normalise else S.channel_sum_sq(x), row)
 
     return hook
 
 
 def _output_contribution_hook(store: S.StatStore, key: str, d: int, row: Optional[int] = None) -> Callable:
-    """The Gram blocks [G, d, d] are recomputed per call (G*d*d*H, a fraction of the linear's own T*G*d*H)
-    rather than cached: for large query groups they would cost GBs across all layers of a big model."""
+    """The Gram blocks [G, d, d] of the linear's columns are computed on its first call and kept while the hook
+    lives (the weights do not change while calibrating): recomputing them cost as much as the linear itself for
+    query groups (G*d*d*H per call). They hold N*d*d + G*(q*d)^2 floats per layer (Llama-3-70B: 32 MB a layer)."""
+    gram: List[torch.Tensor] = []
 
     def hook(module, args):
         x = args[0]
         if x.numel():
-            _add(store, key, S.group_output_norms(x, S.column_gram(module.weight, d)), row)
+            if not gram:
+                gram.append(S.column_gram(module.weight, d))
+            _add(store, key, S.group_output_norms(x, gram[0]), row)
 
     return hook
 

@@ -11,7 +11,7 @@ Notation (MCore is sequence-first): X is [S, B, C] = [sequence, micro-batch, cha
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Mapping
+from typing import Callable, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 
@@ -32,6 +32,20 @@ def channel_sum_sq(x: Tensor) -> Tensor:
     if x.dim() != 3:
         raise ValueError(f"channel statistic expects [S, B, C] or [T, C], got shape {tuple(x.shape)}")
     return x.abs().mean(dim=0).square().sum(dim=0)
+
+
+def rms_normed_channel_sum_sq(x: Tensor, weight: Tensor, eps: float, zero_centered_gamma: bool = False) -> Tensor:
+    """`channel_sum_sq(rms_norm(x, weight, eps))` without materialising the normalised activations (for a norm
+    fused into the next linear): |x r w| = |x| r |w| with r [S, B] the per-token scale, so the statistic is
+    w_c^2 * sum_b ((1/S) sum_s |x[s, b, c]| r[s, b])^2: one pass for r, one weighted reduction. x: [S, B, C]."""
+    x = x.detach().float()
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    S_, _, C = x.shape
+    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / C + eps)  # [S, B]
+    mean_abs = torch.einsum("sbc,sb->bc", x.abs(), r) / S_  # [B, C]
+    w = weight.detach().float() + (1.0 if zero_centered_gamma else 0.0)
+    return mean_abs.square().sum(0) * w.square()
 
 
 def block_influence(x_in: Tensor, x_out: Tensor) -> Tensor:
@@ -62,6 +76,39 @@ def group_output_norms(x: Tensor, gram: Tensor) -> Tensor:
     xg = x.transpose(0, 1)  # [G, T, d]
     quad = (torch.bmm(xg, gram.float()) * xg).sum(-1)  # [G, T]: x_g^T M_g x_g >= 0 up to rounding
     return quad.clamp_min(0).sqrt().sum(1)
+
+
+def gram_blocks(gram: Tensor, heads_per_group: int) -> Tuple[Tensor, List[Tensor]]:
+    """A query group Gram matrix [G, q*d, q*d] as what `head_and_group_output_norms` multiplies by: each head's
+    diagonal block [G*q, d, d] and, for heads h < q-1, its blocks with the heads after it [G, d, (q-1-h)*d]."""
+    G, qd, _ = gram.shape
+    q = heads_per_group
+    d = qd // q
+    blocks = gram.float().view(G, q, d, q, d)  # [G, h, d, h', d]
+    diagonal = blocks.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(G * q, d, d).contiguous()
+    rows = [blocks[:, h, :, h + 1 :, :].reshape(G, d, (q - 1 - h) * d).contiguous() for h in range(q - 1)]
+    return diagonal, rows
+
+
+def head_and_group_output_norms(x: Tensor, blocks: Tuple[Tensor, List[Tensor]]) -> Tuple[Tensor, Tensor]:
+    """`group_output_norms` for heads and for their query groups at once, about half the arithmetic of the two.
+
+    x: [S, B, N*d] or [T, N*d]; blocks: `gram_blocks` of the query groups' column Gram matrices (N = G*q heads).
+    A group's quadratic form is its heads' own (the diagonal d x d blocks) plus twice the cross terms
+    x_h^T M_hh' x_h' (h < h'): G*q*(q+1)/2 products of d x d blocks per token instead of G*q + G*q^2.
+    Returns ([N] head statistics, [G] group statistics)."""
+    diagonal, rows = blocks
+    Gq, d, _ = diagonal.shape
+    G = Gq // (len(rows) + 1)
+    xv = x.detach().float().reshape(-1, G, Gq // G * d)  # [T, G, q*d]
+    heads = xv.view(xv.shape[0], Gq, d).transpose(0, 1)  # [G*q, T, d]
+    own = torch.linalg.vecdot(torch.bmm(heads, diagonal), heads)  # [G*q, T]: x_h^T M_hh x_h
+    quad = own.view(G, Gq // G, -1).sum(1)  # [G, T]
+    for h, row in enumerate(rows):  # cross terms of head h with the heads after it
+        left = xv[:, :, h * d : (h + 1) * d].transpose(0, 1)  # [G, T, d]
+        right = xv[:, :, (h + 1) * d :].transpose(0, 1)  # [G, T, (q-1-h)*d]
+        quad = quad + 2 * torch.linalg.vecdot(torch.bmm(left, row), right)
+    return own.clamp_min(0).sqrt().sum(1), quad.clamp_min(0).sqrt().sum(1)
 
 
 def column_gram(weight: Tensor, d: int) -> Tensor:
