@@ -1,24 +1,43 @@
-"""megatron-prune: Minitron structured pruning of Megatron-core language models.
+"""megatron-prune: structured pruning inside the frameworks people train with. Three algorithms:
 
-    pruned, result = megatron_prune.prune(model, export_config={"ffn_hidden_size": 1024},
-                                          forward_loop=make_forward_loop(batches), scores_path="scores.pt")
-    pruned, result = megatron_prune.prune(model, constraints={"params": 100e6}, forward_loop=...,
-                                          score_func=megatron_prune.lm_loss_score(held_out_batches))
+- Minitron (Megatron-core GPT/MoE/Mamba/hybrid models): `megatron_prune.prune`, the `megatron-prune` CLI
+      pruned, result = megatron_prune.prune(model, export_config={"ffn_hidden_size": 1024},
+                                            forward_loop=make_forward_loop(batches), scores_path="scores.pt")
+      pruned, result = megatron_prune.prune(model, constraints={"params": 100e6}, forward_loop=...,
+                                            score_func=megatron_prune.lm_loss_score(held_out_batches))
+- FastNAS (vision `nn.Module`s, traced): `megatron_prune.fastnas.prune(model, constraints={"flops": "50%"}, ...)`
+- GradNAS (Hugging Face LMs): `megatron_prune.gradnas.prune(model, constraints={"params": "70%"}, ...)`
+
+The top-level names are imported on first use, so `from megatron_prune import fastnas` does not import
+megatron-core.
 """
 
-from megatron_prune.api import PruneResult, calibrate, count_params, prune
-from megatron_prune.config import SUPPORTED_AXES, PruneConfigError, SearchConfig, UnsupportedModelError
-from megatron_prune.data.forward import make_forward_loop, run_forward
-from megatron_prune.data.scores import lm_loss_score, multiple_choice_score
-from megatron_prune.importance.scores_file import ScoresFileError
-from megatron_prune.search.counting import inventory_of, inventory_of_config
-from megatron_prune.search.nas import SearchResult
-from megatron_prune.search.plot import plot_candidates
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "prune", "calibrate", "PruneResult", "count_params", "make_forward_loop", "run_forward", "SUPPORTED_AXES",
-    "PruneConfigError", "ScoresFileError", "UnsupportedModelError",
-    "SearchConfig", "SearchResult", "lm_loss_score", "multiple_choice_score", "plot_candidates",
-    "inventory_of", "inventory_of_config",
-]  # fmt: skip
+
+# name -> module that defines it (imported on first access; PEP 562)
+_EXPORTS = {
+    "prune": "megatron_prune.api", "calibrate": "megatron_prune.api", "PruneResult": "megatron_prune.api",
+    "count_params": "megatron_prune.api",
+    "SUPPORTED_AXES": "megatron_prune.config", "SearchConfig": "megatron_prune.config",
+    "PruneConfigError": "megatron_prune.errors", "UnsupportedModelError": "megatron_prune.errors",
+    "make_forward_loop": "megatron_prune.data.forward", "run_forward": "megatron_prune.data.forward",
+    "lm_loss_score": "megatron_prune.data.scores", "multiple_choice_score": "megatron_prune.data.scores",
+    "ScoresFileError": "megatron_prune.importance.scores_file",
+    "inventory_of": "megatron_prune.search.counting", "inventory_of_config": "megatron_prune.search.counting",
+    "SearchResult": "megatron_prune.search.nas", "plot_candidates": "megatron_prune.search.plot",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'megatron_prune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

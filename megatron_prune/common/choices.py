@@ -61,6 +61,9 @@ class ChoiceSpace:
     def smallest(self) -> Dict[str, int]:
         return {g: c[0] for g, c in self.choices.items()}
 
+    def __repr__(self) -> str:  # a dataclass repr would list every tensor extent; `table()` is the readable form
+        return f"{type(self).__name__}({len(self.searchable)} searchable, {len(self.fixed)} fixed; .table() shows them)"
+
 
 _MO_FIELDS = {"channels_ratio": "ratios", "features_ratio": "ratios", "channel_divisor": "divisor",
               "feature_divisor": "divisor", "ratios": "ratios", "divisor": "divisor"}

@@ -17,14 +17,14 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
-from megatron_prune.common.choices import Rules
+from megatron_prune.common.choices import ChoiceSpace, Rules
 from megatron_prune.fastnas.graph import KNOWN_LEAVES, Analysis, analyze
 from megatron_prune.fastnas.trace import Traced, trace
 from megatron_prune.report import format_table
 
 
-@dataclass
-class SearchSpace:
+@dataclass(repr=False)
+class SearchSpace(ChoiceSpace):
     analysis: Analysis
     choices: Dict[str, List[int]]   # every group, ascending; a fixed group has one choice (its width)
     fixed: Dict[str, str]           # fixed group -> reason
@@ -32,14 +32,6 @@ class SearchSpace:
     @property
     def searchable(self) -> Dict[str, List[int]]:
         return {g: c for g, c in self.choices.items() if g not in self.fixed}
-
-    @property
-    def full(self) -> Dict[str, int]:
-        return {g: c[-1] for g, c in self.choices.items()}
-
-    @property
-    def smallest(self) -> Dict[str, int]:
-        return {g: c[0] for g, c in self.choices.items()}
 
     def count(self, widths: Optional[Mapping[str, int]] = None) -> Dict[str, float]:
         return self.analysis.cost.count(widths or {})

@@ -50,7 +50,7 @@ class Group:
     members: int   # mask-site units per group unit (query heads per KV group for "kv_groups"); 1 otherwise
 
 
-@dataclass
+@dataclass(repr=False)
 class SearchSpace(ChoiceSpace):
     family: Family
     layers: List[LayerSizes]
