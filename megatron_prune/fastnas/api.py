@@ -24,10 +24,10 @@ from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
-from megatron_prune.budgets import resolve_budgets
 from megatron_prune.common import archfile, solver
 from megatron_prune.common.checkpoint import SearchCheckpoint, fingerprint
 from megatron_prune.common.choices import Rules
+from megatron_prune.common.options import check_selectors, merge_options, reachable_limits
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.fastnas.importance import CRITERIA, input_second_moments, rank_channels
 from megatron_prune.fastnas.search import FastNASResult, run_search
@@ -131,23 +131,14 @@ def _options(mode, config, options, require_search: bool = True, **explicit) -> 
         options = {**options, "rules": rules} if rules is not None else options
     if config is not None and not isinstance(config, dict):
         raise PruneConfigError(f"config must be a dict, got {type(config).__name__}")
-    merged = {**DEFAULTS, "data_loader": None, "score_func": None, "checkpoint": None}
-    for source in (config or {}), options, {k: v for k, v in explicit.items() if v is not None}:
-        for k, v in source.items():
-            k = ALIASES.get(k, k)
-            if k in IGNORED:
-                continue
-            if k not in merged:
-                raise PruneConfigError(f"config: unknown option {k!r}; known: {', '.join(sorted(set(merged) | set(ALIASES)))}")
-            merged[k] = v
+    merged = merge_options({**DEFAULTS, "data_loader": None, "score_func": None, "checkpoint": None},
+                           [config or {}, options, {k: v for k, v in explicit.items() if v is not None}], ALIASES, IGNORED)
     if merged["criterion"] not in CRITERIA:
         raise PruneConfigError(f"config['criterion']={merged['criterion']!r}: choose one of {', '.join(CRITERIA)}")
     for k in ("sensitivity_points", "bn_batches"):
         if isinstance(merged[k], bool) or not isinstance(merged[k], int) or merged[k] < 1:
             raise PruneConfigError(f"config[{k!r}]={merged[k]!r} must be a positive integer")
-    sel = merged["selectors"]
-    if isinstance(sel, str) or not sel or any(s not in solver.SELECTORS for s in sel):
-        raise PruneConfigError(f"config['selectors']={sel!r} must be a non-empty list of {', '.join(solver.SELECTORS)}")
+    check_selectors(merged["selectors"])
     if merged["collect_func"] is not None and not callable(merged["collect_func"]):
         raise PruneConfigError("config['collect_func'] must be a callable(batch) -> model inputs")
     merged["rules"] = Rules.of(merged["rules"])
@@ -166,15 +157,8 @@ def check_limits(space: SearchSpace, constraints) -> Dict[str, float]:
     """Budgets in absolute units; each below the original and at or above the smallest subnet."""
     if constraints is None:
         raise PruneConfigError("constraints is required: {'flops': ...} and/or {'params': ...}, absolute or a percentage like '60%'")
-    full, smallest = space.count(), space.count(space.smallest)
-    limits = resolve_budgets(constraints, METRICS, full)
-    for m, v in limits.items():
-        if v >= full[m]:
-            raise PruneConfigError(f"constraints[{m!r}] = {v:,.0f} is not below the original model's {full[m]:,.0f}: nothing to prune")
-        if v < smallest[m]:
-            raise PruneConfigError(
-                f"constraints[{m!r}] = {v:,.0f} is below the smallest reachable subnet's {smallest[m]:,.0f} "
-                f"({100 * smallest[m] / full[m]:.1f}% of the original); see fastnas.profile() for what is fixed and why")
+    limits = reachable_limits(constraints, METRICS, space.count(), space.count(space.smallest),
+                              hint="see fastnas.profile() for what is fixed and why")
     if not space.searchable:
         reasons = "; ".join(f"{g}: {r}" for g, r in list(space.fixed.items())[:6])
         raise PruneConfigError(f"no channel group of this model can be pruned ({reasons})")
