@@ -243,7 +243,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
     ctx = ParallelContext.from_megatron()
     if default_job:
-        log(f"no --hf-model: pruning the offline demo model SmolLM2-135M-Instruct to {_compact(target)} "
+        goal = _compact(target) if target is not None else "the NAS budget"
+        log(f"no --hf-model: pruning the offline demo model SmolLM2-135M-Instruct to {goal} "
             "(pass --hf-model PATH to prune your model)")  # fmt: skip
     source = smollm2_folder() if default_job else args.hf_model
     hf_config, provider = check_hf_source(source, args.trust_remote_code)
