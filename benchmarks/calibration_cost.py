@@ -14,7 +14,7 @@ other jobs, which alternating whole passes did not (plain passes varied by 30% t
 default, so CPU time measures work, not threads spinning while another job holds the cores. compare.py
 --timing-only (whole passes, 2 threads) is the reference's own measurement.
 
-    .venv/bin/python benchmarks/calibration_cost.py [--models compare smollm2] [--rounds 3] [--threads 1]
+    .venv/bin/python benchmarks/calibration_cost.py [--models compare smollm2 llama1b] [--rounds 3] [--threads 1]
 
 Writes benchmarks/results/calibration_cost.json.
 """
@@ -30,6 +30,7 @@ PEER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers", "m
 MODELS = {  # name: (layers, hidden, ffn, heads, query groups, vocabulary, sequence, calibration batches)
     "compare": (8, 512, 1536, 8, 2, 1024, 256, 8),  # compare.py --timing-only's model
     "smollm2": (30, 576, 1536, 9, 3, 49152, 256, 4),  # SmolLM2-135M's shape, random weights
+    "llama1b": (4, 2048, 8192, 32, 8, 32000, 512, 2),  # Llama-3.2-1B's layer width (4 of its 16 layers), 32k vocabulary
 }
 VARIANTS = ("null", "modelopt", "ours_default", "ours_reference", "ours_all")
 

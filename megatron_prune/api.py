@@ -22,6 +22,7 @@ import torch
 from megatron_prune.config import (
     SUPPORTED_AXES, ModelShape, PruneConfigError, layer_symbols, validate_export_config,
 )
+from megatron_prune.depth import DepthOptions, ResolvedDepth, iterative_ranking
 from megatron_prune.importance.calibration import Statistics, calibrate, obtain_statistics  # noqa: F401  (calibrate: public)
 from megatron_prune.importance.criteria import criteria_at_layout, describe, resolve_criteria
 from megatron_prune.importance.hooks import local_layer_numbers
@@ -55,6 +56,7 @@ class PruneResult:
     search: Optional[SearchResult] = None  # NAS: the space, the scored candidates and the winner
     criteria: Optional[Dict[str, str]] = None  # {axis: importance criterion}; None when `importance=` was given
     calibration: Optional[dict] = None  # what the statistics were computed on (`calibration_record`), when known
+    depth: Optional[dict] = None  # depth controls used: protected, layers_to_drop, iterative scoring and its cost
 
 
 @dataclass
@@ -73,6 +75,7 @@ class _Source:
     model_builder: Optional[Callable[[object], torch.nn.Module]]
     pattern: Optional[str] = None  # a hybrid model's layer pattern (whole model)
     criteria: Optional[Dict[str, str]] = None
+    depth: Optional[ResolvedDepth] = None
 
 
 def prune(
@@ -89,6 +92,7 @@ def prune(
     criteria: Optional[Mapping[str, str] | str] = None,
     reuse_scores: bool = False,
     all_statistics: bool = False,
+    depth=None,
 ):
     """Prune an MCore `GPTModel` (this rank's pipeline stage) to the sizes in `export_config`, or to the
     best-scoring architecture within the budgets in `constraints` (NAS).
@@ -124,6 +128,10 @@ def prune(
             `forward_loop`'s (by default that is an error naming the setting that changed).
         all_statistics: calibrate every forward-only statistic, not only what `criteria` read (a little slower;
             the scores file then serves any forward-only criterion later without calibrating).
+        depth: depth controls, a `DepthOptions` or a dict of its fields (`megatron_prune.depth`):
+            `layers_to_drop` (1-indexed; overrides the ranking and sets num_layers), `protected_layers` (never
+            dropped, also by NAS; numbers, -1 for the last, "first", "last", "attention"), `iterative` (re-score
+            block influence after each dropped layer: one more pass over `forward_loop`'s data per layer).
 
     Returns:
         (pruned_model, PruneResult). The pruned model is a stock GPTModel built from `result.config`
@@ -137,6 +145,7 @@ def prune(
     check_model(model, ctx, has_builder=model_builder is not None)
     pattern = hybrid_pattern_of(model)  # None for a GPTModel
     shape = model_shape(model, ctx, pattern)
+    depth = DepthOptions.of(depth).resolve(shape.num_layers, layer_symbols(model.config, pattern))
     numbers = local_layer_numbers(model)  # {global: local}
     stage_layers = ctx.gather_over_pp(sorted(numbers))
     original_counts = [len(s) for s in stage_layers]
@@ -145,6 +154,8 @@ def prune(
         f"TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}")  # fmt: skip
 
     def megatron_problem(target: Mapping[str, int]) -> Optional[str]:
+        if target["num_layers"] < len(depth.protected):
+            return f"num_layers={target['num_layers']} is fewer than the {len(depth.protected)} protected layers"
         return _megatron_problem(model.config, shape, target, original_counts, pattern)
 
     nas = None
@@ -153,6 +164,10 @@ def prune(
             raise PruneConfigError("give export_config= (target sizes) or constraints= (NAS budgets)")
         if score_func is not None or search is not None:
             raise PruneConfigError("score_func and search are NAS options: they need budgets in constraints=")
+        if depth.layers_to_drop or depth.protected:
+            layers = depth.check_target(shape.num_layers, export_config.get("num_layers") if isinstance(export_config, Mapping) else None)
+            if layers != shape.num_layers:
+                export_config = {**export_config, "num_layers": layers}
         target = validate_export_config(export_config, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size, ep_size=ctx.ep_size)
         problem = megatron_problem(target)
         if problem:
@@ -160,7 +175,13 @@ def prune(
     else:
         if export_config is not None:
             raise PruneConfigError("export_config cannot be combined with constraints (NAS budgets): give one of them")
+        if depth.layers_to_drop:
+            raise PruneConfigError("depth.layers_to_drop fixes the depth, which NAS searches: prune those layers with "
+                                   "export_config, or protect layers (depth.protected_layers) and let NAS choose")  # fmt: skip
         nas = prepare_search(model, ctx, shape, constraints, search, score_func, megatron_problem)
+    if depth.iterative and (importance is not None or forward_loop is None):
+        raise PruneConfigError("depth.iterative re-scores the layers with forward passes after each drop: it needs "
+                               "forward_loop= (also when the statistics come from scores_path), not importance=")  # fmt: skip
     if importance is not None:
         if nas is not None:
             raise PruneConfigError("importance= ranks a manual prune: it cannot be combined with constraints (NAS)")
@@ -175,10 +196,17 @@ def prune(
         statistics = obtain_statistics(model, forward_loop, ctx, criteria, scores_path, reuse_scores, all_statistics)
         importance, ranked_by_statistics = score_importance(statistics.stats, shape, criteria), True
 
+    orders = rank_orders(importance, shape)
+    fewest = target["num_layers"] if nas is None else min(nas.space.choices.get("num_layers", [shape.num_layers]))
+    if depth.iterative and fewest < shape.num_layers:
+        ranking, cost = iterative_ranking(model, forward_loop, ctx, orders.layer_ranking, depth.protected, fewest)
+        log(f"iterative depth scoring: {cost['passes']} passes over the calibration data in {cost['seconds']:.1f}s")
+        orders.layer_ranking, depth.scoring["iterative"] = ranking, cost
+    orders.layer_ranking = depth.ranking(orders.layer_ranking)
     src = _Source(
         model=model, ctx=ctx, shape=shape, numbers=numbers, stage_layers=stage_layers, importance=importance,
-        orders=rank_orders(importance, shape), params_before=params_before, statistics=statistics,
-        model_builder=model_builder, pattern=pattern, criteria=criteria if ranked_by_statistics else None,
+        orders=orders, params_before=params_before, statistics=statistics,
+        model_builder=model_builder, pattern=pattern, criteria=criteria if ranked_by_statistics else None, depth=depth,
     )  # fmt: skip
     if nas is None:
         return _build(src, target, requested=export_config)
@@ -195,7 +223,8 @@ def prune(
     def keeps_every_stage(candidate) -> bool:
         return not _emptied_stages(stage_layers, kept_layers(candidate))
 
-    found = run_search(nas, keeps_every_stage, build_candidate, score_func, statistics.search, save, ctx, kept_layers, criteria)
+    found = run_search(nas, keeps_every_stage, build_candidate, score_func, statistics.search, save, ctx, kept_layers,
+                       {**criteria, **depth.cache_key()} if depth.protected or depth.iterative else criteria)  # fmt: skip
     pruned, result = _build(src, {**shape.sizes(), **found.best.export_config}, found.best.export_config)
     result.search = found
     return pruned, result
@@ -243,7 +272,8 @@ def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int]
     plan = plan_pruning(src.orders, shape, target, requested=requested)
     stage_layers = [[n for n in stage if n in plan.layers] for stage in src.stage_layers]
     if verbose and plan.dropped_layers:
-        log(f"dropping layers {plan.dropped_layers} (1-indexed, lowest block influence)")
+        why = "depth.layers_to_drop" if src.depth and src.depth.layers_to_drop else "lowest block influence"
+        log(f"dropping layers {plan.dropped_layers} (1-indexed, {why})")
     if verbose and ctx.pp_size > 1:
         log("layers kept per pipeline stage (no rebalancing): "
             + ", ".join(f"stage {i}: {s}" for i, s in enumerate(stage_layers)))  # fmt: skip
@@ -277,6 +307,7 @@ def _build(src: _Source, target: Mapping[str, int], requested: Mapping[str, int]
         orders=src.orders, plan=plan, stage_layers=stage_layers, params_before=src.params_before,
         params_after=params_after, calibrated=src.statistics.calibrated, calibration_calls=src.statistics.stats.calls,
         scores_path=src.statistics.scores_path, criteria=src.criteria, calibration=src.statistics.calibration,
+        depth=src.depth.record() if src.depth else None,
     )  # fmt: skip
     return pruned, result
 

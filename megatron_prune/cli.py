@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "output_contribution, taylor (a backward pass per calibration batch), block_influence; "
                         "'reference': the reference's); default: " + describe(resolve_criteria(None)))  # fmt: skip
 
+    dep = p.add_argument_group("depth controls (layers are 1-indexed)")
+    dep.add_argument("--layers-to-drop", default=None, metavar="LIST",
+                     help="drop exactly these layers, e.g. 5,7-9 (overrides the ranking; sets --target-num-layers)")
+    dep.add_argument("--protect-layers", default=None, metavar="LIST",
+                     help="never drop these layers, also in NAS: numbers (-1 = last), ranges, first, last, attention")
+    dep.add_argument("--iterative-depth", action="store_true",
+                     help="re-score block influence after each dropped layer, as SLEB does (one more pass over the "
+                          "calibration data per dropped layer)")  # fmt: skip
+
     par = p.add_argument_group("parallelism (the layout the model is imported and pruned at)")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks each layer is split over")
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are spread over")
@@ -123,6 +132,17 @@ def export_config_from_args(args: argparse.Namespace) -> Optional[Dict[str, int]
                 raise PruneConfigError(f"--target-{axis.replace('_', '-')}={value} contradicts --export-config {axis}={target[axis]}")
             target[axis] = value
     return target or None
+
+
+def depth_options_from_args(args: argparse.Namespace):
+    """`DepthOptions` from --layers-to-drop, --protect-layers and --iterative-depth."""
+    from megatron_prune.depth import DepthOptions, parse_layer_list
+
+    drop = parse_layer_list(args.layers_to_drop) if args.layers_to_drop else []
+    if any(not isinstance(n, int) for n in drop):
+        raise PruneConfigError(f"--layers-to-drop {args.layers_to_drop!r}: give layer numbers and ranges (e.g. 5,7-9)")
+    protect = parse_layer_list(args.protect_layers) if args.protect_layers else []
+    return DepthOptions(tuple(drop), tuple(protect), args.iterative_depth)
 
 
 def check_world(args: argparse.Namespace) -> int:
@@ -166,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         nas = dict(constraints=job.budgets, score_func=job.score_func, search=job.search.search) if job.budgets else {}
         pruned, result = prune(imported.model, job.target, job.loop, scores_path=job.scores_path, criteria=job.criteria,
-                               reuse_scores=args.reuse_scores, all_statistics=args.all_statistics, **nas)  # fmt: skip
+                               reuse_scores=args.reuse_scores, all_statistics=args.all_statistics, depth=job.depth, **nas)  # fmt: skip
         groups_after = parameter_groups(pruned, ctx)
         ctx.on_main(lambda: print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True))
         hf_dir = os.path.join(tmp, "hf")
@@ -187,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
             extra["scores_path"] = str(out / "importance_scores.pt")
         if result.search is not None:
             extra["nas"] = search_record(result.search)
+        if result.depth is not None:
+            extra["depth"] = result.depth
         title = f"{os.path.basename(str(source).rstrip('/'))}: {_sizes(result)}"
 
         def write_outputs() -> None:
@@ -211,7 +233,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     scores file. Initialises torch.distributed. Returns what the job needs."""
     from megatron_prune.bridge import check_hf_source
     from megatron_prune.bridge.offline_model import smollm2_folder
-    from megatron_prune.config import ModelShape, validate_export_config
+    from megatron_prune.config import ModelShape, layer_symbols, validate_export_config
     from megatron_prune.distill.args import run_card_options_from_args
     from megatron_prune.log import log
     from megatron_prune.output import check_output_dir
@@ -222,10 +244,12 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
 
     criteria = resolve_criteria(args.importance)
     target = export_config_from_args(args)
+    if target is None and args.layers_to_drop:  # the layers to drop are the target (of num_layers)
+        target = {}
     search = search_options_from_args(args)
     default_job = args.hf_model is None
     if search.constraints is not None:
-        if target is not None:
+        if target is not None and not args.layers_to_drop:
             raise PruneConfigError("--export-config/--target-<axis> sizes cannot be combined with NAS budgets (--target-params...): give one")
         if search.score.name == "mmlu" and not args.score_data:
             raise PruneConfigError("--score-func mmlu needs --score-data (a JSONL file of question/choices/answer)")
@@ -254,6 +278,14 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     dtype = resolve_dtype(args.dtype, hf_config)
     shape = ModelShape.from_config(provider)
     card_layout, card_recipe = run_card_options_from_args(args, hf_config, shape.sizes())
+    depth_options = depth_options_from_args(args)
+    depth = depth_options.resolve(shape.num_layers, layer_symbols(provider))
+    if depth.layers_to_drop and search.constraints is not None:
+        raise PruneConfigError("--layers-to-drop fixes the depth, which NAS searches: give sizes instead of a budget, "
+                               "or --protect-layers to keep layers out of the search")  # fmt: skip
+    if target is not None and (depth.layers_to_drop or depth.protected):
+        layers = depth.check_target(shape.num_layers, target.get("num_layers"))
+        target = {**target, "num_layers": layers} if layers != shape.num_layers else target
     budgets = None
     if target is not None:
         validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
@@ -289,7 +321,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
         tolerance = 1e-4 if dtype == source_dtype == torch.float32 else 2e-2
     return SimpleNamespace(ctx=ctx, source=source, out=out, target=target, budgets=budgets, search=search, criteria=criteria,
                            dtype=dtype, source_dtype=source_dtype, tolerance=tolerance, loop=loop, score_func=score_func,
-                           scores_path=scores_path, card_layout=card_layout, card_recipe=card_recipe)  # fmt: skip
+                           scores_path=scores_path, card_layout=card_layout, card_recipe=card_recipe, depth=depth_options)  # fmt: skip
 
 
 def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ctx, shape, dtype) -> None:

@@ -175,3 +175,22 @@ def _literal(text: str) -> str:
     import re
 
     return re.escape(text).replace("\\.\\*", ".*")
+
+
+def test_prune_command_names_its_own_warmup_flag():
+    """A short --distill-train-tokens on the prune command: the warm-up error names --distill-lr-warmup-iters
+    (the prune command's flag), and passing it makes the recipe valid."""
+    import argparse
+    from types import SimpleNamespace
+
+    from megatron_prune.distill.args import add_run_card_arguments, run_card_options_from_args
+    from megatron_prune.distill.run_card import RunCardError
+
+    parser = argparse.ArgumentParser()
+    add_run_card_arguments(parser)
+    hf_config = SimpleNamespace(max_position_embeddings=8192)
+    short = ["--distill-train-tokens", "10M"]
+    with pytest.raises(RunCardError, match=r"lr_warmup_iters=100 must be smaller .* pass --distill-lr-warmup-iters \(e.g. 0\)"):
+        run_card_options_from_args(parser.parse_args(short), hf_config, {})
+    _, recipe = run_card_options_from_args(parser.parse_args(short + ["--distill-lr-warmup-iters", "1"]), hf_config, {})
+    assert recipe == {"train_tokens": 10_000_000, "lr_warmup_iters": 1}

@@ -133,7 +133,7 @@ def test_heads_and_groups_at_once_equal_each_on_its_own(G, q, d):
 
     torch.manual_seed(0)
     x, W = torch.randn(6, 2, G * q * d), torch.randn(24, G * q * d)
-    heads, groups = head_and_group_output_norms(x, gram_blocks(column_gram(W, q * d), q))
+    heads, groups = head_and_group_output_norms(x, gram_blocks(W, q, d))
     torch.testing.assert_close(heads, group_output_norms(x, column_gram(W, d)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(groups, group_output_norms(x, column_gram(W, q * d)), rtol=1e-5, atol=1e-5)
 
@@ -147,3 +147,18 @@ def test_rms_normed_channel_statistic_needs_no_normalised_copy(zero_centered):
     expected = channel_sum_sq(rms_norm(x, w, 1e-5, zero_centered))
     torch.testing.assert_close(rms_normed_channel_sum_sq(x, w, 1e-5, zero_centered), expected, rtol=1e-5, atol=1e-7)
 
+
+
+@pytest.mark.parametrize("G, q, d", [(2, 4, 8), (3, 3, 4), (4, 1, 8)])
+def test_gram_blocks_are_the_blocks_of_the_query_group_gram(G, q, d):
+    """Only the diagonal and upper blocks are computed; they equal those of the full group Gram matrices."""
+    from megatron_prune.importance.statistics import column_gram, gram_blocks
+
+    torch.manual_seed(1)
+    W = torch.randn(24, G * q * d)
+    full = column_gram(W, q * d).view(G, q, d, q, d)
+    diagonal, rows = gram_blocks(W, q, d)
+    torch.testing.assert_close(diagonal, full.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(G * q, d, d))
+    assert len(rows) == q - 1
+    for h, row in enumerate(rows):
+        torch.testing.assert_close(row, full[:, h, :, h + 1 :, :].reshape(G, d, (q - 1 - h) * d))

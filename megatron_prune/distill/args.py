@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Tuple
 
-from megatron_prune.distill.run_card import Parallelism, Recipe, check_parallelism, override_recipe
+from megatron_prune.distill.run_card import Parallelism, Recipe, RunCardError, check_parallelism, override_recipe
 from megatron_prune.search.args import count_arg
 
-_RECIPE_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_tokens", "lr", "min_lr")
+_RECIPE_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_tokens", "lr", "min_lr", "lr_warmup_iters")
 _LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 
 
@@ -29,6 +29,8 @@ def add_run_card_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
                    help=f"token budget, e.g. 80B (default {Recipe.train_tokens / 1e9:.0f}B); train_iters follows")
     g.add_argument("--distill-lr", type=float, default=None, help=f"peak LR (default {Recipe.lr})")
     g.add_argument("--distill-min-lr", type=float, default=None, help=f"final LR of the linear decay (default {Recipe.min_lr})")
+    g.add_argument("--distill-lr-warmup-iters", type=int, default=None,
+                   help=f"warm-up steps (default {Recipe.lr_warmup_iters}); fewer than train_iters")
     g.add_argument("--distill-tensor-model-parallel-size", type=int, default=None,
                    help="default: the pruning run's, or the largest smaller size that divides the pruned model")
     g.add_argument("--distill-pipeline-model-parallel-size", type=int, default=None,
@@ -42,7 +44,10 @@ def run_card_options_from_args(args: argparse.Namespace, hf_config, sizes: Dict[
     recipe = {k: getattr(args, f"distill_{k}") for k in _RECIPE_FLAGS if getattr(args, f"distill_{k}", None) is not None}
     limit = getattr(hf_config, "max_position_embeddings", None)
     seq = {} if "seq_length" in recipe or not isinstance(limit, int) else {"seq_length": min(Recipe.seq_length, limit)}
-    override_recipe(Recipe(), **seq, **recipe)  # the default length as build_run_card caps it
+    try:
+        override_recipe(Recipe(), **seq, **recipe)  # the default length as build_run_card caps it
+    except RunCardError as e:  # the recipe's messages name the distill command's flags; these are this one's
+        raise RunCardError(str(e).replace("pass --", "pass --distill-")) from None
     layout = {k: getattr(args, f"distill_{k}") for k in _LAYOUT_FLAGS if getattr(args, f"distill_{k}", None) is not None}
     check_parallelism(Parallelism(**layout), {"teacher": sizes})
     return layout, recipe

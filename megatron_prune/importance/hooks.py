@@ -221,7 +221,7 @@ def _register_heads_and_groups(layer, proj: torch.nn.Module, store: S.StatStore,
 
     def hook(module, args):
         if not blocks:
-            blocks.append(S.gram_blocks(S.column_gram(module.weight, d), q))
+            blocks.append(S.gram_blocks(module.weight, q, d // q))
         per_head, per_group = S.head_and_group_output_norms(args[0], blocks[0])
         store.add(heads, per_head)
         store.add(groups, per_group)

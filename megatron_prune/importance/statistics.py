@@ -42,8 +42,8 @@ def rms_normed_channel_sum_sq(x: Tensor, weight: Tensor, eps: float, zero_center
     if x.dim() == 2:
         x = x.unsqueeze(1)
     S_, _, C = x.shape
-    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / C + eps)  # [S, B]
-    mean_abs = torch.einsum("sbc,sb->bc", x.abs(), r) / S_  # [B, C]
+    r = torch.rsqrt(torch.linalg.vecdot(x, x) / C + eps)  # [S, B]
+    mean_abs = torch.bmm(r.t().unsqueeze(1), x.abs().transpose(0, 1)).squeeze(1) / S_  # [B, C]
     w = weight.detach().float() + (1.0 if zero_centered_gamma else 0.0)
     return mean_abs.square().sum(0) * w.square()
 
@@ -78,13 +78,14 @@ def group_output_norms(x: Tensor, gram: Tensor) -> Tensor:
     return quad.clamp_min(0).sqrt().sum(1)
 
 
-def gram_blocks(gram: Tensor, heads_per_group: int) -> Tuple[Tensor, List[Tensor]]:
-    """A query group Gram matrix [G, q*d, q*d] as what `head_and_group_output_norms` multiplies by: each head's
-    diagonal block [G*q, d, d] and, for heads h < q-1, its blocks with the heads after it [G, d, (q-1-h)*d]."""
-    G, qd, _ = gram.shape
+def gram_blocks(weight: Tensor, heads_per_group: int, d: int) -> Tuple[Tensor, List[Tensor]]:
+    """What `head_and_group_output_norms` multiplies by, from the weight [H, N*d] of `linear_proj` (N = G*q heads
+    of width d, q = `heads_per_group`): each head's Gram block W_h^T W_h [G*q, d, d] and, for heads h < q-1, its
+    blocks with the later heads of its group W_h^T W_h' [G, d, (q-1-h)*d]. Sliced from the query groups' whole
+    Gram matrices [G, q*d, q*d]: one large batched product is faster on CPU than the blocks on their own."""
     q = heads_per_group
-    d = qd // q
-    blocks = gram.float().view(G, q, d, q, d)  # [G, h, d, h', d]
+    G = weight.shape[1] // (q * d)
+    blocks = column_gram(weight, q * d).view(G, q, d, q, d)  # [G, h, d, h', d]
     diagonal = blocks.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(G * q, d, d).contiguous()
     rows = [blocks[:, h, :, h + 1 :, :].reshape(G, d, (q - 1 - h) * d).contiguous() for h in range(q - 1)]
     return diagonal, rows

@@ -76,6 +76,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     g.add_argument("--search-query-groups", action="store_true", help="also search num_query_groups (KV groups)")
     g.add_argument("--inference-seq-length", type=int, default=_DEFAULTS["seq_length"], help="memory budget: KV cache tokens per sequence")
     g.add_argument("--inference-batch-size", type=int, default=_DEFAULTS["batch_size"], help="memory budget: sequences")
+    g.add_argument("--inference-weight-bytes", type=int, default=_DEFAULTS["dtype_bytes"],
+                   help="memory budget: bytes per weight (2: bf16, 1: fp8)")
+    g.add_argument("--inference-kv-cache-bytes", type=int, default=None,
+                   help="memory budget: bytes per K/V cache value (default: --inference-weight-bytes)")
+    g.add_argument("--inference-mamba-state-bytes", type=int, default=None,
+                   help="memory budget: bytes per Mamba conv/SSM state value (default: --inference-weight-bytes)")
     return g
 
 
@@ -86,7 +92,9 @@ def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
     search = SearchConfig(
         top_k=args.top_k, max_width_pruning=args.max_width_pruning, max_depth_pruning=args.max_depth_pruning,
         axes_to_skip=tuple(args.axes_to_skip), search_query_groups=args.search_query_groups,
-        seq_length=args.inference_seq_length, batch_size=args.inference_batch_size, **divisors,
+        seq_length=args.inference_seq_length, batch_size=args.inference_batch_size,
+        dtype_bytes=args.inference_weight_bytes, kv_cache_dtype_bytes=args.inference_kv_cache_bytes,
+        mamba_state_dtype_bytes=args.inference_mamba_state_bytes, **divisors,
     )  # fmt: skip
     score = ScoreSpec(args.score_func, args.score_data, args.score_fraction, args.score_seed, args.score_batch_size)
     return SearchOptions(budgets or None, search, score)
