@@ -46,10 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and output")
     m.add_argument("--hf-model", "--pretrained-model-path", default=None,
                    help="HF model folder or hub id; none: SmolLM2-135M-Instruct, offline (the demo job)")
+    m.add_argument("--load", default=None, metavar="DIR",
+                   help="a Megatron-LM or Megatron-Bridge checkpoint (torch_dist) instead of --hf-model, loaded at this "
+                        "run's TP/PP whatever it was saved at")  # fmt: skip
+    m.add_argument("--ckpt-step", type=int, default=None, help="--load: the iteration to load (default: the latest)")
+    m.add_argument("--tokenizer-model", default=None,
+                   help="--load: HF tokenizer (folder or hub id) for the calibration text; default: the checkpoint's")
     m.add_argument("--output-dir", required=True, help="new directory for the pruned checkpoints and the report")
     m.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists and is not empty")
-    m.add_argument("--save-format", choices=("hf", "megatron", "both"), default="both",
-                   help="hf: OUT/hf (transformers); megatron: OUT/megatron (Megatron-Bridge checkpoint); both")
+    m.add_argument("--save-format", choices=("hf", "megatron", "both"), default=None,
+                   help="hf: OUT/hf (transformers); megatron: OUT/megatron (a Megatron-Bridge checkpoint, or with --load "
+                        "the format loaded); both. Default: both for --hf-model, megatron for --load")  # fmt: skip
     m.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights while pruning and in the output; auto: the source checkpoint's (config.json)")
     m.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code (transformers)")
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     """The whole job; returns the JSON summary. Collective under torchrun."""
     from megatron_prune.api import prune
     from megatron_prune.bridge import compare_with_hf, import_hf_model, save_hf, save_megatron
+    from megatron_prune.bridge.checkpoint import compare_with_reload, load_megatron_model, save_checkpoint_like
     from megatron_prune.distill.handoff import write_prune_run_card
     from megatron_prune.log import log
     from megatron_prune.output import atomic_output_dir
@@ -173,7 +181,12 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     job = prepare(args)
     ctx, source, out = job.ctx, job.source, job.out
-    imported = import_hf_model(source, dtype=job.dtype, trust_remote_code=args.trust_remote_code)
+    if job.checkpoint is not None:
+        imported = None
+        model = load_megatron_model(source, info=job.checkpoint, tokenizer_model=args.tokenizer_model).model
+    else:
+        imported = import_hf_model(source, dtype=job.dtype, trust_remote_code=args.trust_remote_code)
+        model = imported.model
     check_tokens = job.loop.batches[0][:2, :64]
     checks: List = []
 
@@ -181,22 +194,30 @@ def run(args: argparse.Namespace) -> dict:
         if not args.skip_roundtrip_check:
             checks.append(_checked(compare_with_hf(model, hf_dir, check_tokens, name, job.tolerance, args.trust_remote_code)))
 
-    check(imported.model, source, "HF source vs imported MCore")
-    groups_before = parameter_groups(imported.model, ctx)
+    if imported is not None:
+        check(model, source, "HF source vs imported MCore")
+    groups_before = parameter_groups(model, ctx)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         nas = dict(constraints=job.budgets, score_func=job.score_func, search=job.search.search) if job.budgets else {}
-        pruned, result = prune(imported.model, job.target, job.loop, scores_path=job.scores_path, criteria=job.criteria,
+        pruned, result = prune(model, job.target, job.loop, scores_path=job.scores_path, criteria=job.criteria,
                                reuse_scores=args.reuse_scores, all_statistics=args.all_statistics, depth=job.depth, **nas)  # fmt: skip
         groups_after = parameter_groups(pruned, ctx)
         ctx.on_main(lambda: print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True))
-        hf_dir = os.path.join(tmp, "hf")
-        if args.save_format in ("hf", "both"):
+        hf_dir, megatron_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "megatron")
+        extra = {}
+        if job.checkpoint is not None:
+            extra.update(save_checkpoint_like(job.checkpoint, model, pruned, megatron_dir, job.tokenizer_path))
+            if not args.skip_roundtrip_check:
+                checks.append(_checked(compare_with_reload(pruned, megatron_dir, check_tokens, "pruned MCore vs reloaded checkpoint",
+                                                           args.tokenizer_model)))  # fmt: skip
+        if job.save_format in ("hf", "both"):
             save_hf(imported, pruned, result.plan.kept_layers, hf_dir)
             check(pruned, hf_dir, "pruned MCore vs exported HF")
-        if args.save_format in ("megatron", "both"):
-            save_megatron(imported, pruned, os.path.join(tmp, "megatron"), hf_dir if args.save_format == "both" else source)
+        if job.save_format in ("megatron", "both") and imported is not None:
+            save_megatron(imported, pruned, megatron_dir, hf_dir if job.save_format == "both" else source)
         extra = {
-            "source": str(source), "output_dir": str(out), "save_format": args.save_format,
+            "source": str(source), "source_format": job.checkpoint.format if job.checkpoint else "hf", **extra,
+            "output_dir": str(out), "save_format": job.save_format,
             "dtype": _name(job.dtype), "source_dtype": _name(job.source_dtype),
             "parallelism": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
             "calibration_micro_batch_size": args.micro_batch_size,
@@ -217,9 +238,10 @@ def run(args: argparse.Namespace) -> dict:
                 plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
             if not args.scores_path:  # published with the rest
                 os.replace(job.scores_path, os.path.join(tmp, "importance_scores.pt"))
-            write_prune_run_card(result, str(tmp), str(out), source, imported.bridge.hf_pretrained.config.vocab_size,
-                                 args.save_format, ctx, job.card_layout, dtypes=(_name(job.dtype), _name(job.source_dtype)),
-                                 **job.card_recipe)  # fmt: skip
+            vocab = job.checkpoint.vocab_size() if job.checkpoint else imported.bridge.hf_pretrained.config.vocab_size
+            write_prune_run_card(result, str(tmp), str(out), source, vocab, job.save_format, ctx, job.card_layout,
+                                 dtypes=(_name(job.dtype), _name(job.source_dtype)), megatron_source=job.checkpoint is not None,
+                                 tokenizer=job.tokenizer_path if job.checkpoint is not None else None, **job.card_recipe)  # fmt: skip
 
         ctx.on_main(write_outputs)
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
@@ -232,6 +254,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     files, targets or budgets (percentages resolved from the config's counts), calibration data, an existing
     scores file. Initialises torch.distributed. Returns what the job needs."""
     from megatron_prune.bridge import check_hf_source
+    from megatron_prune.bridge.checkpoint import find_checkpoint
+    from megatron_prune.bridge.hf_import import provider_inventory
     from megatron_prune.bridge.offline_model import smollm2_folder
     from megatron_prune.config import ModelShape, layer_symbols, validate_export_config
     from megatron_prune.distill.args import run_card_options_from_args
@@ -247,7 +271,15 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     if target is None and args.layers_to_drop:  # the layers to drop are the target (of num_layers)
         target = {}
     search = search_options_from_args(args)
-    default_job = args.hf_model is None
+    if args.load and args.hf_model:
+        raise PruneConfigError("--load and --hf-model name two models: give one")
+    if (args.ckpt_step is not None or args.tokenizer_model) and not args.load:
+        raise PruneConfigError("--ckpt-step and --tokenizer-model apply to --load (a Megatron checkpoint)")
+    default_job = args.hf_model is None and args.load is None
+    save_format = args.save_format or ("megatron" if args.load else "both")
+    if args.load and save_format != "megatron":
+        raise PruneConfigError(f"--save-format {save_format}: a Megatron checkpoint (--load) is written back as a Megatron "
+                               "checkpoint; Hugging Face export needs the HF source (--hf-model)")  # fmt: skip
     if search.constraints is not None:
         if target is not None and not args.layers_to_drop:
             raise PruneConfigError("--export-config/--target-<axis> sizes cannot be combined with NAS budgets (--target-params...): give one")
@@ -259,8 +291,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
         target = dict(DEFAULT_TARGET)
     dp = check_world(args)
     out = check_output_dir(args.output_dir, args.overwrite)
-    _check_apart(out, {"--hf-model": args.hf_model, "--scores-path": args.scores_path, "--calib-data": args.calib_data,
-                       "--score-data": args.score_data})  # fmt: skip
+    _check_apart(out, {"--hf-model": args.hf_model, "--load": args.load, "--scores-path": args.scores_path,
+                       "--calib-data": args.calib_data, "--score-data": args.score_data})  # fmt: skip
     if args.scores_path and os.path.isdir(args.scores_path):
         raise PruneConfigError(f"--scores-path {args.scores_path!r} is a directory; give a file path")
 
@@ -270,9 +302,21 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
         goal = _compact(target) if target is not None else "the NAS budget"
         log(f"no --hf-model: pruning the offline demo model SmolLM2-135M-Instruct to {goal} "
             "(pass --hf-model PATH to prune your model)")  # fmt: skip
-    source = smollm2_folder() if default_job else args.hf_model
-    hf_config, provider = check_hf_source(source, args.trust_remote_code)
-    ctx.on_main(lambda: check_weight_files(source, hf_config, args.trust_remote_code))
+    checkpoint = None
+    if args.load:  # configs only: the weights are read once every check has passed
+        checkpoint = find_checkpoint(args.load, args.ckpt_step)
+        source, provider = args.load, checkpoint.config
+        hf_config = SimpleNamespace(max_position_embeddings=checkpoint.max_positions(), dtype=checkpoint.dtype())
+        tokenizer_path = args.tokenizer_model or checkpoint.tokenizer_path()
+        if tokenizer_path is None:
+            raise PruneConfigError(f"--load {args.load!r}: the checkpoint names no Hugging Face tokenizer for the calibration "
+                                   "text; pass --tokenizer-model (an HF tokenizer folder or hub id)")  # fmt: skip
+        log(f"--load: {checkpoint.format} checkpoint {checkpoint.path}")
+    else:
+        source = smollm2_folder() if default_job else args.hf_model
+        hf_config, provider = check_hf_source(source, args.trust_remote_code)
+        ctx.on_main(lambda: check_weight_files(source, hf_config, args.trust_remote_code))
+        tokenizer_path = source
     check_sequence_length(args.seq_length, hf_config)
     source_dtype = resolve_dtype("auto", hf_config)
     dtype = resolve_dtype(args.dtype, hf_config)
@@ -290,7 +334,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     if target is not None:
         validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
     else:  # counted from the config: a budget that cannot work fails before the import, and "60%" is resolved
-        budgets = check_budgets(search.constraints, search.search, provider, shape, ctx.tp_size, ctx.pp_size)
+        inventory = checkpoint.inventory(ctx.tp_size) if checkpoint else provider_inventory(provider, ctx.tp_size)
+        budgets = check_budgets(search.constraints, search.search, inventory, shape, ctx.tp_size, ctx.pp_size)
         log(f"NAS budgets: {', '.join(f'{k} <= {v:,.0f}' for k, v in budgets.items())}")
     if args.calib_data is None and not default_job:
         log(f"warning: no --calib-data: calibrating on the packaged Jargon File excerpt ({args.calib_samples} x "
@@ -300,7 +345,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
     batches, score_func = _calibration_and_score(args, calib_data, search, tokenizer)
     if len(batches) < dp:
         raise PruneConfigError(f"{len(batches)} micro-batches cannot feed {dp} data-parallel replicas: raise --calib-samples")
@@ -311,7 +356,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     # the statistics live outside the temporary directory, so a failed or interrupted run keeps them: the same
     # command resumes without calibrating (and NAS at the next unscored candidate)
     scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
-    _precheck_scores(scores_path, provider, criteria, loop.calibration, args, ctx, shape, dtype)
+    if checkpoint is None:  # (a Megatron checkpoint's scores file is checked once the model is loaded)
+        _precheck_scores(scores_path, provider, criteria, loop.calibration, args, ctx, shape, dtype)
     log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {calib_data!r}, "
         f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
     tolerance = args.roundtrip_tolerance
@@ -321,7 +367,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
         tolerance = 1e-4 if dtype == source_dtype == torch.float32 else 2e-2
     return SimpleNamespace(ctx=ctx, source=source, out=out, target=target, budgets=budgets, search=search, criteria=criteria,
                            dtype=dtype, source_dtype=source_dtype, tolerance=tolerance, loop=loop, score_func=score_func,
-                           scores_path=scores_path, card_layout=card_layout, card_recipe=card_recipe, depth=depth_options)  # fmt: skip
+                           scores_path=scores_path, card_layout=card_layout, card_recipe=card_recipe, depth=depth_options,
+                           checkpoint=checkpoint, tokenizer_path=tokenizer_path, save_format=save_format)  # fmt: skip
 
 
 def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ctx, shape, dtype) -> None:

@@ -66,7 +66,7 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def load_benchmark(windows: int):
+def load_benchmark(windows: int, load: str | None = None):
     """(SmolLM2 GPTModel at TP=PP=1, its ModelShape, calibration micro-batches, perplexities(model) -> {text: ppl}).
 
     Calibration: 64 x 256 tokens of the packaged corpus (seed 1234) in micro-batches of 4, as the CLI's
@@ -87,7 +87,12 @@ def load_benchmark(windows: int):
     calib = micro_batches(calibration_tokens("default", tokenizer, 64, 256, seed=1234), 4)
     evals = {name: lm_loss_score(micro_batches(calibration_tokens(path, tokenizer, windows, 512, seed=0), 1))
              for name, path in heldout_sources().items()}  # fmt: skip
-    model = import_hf_model(source).model
+    if load:  # the same model saved as a Megatron checkpoint
+        from megatron_prune import load_megatron_model
+
+        model = load_megatron_model(load).model
+    else:
+        model = import_hf_model(source).model
 
     def perplexities(m):
         return {name: round(math.exp(-score(m)), 2) for name, score in evals.items()}

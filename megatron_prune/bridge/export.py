@@ -21,6 +21,7 @@ from typing import Iterable, Sequence, Tuple
 
 import torch
 
+from megatron_prune.bridge.checkpoint import load_megatron_model, save_bridge_checkpoint
 from megatron_prune.bridge.compat import logged_progress
 from megatron_prune.bridge.hf_config import pruned_hf_config
 from megatron_prune.bridge.hf_import import ImportedModel
@@ -49,39 +50,13 @@ def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Seque
 
 def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str) -> None:
     """Write `pruned` as a Megatron-Bridge checkpoint (weights + model config + tokenizer) in `out_dir`."""
-    start = time.perf_counter()
-    log(f"saving the Megatron checkpoint (torch_dist) to {out_dir}")
-    imported.bridge.save_megatron_model([pruned], out_dir, hf_tokenizer_path=tokenizer_path,
-                                        hf_tokenizer_kwargs={"use_fast": True})  # megatron's default is the slow one
-    ParallelContext.from_megatron().on_main(lambda: _make_config_portable(Path(out_dir), imported.saved_layer_spec))
-    log(f"wrote Megatron checkpoint to {out_dir} in {time.perf_counter() - start:.1f}s")
+    save_bridge_checkpoint(pruned, out_dir, tokenizer_path, imported.saved_layer_spec)
 
 
 def load_megatron_checkpoint(path: str) -> torch.nn.Module:
-    """This rank's GPTModel stage, built from the config a `save_megatron` checkpoint carries and loaded.
-
-    Uses the parallel layout already initialised; on a machine without CUDA, megatron-core's local spec.
-    """
-    from megatron.bridge.training.model_load_save import build_and_load_model, load_model_config
-    from megatron.core import parallel_state
-    from megatron.core.utils import unwrap_model
-
-    from megatron_prune.runtime.cpu import apply_bridge_cpu_support
-
-    apply_bridge_cpu_support()
-    iteration = _latest_iteration(Path(path))
-    config, _ = load_model_config(str(iteration))
-    config.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-    config.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
-    config.perform_initialization = False
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        from megatron.bridge.models.gpt_provider import local_layer_spec
-
-        config.transformer_layer_spec = local_layer_spec
-        config.apply_rope_fusion = config.persist_layer_norm = config.gradient_accumulation_fusion = False
-    stages = build_and_load_model(str(iteration), config, use_cpu_init=cpu, skip_temp_dist_context=True)
-    return unwrap_model(stages if isinstance(stages, list) else [stages])[0].eval()
+    """This rank's stage of a Megatron checkpoint (`save_megatron`'s, or any `checkpoint.load_megatron_model` reads),
+    at the parallel layout already initialised; on a machine without CUDA, megatron-core's local spec."""
+    return load_megatron_model(path).model
 
 
 def _write_artifacts(imported: ImportedModel, config, out: Path) -> None:
@@ -114,31 +89,3 @@ def _write_safetensors(tensors: Iterable[Tuple[str, torch.Tensor]], out: Path) -
         total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _make_config_portable(out: Path, layer_spec) -> None:
-    """Rewrite the recorded model config so that it does not depend on how this machine ran the prune."""
-    import yaml
-
-    for run_config in out.glob("iter_*/run_config.yaml"):
-        data = yaml.safe_load(run_config.read_text())
-        model = data["model"]
-        model["pipeline_model_parallel_layout"] = None  # stage boundaries of this run only; counts are global
-        model["use_cpu_initialization"] = False
-        if callable(layer_spec) and hasattr(layer_spec, "__qualname__"):
-            model["transformer_layer_spec"] = {"_call_": False, "_target_": f"{layer_spec.__module__}.{layer_spec.__qualname__}"}
-        tmp = run_config.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.replace(tmp, run_config)
-
-
-def _latest_iteration(path: Path) -> Path:
-    if not path.is_dir():
-        raise FileNotFoundError(f"no Megatron checkpoint directory at {path}")
-    iterations = sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("iter_"))
-    if iterations:
-        return iterations[-1]
-    if (path / "run_config.yaml").is_file():
-        return path
-    raise FileNotFoundError(f"{path} holds no iter_* directory with a run_config.yaml: not a Megatron-Bridge checkpoint")
-

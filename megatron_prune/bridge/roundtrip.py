@@ -66,6 +66,24 @@ def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, 
     return next(r for r in ctx.gather_all(result) if r is not None)
 
 
+def compare_models(model: torch.nn.Module, other: torch.nn.Module, tokens: torch.Tensor, name: str,
+                   tolerance: float = 1e-6) -> RoundTrip:  # fmt: skip
+    """Logits of two MCore models (stages of the same layout) on `tokens`, e.g. a model and its saved-and-reloaded
+    copy. Collective; every rank gets the same RoundTrip."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    ctx = ParallelContext.from_megatron()
+    log(f"checking logits ({name})")
+    collect = lambda logits, _: gather_from_tensor_model_parallel_region(logits).float().cpu()  # noqa: E731
+    first = run_forward(model, [tokens], collect=collect, shard_over_dp=False)
+    second = run_forward(other, [tokens], collect=collect, shard_over_dp=False)
+    result = None
+    if first and ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        diff = (first[0] - second[0]).abs().max().item()
+        result = RoundTrip(name, diff, diff / max(first[0].abs().max().item(), 1e-30), tolerance)
+    return next(r for r in ctx.gather_all(result) if r is not None)
+
+
 def hf_logits(hf_path: str, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
     """Logits [B, S, V] (float32) of the HF causal LM at `hf_path`, in its own dtype, layer by layer when it can."""
     start = time.perf_counter()

@@ -272,9 +272,12 @@ def _check_student(student: Checkpoint) -> None:
         root = Path(student.megatron_checkpoint)
         if not root.is_dir():
             raise RunCardError(f"student.megatron_checkpoint {student.megatron_checkpoint!r}: no such directory")
-        if not list(root.glob("iter_*/run_config.yaml")) and not (root / "run_config.yaml").is_file():
-            raise RunCardError(f"student.megatron_checkpoint {student.megatron_checkpoint!r} has no iter_*/run_config.yaml: "
-                               "a checkpoint without its model config cannot be rebuilt")  # fmt: skip
+        bridge = list(root.glob("iter_*/run_config.yaml")) or (root / "run_config.yaml").is_file()
+        megatron_lm = list(root.glob("*/common.pt")) or (root / "common.pt").is_file()  # args in the common state
+        if not bridge and not megatron_lm:
+            raise RunCardError(f"student.megatron_checkpoint {student.megatron_checkpoint!r} has no iter_*/run_config.yaml "
+                               "(Megatron-Bridge) or common.pt (Megatron-LM): a checkpoint without its model config cannot be "
+                               "rebuilt")  # fmt: skip
 
 
 def _check_teacher(teacher: Checkpoint) -> None:

@@ -1,0 +1,126 @@
+"""`--load`: Megatron-LM and Megatron-Bridge checkpoints as input, at another layout than they were saved at,
+written back in the format they came in (issue 17).
+
+Real checkpoints written the way the frameworks write them (Megatron-LM: `args` in the common state, at TP=2 under
+torchrun; Megatron-Bridge: its own writer), pruned by the command line at PP=2, saved, reloaded: the logits equal
+those of pruning the same model in memory with the same statistics. The source checkpoint is never modified; bad
+input fails before the weights are read, with nothing written.
+"""
+
+import json
+
+import pytest
+import torch
+
+import megatron_prune as mp
+from megatron_prune.cli import main
+from megatron_prune.runtime.distributed import init_distributed
+from tests.megatron_ckpt import build_mlm_model, mlm_args, tree_digest, write_mlm_checkpoint
+from tests.tiny_hf import make_hf_model
+from tests.torchrun import REPO_ROOT, run_torchrun
+
+CALIB = ["--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2"]
+WORKERS = REPO_ROOT / "tests" / "workers"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_hf_model(tmp_path_factory.mktemp("tok") / "llama", "llama")  # its tokenizer: 128 tokens, as the model
+
+
+def logits(model, tokens):
+    return torch.cat(mp.run_forward(model, [tokens], collect=lambda out, _: out.detach().clone()))
+
+
+def test_megatron_lm_checkpoint_saved_at_tp2_pruned_at_pp2_equals_pruning_in_memory(mcore, tokenizer, tmp_path):
+    from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model
+
+    source = tmp_path / "mlm"
+    run_torchrun(WORKERS / "megatron_ckpt.py", 2, 2, 1, source, tokenizer, 10)  # TP=2
+    digest = tree_digest(source)
+    out, scores = tmp_path / "out", tmp_path / "scores.pt"
+    run_torchrun(WORKERS / "cli.py", 2, "--load", source, "--pipeline-model-parallel-size", "2", "--output-dir", out,
+                 "--target-ffn-hidden-size", "96", "--target-hidden-size", "48", "--layers-to-drop", "2", *CALIB,
+                 "--scores-path", scores, "--no-report")  # fmt: skip
+    assert tree_digest(source) == digest  # the source checkpoint is only read
+    summary = json.loads((out / "prune_summary.json").read_text())
+    assert summary["source_format"] == "megatron-lm" and summary["save_format"] == "megatron"
+    assert summary["megatron_lm_flags"] == ["--num-layers", "3", "--hidden-size", "48", "--ffn-hidden-size", "96", "--kv-channels", "8"]
+    assert [c["name"] for c in summary["roundtrip_checks"]] == ["pruned MCore vs reloaded checkpoint"]
+    assert (out / "megatron" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    written = find_checkpoint(str(out / "megatron"))
+    assert written.format == "megatron-lm" and written.iteration is None
+    assert (written.args.num_layers, written.args.hidden_size, written.args.ffn_hidden_size) == (3, 48, 96)
+    assert written.args.tensor_model_parallel_size == 1 and written.args.pipeline_model_parallel_size == 2
+
+    # the same model in memory (loaded at TP=1, PP=1), pruned with the same statistics: the same logits
+    original = load_megatron_model(str(source)).model
+    expected, _ = mp.prune(original, {"ffn_hidden_size": 96, "hidden_size": 48}, scores_path=str(scores),
+                           depth={"layers_to_drop": [2]})  # fmt: skip
+    reloaded = load_megatron_model(str(out / "megatron")).model
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(reloaded, tokens), logits(expected, tokens))
+
+
+def test_bridge_checkpoint_in_and_out_and_a_chosen_iteration(mcore, tokenizer, tmp_path):
+    from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model, save_bridge_checkpoint
+
+    hf = make_hf_model(tmp_path / "hf", "llama")
+    bridge_out = tmp_path / "bridge-src"
+    assert main(["--hf-model", str(hf), "--output-dir", str(bridge_out), "--target-ffn-hidden-size", "112", *CALIB,
+                 "--save-format", "megatron", "--no-report", "--skip-roundtrip-check"]) == 0  # fmt: skip
+    source = bridge_out / "megatron"
+    digest = tree_digest(source)
+    out = tmp_path / "out"
+    assert main(["--load", str(source), "--output-dir", str(out), "--target-ffn-hidden-size", "96", *CALIB, "--no-report"]) == 0
+    assert tree_digest(source) == digest
+    init_distributed(seed=1234)  # the command tore its process group down
+    summary = json.loads((out / "prune_summary.json").read_text())
+    assert summary["source_format"] == "megatron-bridge" and summary["roundtrip_checks"][0]["ok"]
+    info = find_checkpoint(str(out / "megatron"))
+    assert info.format == "megatron-bridge" and info.config.ffn_hidden_size == 96
+    assert load_megatron_model(str(out / "megatron")).model.config.ffn_hidden_size == 96
+    card = (out / "distillation_run_card.yaml").read_text()
+    assert str(source) in card  # the teacher is the loaded checkpoint
+
+    # --ckpt-step picks an iteration; one that does not exist is named with those that do
+    model = load_megatron_model(str(source)).model
+    save_bridge_checkpoint(model, str(tmp_path / "two"), str(hf))
+    (tmp_path / "two" / "iter_0000000").rename(tmp_path / "two" / "iter_0000005")
+    assert find_checkpoint(str(tmp_path / "two"), step=5).iteration == 5
+    with pytest.raises(mp.PruneConfigError, match="--ckpt-step 7: .* has no iter_0000007; it has iter_0000005"):
+        find_checkpoint(str(tmp_path / "two"), step=7)
+
+
+def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_path, capsys, monkeypatch):
+    args = mlm_args(tokenizer)
+    good = tmp_path / "good"
+    write_mlm_checkpoint(build_mlm_model(args), args, good, 10)
+
+    def weights_read(*a, **k):
+        raise AssertionError("weights were read before the input was checked")
+
+    monkeypatch.setattr("megatron_prune.bridge.checkpoint.load_megatron_model", weights_read)
+    (tmp_path / "empty").mkdir()
+    lacking = tmp_path / "lacking"
+    del args.num_layers
+    write_mlm_checkpoint(build_mlm_model(mlm_args(tokenizer)), args, lacking, 1)
+    no_tokenizer = tmp_path / "notok"
+    plain = mlm_args(tokenizer, tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_size=127)
+    write_mlm_checkpoint(build_mlm_model(plain), plain, no_tokenizer, 1)
+    out = tmp_path / "out"
+    for argv, message in (
+        (["--load", tmp_path / "missing"], "no such directory"),
+        (["--load", tmp_path / "empty"], "is not a Megatron checkpoint: no latest_checkpointed_iteration.txt"),
+        (["--load", good, "--ckpt-step", "3"], "--ckpt-step 3: "),
+        (["--load", lacking], "the checkpoint's args lack num_layers"),
+        (["--load", no_tokenizer], "names no Hugging Face tokenizer for the calibration text; pass --tokenizer-model"),
+        (["--load", good, "--hf-model", tokenizer], "--load and --hf-model name two models"),
+        (["--load", good, "--save-format", "hf"], "--save-format hf: a Megatron checkpoint (--load) is written back"),
+        (["--load", good, "--target-ffn-hidden-size", "200"], "ffn_hidden_size']=200 is larger"),
+        (["--load", good, "--layers-to-drop", "9"], "layer 9 is out of range 1..4"),
+    ):  # fmt: skip
+        target = [] if any(str(a).startswith("--target") or str(a) == "--layers-to-drop" for a in argv) else ["--target-ffn-hidden-size", "96"]
+        assert main([*map(str, argv), *target, "--output-dir", str(out), *CALIB]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not out.exists()
