@@ -27,6 +27,8 @@ _EXPORTS = {
     "ScoresFileError": "megatron_prune.importance.scores_file",
     "inventory_of": "megatron_prune.search.counting", "inventory_of_config": "megatron_prune.search.counting",
     "SearchResult": "megatron_prune.search.nas", "plot_candidates": "megatron_prune.search.plot",
+    "DepthOptions": "megatron_prune.depth",
+    "load_megatron_model": "megatron_prune.bridge.checkpoint", "find_checkpoint": "megatron_prune.bridge.checkpoint",
 }
 __all__ = list(_EXPORTS)
 

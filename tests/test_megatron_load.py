@@ -124,3 +124,29 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
         assert main([*map(str, argv), *target, "--output-dir", str(out), *CALIB]) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not out.exists()
+
+
+def test_prune_distill_prune_without_hugging_face(mcore, tokenizer, tmp_path):
+    """Megatron-LM checkpoint -> prune -> distil (the CPU loop reads and writes Megatron-LM checkpoints) -> prune
+    again, with no HF folder in between; each step's output is a Megatron-LM checkpoint of the expected sizes."""
+    from megatron_prune.bridge.checkpoint import find_checkpoint
+    from megatron_prune.distill.__main__ import main as distill_main
+
+    args = mlm_args(tokenizer)
+    source = tmp_path / "mlm"
+    write_mlm_checkpoint(build_mlm_model(args), args, source, 10)
+    first = tmp_path / "first"
+    assert main(["--load", str(source), "--output-dir", str(first), "--target-ffn-hidden-size", "96", *CALIB, "--no-report"]) == 0
+    dist = tmp_path / "distilled"
+    assert distill_main(["--run-card", str(first / "distillation_run_card.yaml"), "--output-dir", str(dist),
+                         "--seq-length", "32", "--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", "2",
+                         "--lr-warmup-iters", "0", "--no-plot"]) == 0  # fmt: skip
+    assert sorted(p.name for p in dist.iterdir()) == ["distill_summary.json", "loss_curve.csv", "megatron"]
+    second = tmp_path / "second"
+    assert main(["--load", str(dist / "megatron"), "--output-dir", str(second), "--target-hidden-size", "48", *CALIB,
+                 "--no-report"]) == 0  # fmt: skip
+    init_distributed(seed=1234)
+    distilled, pruned = find_checkpoint(str(dist / "megatron")), find_checkpoint(str(second / "megatron"))
+    assert distilled.format == pruned.format == "megatron-lm"
+    assert (distilled.args.ffn_hidden_size, distilled.args.hidden_size) == (96, 64)
+    assert (pruned.args.ffn_hidden_size, pruned.args.hidden_size) == (96, 48)

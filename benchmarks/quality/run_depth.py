@@ -5,7 +5,8 @@
 Same calibration (64 x 256 tokens of the packaged corpus) and held-out texts as run_quality.py. For 30→22 and
 30→20 layers: the layers dropped, held-out perplexity, and the cost of the depth ranking (one-shot: part of the
 single calibration; iterative: one more pass over the calibration data per dropped layer, timed). With --load the
-model comes from a Megatron checkpoint (`megatron_prune.load_megatron_model`) instead of the HF folder.
+model comes from a Megatron checkpoint (written there once from the HF folder if the directory does not exist)
+instead of the HF folder.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ VARIANTS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--load", default=None, help="a Megatron checkpoint of SmolLM2 (default: the HF folder)")
+    p.add_argument("--load", default=None, help="a Megatron checkpoint of SmolLM2, written there first if absent "
+                   "(default: the HF folder)")
     p.add_argument("--out", default="benchmarks/results/quality_depth.json")
     args = p.parse_args()
 

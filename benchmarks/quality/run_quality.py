@@ -87,9 +87,11 @@ def load_benchmark(windows: int, load: str | None = None):
     calib = micro_batches(calibration_tokens("default", tokenizer, 64, 256, seed=1234), 4)
     evals = {name: lm_loss_score(micro_batches(calibration_tokens(path, tokenizer, windows, 512, seed=0), 1))
              for name, path in heldout_sources().items()}  # fmt: skip
-    if load:  # the same model saved as a Megatron checkpoint
-        from megatron_prune import load_megatron_model
+    if load:  # the same model as a Megatron checkpoint, saved once (Megatron-Bridge's format) and loaded from it
+        from megatron_prune.bridge.checkpoint import load_megatron_model, save_bridge_checkpoint
 
+        if not Path(load).is_dir():
+            save_bridge_checkpoint(import_hf_model(source).model, load, source)
         model = load_megatron_model(load).model
     else:
         model = import_hf_model(source).model

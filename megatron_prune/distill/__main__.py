@@ -17,6 +17,7 @@ This loop checks recovery on small models; real recovery needs Megatron-Bridge /
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -24,6 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional
 
 from megatron_prune.config import PruneConfigError
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from megatron_prune.bridge import import_hf_model, save_hf
+    from megatron_prune.bridge.checkpoint import load_megatron_model, save_checkpoint_like
     from megatron_prune.cli import _check_apart
     from megatron_prune.data.calibration import token_rows
     from megatron_prune.distill.evaluate import heldout_batches, perplexity
@@ -77,24 +80,22 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     card = load_run_card(args.run_card)
     recipe = override_recipe(card.recipe, **{k: getattr(args, k) for k in _OVERRIDES})
-    if not card.student.hf_checkpoint:
-        raise PruneConfigError("the CPU loop loads the student from student.hf_checkpoint, which the run card lacks "
-                               "(prune with --save-format hf or both)")  # fmt: skip
+    student_path = card.student.hf_checkpoint or card.student.megatron_checkpoint  # HF first, else Megatron in and out
+    teacher_path = card.teacher.hf_checkpoint or card.teacher.megatron_checkpoint
     for name in ("log_interval", "eval_samples"):
         if getattr(args, name) < 1:
             raise PruneConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.save_interval < 0:
         raise PruneConfigError("--save-interval must be >= 0")
     out = check_output_dir(args.output_dir, args.overwrite)
-    _check_apart(out, {"--run-card": args.run_card, "student.hf_checkpoint": card.student.hf_checkpoint,
-                       "teacher.hf_checkpoint": card.teacher.hf_checkpoint, "--data": args.data,
-                       "--eval-data": args.eval_data})  # fmt: skip
+    _check_apart(out, {"--run-card": args.run_card, "student checkpoint": student_path, "teacher checkpoint": teacher_path,
+                       "--data": args.data, "--eval-data": args.eval_data})  # fmt: skip
     schedule = Schedule(recipe.train_iters, recipe.micro_batch_size, recipe.global_batch_size, recipe.lr, recipe.min_lr,
                         recipe.lr_warmup_iters, recipe.lr_decay_style, recipe.kd.temperature)  # fmt: skip
 
     init_distributed(1, 1, seed=recipe.seed)
     ctx = ParallelContext.from_megatron()
-    tokenizer = AutoTokenizer.from_pretrained(card.tokenizer.path or card.student.hf_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(card.tokenizer.path or student_path)
     rows = token_rows(args.data, tokenizer, recipe.seq_length, recipe.train_iters * recipe.global_batch_size, args.text_field)
     epochs = recipe.train_iters * recipe.global_batch_size / rows.shape[0]
     log(f"training data: {rows.shape[0]} sequences of {recipe.seq_length} tokens from {args.data!r} "
@@ -104,13 +105,19 @@ def run(args: argparse.Namespace) -> dict:
         evals = heldout_batches(args.eval_data, tokenizer, args.eval_samples, args.eval_seq_length or recipe.seq_length,
                                 text_field=args.text_field)  # fmt: skip
 
-    teacher = import_hf_model(card.teacher.hf_checkpoint).model
-    student = import_hf_model(card.student.hf_checkpoint)
+    teacher = import_hf_model(teacher_path).model if card.teacher.hf_checkpoint else load_megatron_model(teacher_path).model
+    if card.student.hf_checkpoint:
+        student = import_hf_model(student_path)
+        student_model = student.model
+    else:  # a Megatron checkpoint (Megatron-LM or Megatron-Bridge): distilled and written back in its format
+        student = load_megatron_model(student_path)
+        student_model = student.model
+        original_config = copy.deepcopy(student_model.config)
     eval_record = {}
     if evals:
-        eval_record = {"teacher": perplexity(teacher, evals), "student_before": perplexity(student.model, evals)}
+        eval_record = {"teacher": perplexity(teacher, evals), "student_before": perplexity(student_model, evals)}
         log(f"held-out perplexity: teacher {eval_record['teacher']:.2f}, student before {eval_record['student_before']:.2f}")
-    distiller = Distiller(student.model, teacher, schedule, card.tokenizer.vocab_size)
+    distiller = Distiller(student_model, teacher, schedule, card.tokenizer.vocab_size)
     saved = out.parent / f".{out.name}.checkpoints"  # outside the temporary directory: kept if the run fails
 
     def save_checkpoint(iteration: int, record: dict) -> None:
@@ -123,10 +130,14 @@ def run(args: argparse.Namespace) -> dict:
         if evals:
             eval_record["student_after"] = perplexity(distiller.student, evals)
             log(f"held-out perplexity: student after {eval_record['student_after']:.2f}")
-        save_hf(student, distiller.student, list(range(1, distiller.student.config.num_layers + 1)), os.path.join(tmp, "hf"))
+        if card.student.hf_checkpoint:
+            save_hf(student, distiller.student, list(range(1, distiller.student.config.num_layers + 1)), os.path.join(tmp, "hf"))
+        else:
+            original = SimpleNamespace(config=original_config)  # the sizes do not change: the args are carried over
+            save_checkpoint_like(student.info, original, distiller.student, os.path.join(tmp, "megatron"), card.tokenizer.path)
         summary = {
-            "run_card": str(Path(args.run_card).absolute()), "student": card.student.hf_checkpoint,
-            "teacher": card.teacher.hf_checkpoint, "output_dir": str(out),
+            "run_card": str(Path(args.run_card).absolute()), "student": student_path,
+            "teacher": teacher_path, "output_dir": str(out),
             "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "data_blend"},
             "data": args.data, "data_sequences": int(rows.shape[0]), "epochs": round(epochs, 3),
             "tokens_seen": history[-1]["tokens"], "data_parallel_size": ctx.dp_size,
