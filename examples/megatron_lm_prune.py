@@ -23,8 +23,7 @@ import sys
 sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), "../../../")))  # a Megatron-LM checkout
 
 from megatron.training import get_args, get_model, initialize_megatron  # noqa: E402
-from megatron.training.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
-from megatron.training.global_vars import set_args  # noqa: E402
+from megatron.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron.training.utils import print_rank_0, unwrap_model  # noqa: E402
 
 from megatron_prune.megatron_lm import add_prune_args, prune_megatron_lm_model  # noqa: E402
@@ -41,10 +40,7 @@ if __name__ == "__main__":
         load_checkpoint(model, None, None, strict=True)
         print_rank_0(f"loaded {args.load}")
 
+    # calibrates on --calib-data, prunes this rank's stage, and writes --save (release/ with the pruned args)
     pruned, result, pruned_args = prune_megatron_lm_model(unwrap_model(model), args)
     print_rank_0(f"parameters: {result.params_before:,} -> {result.params_after:,}")
-
-    if args.save:
-        set_args(pruned_args)  # the checkpoint's args are the pruned model's
-        save_checkpoint(0, [pruned], None, None, 0)
     print_rank_0("done")

@@ -6,8 +6,7 @@
     args = get_args()
     model = get_model(model_provider, wrap_with_ddp=False)      # this rank's stage(s), any TP/PP
     load_checkpoint(model, None, None)                          # --load
-    pruned, result, pruned_args = prune_megatron_lm_model(model, args)   # calibrates on --calib-data, prunes
-    save_megatron_lm(pruned, pruned_args, args.save)            # or Megatron-LM's save_checkpoint with pruned_args
+    pruned, result, pruned_args = prune_megatron_lm_model(model, args)   # calibrates, prunes, saves to --save
 
 The flags are those of Megatron-LM's post-training prune example (`--calib-size`, `--target-<axis>`,
 `--layers-to-drop`, `--pruning-scores-path`) plus this package's (`--target-params` budgets, `--protect-layers`,
@@ -49,11 +48,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def prune_megatron_lm_model(model, args: argparse.Namespace, forward_loop: Optional[Callable] = None,
-                            tokenizer=None, score_func: Optional[Callable] = None) -> Tuple[torch.nn.Module, object, argparse.Namespace]:  # fmt: skip
+                            tokenizer=None, score_func: Optional[Callable] = None,
+                            save: bool = True) -> Tuple[torch.nn.Module, object, argparse.Namespace]:  # fmt: skip
     """Prune this rank's stage of `model` (a module, a list of chunks, or wrapped in Float16Module/DDP) from the
-    flags of `add_prune_args`. `forward_loop`: calibration (default: `--calib-size` rows of `--calib-data` tokenised
-    with `tokenizer`, default the HF tokenizer of `--tokenizer-model`). Returns (pruned stage, PruneResult, a copy
-    of `args` with the pruned sizes). Collective."""
+    flags of `add_prune_args`, and with `save` and Megatron-LM's `--save` set, write it there as a Megatron-LM
+    checkpoint (`release/`, the pruned args). `forward_loop`: calibration (default: `--calib-size` rows of
+    `--calib-data` tokenised with `tokenizer`, default the HF tokenizer of `--tokenizer-model`). Returns (pruned
+    stage, PruneResult, a copy of `args` with the pruned sizes). Collective."""
     from megatron_prune.api import prune
     from megatron_prune.bridge.checkpoint import megatron_lm_flags, pruned_megatron_lm_args
     from megatron_prune.depth import DepthOptions, parse_layer_list
@@ -73,6 +74,10 @@ def prune_megatron_lm_model(model, args: argparse.Namespace, forward_loop: Optio
                            criteria=args.prune_importance, depth=depth, **kwargs)  # fmt: skip
     pruned_args = pruned_megatron_lm_args(args, stage.config, pruned.config)
     log("pruned model flags for Megatron-LM: " + " ".join(megatron_lm_flags(args, pruned_args)))
+    if save and getattr(args, "save", None):
+        from megatron_prune.bridge.checkpoint import save_megatron_lm
+
+        save_megatron_lm(pruned, pruned_args, args.save)
     return pruned, result, pruned_args
 
 

@@ -118,9 +118,9 @@ def test_distill_cli_bad_inputs_fail_before_weights_are_read(pruned, tmp_path, c
     assert "recipe.global_batch_size=6 must be a multiple of recipe.micro_batch_size=4" in capsys.readouterr().err
 
     data = yaml.safe_load(card.read_text())
-    data["student"]["hf_checkpoint"] = None
-    (tmp_path / "megatron_only.yaml").write_text(yaml.safe_dump(data))
-    fails("--run-card", tmp_path / "megatron_only.yaml", "--output-dir", dist, match="lacks")
+    data["student"]["hf_checkpoint"] = data["student"]["megatron_checkpoint"] = None  # (a Megatron-only student works)
+    (tmp_path / "no_student.yaml").write_text(yaml.safe_dump(data))
+    fails("--run-card", tmp_path / "no_student.yaml", "--output-dir", dist, match="student: give student.hf_checkpoint or")
     assert not dist.exists()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model, save_megatron_lm
+from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model
 from megatron_prune.megatron_lm import add_prune_args, prune_megatron_lm_model
 from tests.megatron_ckpt import build_mlm_model, mlm_args
 from tests.tiny_hf import make_hf_model
@@ -24,12 +24,12 @@ def test_prune_saves_a_checkpoint_megatron_lm_rebuilds_from_its_args(mcore, tmp_
     tokenizer = make_hf_model(tmp_path / "tok", "llama")
     args = parse(tokenizer, "--target-ffn-hidden-size", "96", "--layers-to-drop", "2", "--protect-layers", "first",
                  "--calib-size", "8", "--pruning-scores-path", str(tmp_path / "scores.pt"))  # fmt: skip
+    args.save = str(tmp_path / "out")  # Megatron-LM's --save
     model = [build_mlm_model(args)]  # as get_model returns it
     pruned, result, pruned_args = prune_megatron_lm_model(model, args)
     assert result.plan.dropped_layers == [2] and result.config.ffn_hidden_size == 96
     assert (pruned_args.num_layers, pruned_args.ffn_hidden_size, pruned_args.kv_channels) == (3, 96, 8)
     assert (args.num_layers, args.ffn_hidden_size) == (4, 128)  # the caller's args are not modified
-    save_megatron_lm(pruned, pruned_args, str(tmp_path / "out"))
     info = find_checkpoint(str(tmp_path / "out"))
     assert info.format == "megatron-lm" and info.config.ffn_hidden_size == 96 and info.config.num_layers == 3
     reloaded = load_megatron_model(str(tmp_path / "out")).model

@@ -108,6 +108,9 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
     no_tokenizer = tmp_path / "notok"
     plain = mlm_args(tokenizer, tokenizer_type="NullTokenizer", tokenizer_model=None, vocab_size=127)
     write_mlm_checkpoint(build_mlm_model(plain), plain, no_tokenizer, 1)
+    mla = tmp_path / "mla"
+    with_mla = mlm_args(tokenizer, multi_latent_attention=True)
+    write_mlm_checkpoint(build_mlm_model(mlm_args(tokenizer)), with_mla, mla, 1)
     out = tmp_path / "out"
     for argv, message in (
         (["--load", tmp_path / "missing"], "no such directory"),
@@ -119,6 +122,7 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
         (["--load", good, "--save-format", "hf"], "--save-format hf: a Megatron checkpoint (--load) is written back"),
         (["--load", good, "--target-ffn-hidden-size", "200"], "ffn_hidden_size']=200 is larger"),
         (["--load", good, "--layers-to-drop", "9"], "layer 9 is out of range 1..4"),
+        (["--load", mla], "multi-latent attention (MLA) (multi_latent_attention=True) is not supported yet"),
     ):  # fmt: skip
         target = [] if any(str(a).startswith("--target") or str(a) == "--layers-to-drop" for a in argv) else ["--target-ffn-hidden-size", "96"]
         assert main([*map(str, argv), *target, "--output-dir", str(out), *CALIB]) == 2, argv
@@ -150,3 +154,17 @@ def test_prune_distill_prune_without_hugging_face(mcore, tokenizer, tmp_path):
     assert distilled.format == pruned.format == "megatron-lm"
     assert (distilled.args.ffn_hidden_size, distilled.args.hidden_size) == (96, 64)
     assert (pruned.args.ffn_hidden_size, pruned.args.hidden_size) == (96, 48)
+
+
+def test_nas_on_a_loaded_checkpoint(mcore, tokenizer, tmp_path):
+    """A percent budget is resolved from the checkpoint's config before the weights are read, and held."""
+    args = mlm_args(tokenizer)
+    source = tmp_path / "mlm"
+    write_mlm_checkpoint(build_mlm_model(args), args, source, 10)
+    out = tmp_path / "nas"
+    assert main(["--load", str(source), "--output-dir", str(out), "--target-params", "80%", "--top-k", "1",
+                 "--hidden-size-divisor", "16", "--ffn-hidden-size-divisor", "32", *CALIB, "--no-report"]) == 0  # fmt: skip
+    summary = json.loads((out / "prune_summary.json").read_text())
+    assert summary["nas"]["budgets"] == {"params": pytest.approx(0.8 * summary["params_before"])}
+    assert summary["params_after"] <= 0.8 * summary["params_before"] and summary["roundtrip_checks"][0]["ok"]
+

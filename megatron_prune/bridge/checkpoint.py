@@ -118,7 +118,7 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
         from megatron.bridge.training.model_load_save import load_model_config
 
         config, _ = load_model_config(str(iteration_dir))
-        return CheckpointInfo(root, iteration_dir, _iteration_of(iteration_dir), BRIDGE, config, None)
+        return _supported(CheckpointInfo(root, iteration_dir, _iteration_of(iteration_dir), BRIDGE, config, None), path)
     if not (iteration_dir / "common.pt").is_file():
         raise PruneConfigError(f"--load {path!r}: {iteration_dir} is neither a Megatron-Bridge checkpoint ({RUN_CONFIG}) "
                                "nor a Megatron-LM one (common.pt with the training args)")  # fmt: skip
@@ -128,7 +128,24 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, argparse.Namespace):
         raise PruneConfigError(f"--load {path!r}: {iteration_dir}/common.pt holds no Megatron-LM `args`; cannot build the model")
+    _supported(CheckpointInfo(root, iteration_dir, None, MEGATRON_LM, None, args), path)  # before building a config
     return CheckpointInfo(root, iteration_dir, _iteration_of(iteration_dir), MEGATRON_LM, mlm_config(args, path), args)
+
+
+_UNSUPPORTED = (("multi_latent_attention", "multi-latent attention (MLA)"),
+                ("heterogeneous_layers_config_path", "heterogeneous layers"), ("mtp_num_layers", "multi-token prediction"))  # fmt: skip
+
+
+def _supported(info: CheckpointInfo, where: str) -> CheckpointInfo:
+    """Refuse, from the configs, architectures megatron-prune does not prune yet (UnsupportedModelError)."""
+    from megatron_prune.errors import UnsupportedModelError
+
+    for source in (info.args, info.config):
+        for name, what in _UNSUPPORTED:
+            value = getattr(source, name, None) if source is not None else None
+            if value:
+                raise UnsupportedModelError(f"--load {where!r}: {what} ({name}={value!r}) is not supported yet by megatron-prune")
+    return info
 
 
 def mlm_config(args: argparse.Namespace, where: str = "the checkpoint"):
@@ -293,7 +310,7 @@ def save_bridge_checkpoint(model: torch.nn.Module, out_dir: str, tokenizer_path:
     from megatron.bridge.training.model_load_save import save_megatron_model
 
     start = time.perf_counter()
-    log(f"saving the Megatron-Bridge checkpoint (torch_dist) to {out_dir}")
+    log(f"saving the Megatron checkpoint (torch_dist, Megatron-Bridge format) to {out_dir}")
     save_megatron_model([model], out_dir, hf_tokenizer_path=tokenizer_path,
                         hf_tokenizer_kwargs={"use_fast": True} if tokenizer_path else None)  # megatron's default is the slow one
     ParallelContext.from_megatron().on_main(lambda: _make_config_portable(Path(out_dir), layer_spec))

@@ -88,8 +88,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.save_interval < 0:
         raise PruneConfigError("--save-interval must be >= 0")
     out = check_output_dir(args.output_dir, args.overwrite)
-    _check_apart(out, {"--run-card": args.run_card, "student checkpoint": student_path, "teacher checkpoint": teacher_path,
-                       "--data": args.data, "--eval-data": args.eval_data})  # fmt: skip
+    field = lambda model: "hf_checkpoint" if model.hf_checkpoint else "megatron_checkpoint"  # noqa: E731
+    _check_apart(out, {"--run-card": args.run_card, f"student.{field(card.student)}": student_path,
+                       f"teacher.{field(card.teacher)}": teacher_path, "--data": args.data, "--eval-data": args.eval_data})  # fmt: skip
     schedule = Schedule(recipe.train_iters, recipe.micro_batch_size, recipe.global_batch_size, recipe.lr, recipe.min_lr,
                         recipe.lr_warmup_iters, recipe.lr_decay_style, recipe.kd.temperature)  # fmt: skip
 
