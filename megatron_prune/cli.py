@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     """The whole job; returns the JSON summary. Collective under torchrun."""
     from megatron_prune.api import prune
     from megatron_prune.bridge import compare_with_hf, import_hf_model, save_hf, save_megatron
-    from megatron_prune.bridge.checkpoint import compare_with_reload, load_megatron_model, save_checkpoint_like
+    from megatron_prune.bridge.checkpoint import compare_with_reload, hf_exporter, load_megatron_model, save_checkpoint_like
     from megatron_prune.distill.handoff import write_prune_run_card
     from megatron_prune.log import log
     from megatron_prune.output import atomic_output_dir
@@ -182,8 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     job = prepare(args)
     ctx, source, out = job.ctx, job.source, job.out
     if job.checkpoint is not None:
-        imported = None
         model = load_megatron_model(source, info=job.checkpoint, tokenizer_model=args.tokenizer_model).model
+        imported = hf_exporter(job.checkpoint, model) if job.save_format != "megatron" else None
     else:
         imported = import_hf_model(source, dtype=job.dtype, trust_remote_code=args.trust_remote_code)
         model = imported.model
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.skip_roundtrip_check:
             checks.append(_checked(compare_with_hf(model, hf_dir, check_tokens, name, job.tolerance, args.trust_remote_code)))
 
-    if imported is not None:
+    if job.checkpoint is None:
         check(model, source, "HF source vs imported MCore")
     groups_before = parameter_groups(model, ctx)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         if job.save_format in ("hf", "both"):
             save_hf(imported, pruned, result.plan.kept_layers, hf_dir)
             check(pruned, hf_dir, "pruned MCore vs exported HF")
-        if job.save_format in ("megatron", "both") and imported is not None:
+        if job.save_format in ("megatron", "both") and job.checkpoint is None:
             save_megatron(imported, pruned, megatron_dir, hf_dir if job.save_format == "both" else source)
         extra = {
             "source": str(source), "source_format": job.checkpoint.format if job.checkpoint else "hf", **extra,
@@ -277,9 +277,6 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
         raise PruneConfigError("--ckpt-step and --tokenizer-model apply to --load (a Megatron checkpoint)")
     default_job = args.hf_model is None and args.load is None
     save_format = args.save_format or ("megatron" if args.load else "both")
-    if args.load and save_format != "megatron":
-        raise PruneConfigError(f"--save-format {save_format}: a Megatron checkpoint (--load) is written back as a Megatron "
-                               "checkpoint; Hugging Face export needs the HF source (--hf-model)")  # fmt: skip
     if search.constraints is not None:
         if target is not None and not args.layers_to_drop:
             raise PruneConfigError("--export-config/--target-<axis> sizes cannot be combined with NAS budgets (--target-params...): give one")
@@ -312,6 +309,10 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
             raise PruneConfigError(f"--load {args.load!r}: the checkpoint names no Hugging Face tokenizer for the calibration "
                                    "text; pass --tokenizer-model (an HF tokenizer folder or hub id)")  # fmt: skip
         log(f"--load: {checkpoint.format} checkpoint {checkpoint.path}")
+        if save_format != "megatron" and checkpoint.hf_model() is None:
+            raise PruneConfigError(f"--save-format {save_format}: a Hugging Face export needs the HF architecture, which only a "
+                                   "Megatron-Bridge checkpoint converted from a local HF folder names (hf_model_id); "
+                                   "save as megatron")  # fmt: skip
     else:
         source = smollm2_folder() if default_job else args.hf_model
         hf_config, provider = check_hf_source(source, args.trust_remote_code)

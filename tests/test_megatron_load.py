@@ -72,11 +72,16 @@ def test_bridge_checkpoint_in_and_out_and_a_chosen_iteration(mcore, tokenizer, t
     source = bridge_out / "megatron"
     digest = tree_digest(source)
     out = tmp_path / "out"
-    assert main(["--load", str(source), "--output-dir", str(out), "--target-ffn-hidden-size", "96", *CALIB, "--no-report"]) == 0
+    assert main(["--load", str(source), "--output-dir", str(out), "--target-ffn-hidden-size", "96", *CALIB, "--no-report",
+                 "--save-format", "both"]) == 0  # fmt: skip
     assert tree_digest(source) == digest
     init_distributed(seed=1234)  # the command tore its process group down
     summary = json.loads((out / "prune_summary.json").read_text())
-    assert summary["source_format"] == "megatron-bridge" and summary["roundtrip_checks"][0]["ok"]
+    assert summary["source_format"] == "megatron-bridge" and all(c["ok"] for c in summary["roundtrip_checks"])
+    assert [c["name"] for c in summary["roundtrip_checks"]] == ["pruned MCore vs reloaded checkpoint", "pruned MCore vs exported HF"]
+    from transformers import AutoConfig  # the HF export: the architecture of the HF model the checkpoint names
+
+    assert AutoConfig.from_pretrained(out / "hf").intermediate_size == 96
     info = find_checkpoint(str(out / "megatron"))
     assert info.format == "megatron-bridge" and info.config.ffn_hidden_size == 96
     assert load_megatron_model(str(out / "megatron")).model.config.ffn_hidden_size == 96
@@ -119,7 +124,7 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
         (["--load", lacking], "the checkpoint's args lack num_layers"),
         (["--load", no_tokenizer], "names no Hugging Face tokenizer for the calibration text; pass --tokenizer-model"),
         (["--load", good, "--hf-model", tokenizer], "--load and --hf-model name two models"),
-        (["--load", good, "--save-format", "hf"], "--save-format hf: a Megatron checkpoint (--load) is written back"),
+        (["--load", good, "--save-format", "hf"], "--save-format hf: a Hugging Face export needs the HF architecture"),
         (["--load", good, "--target-ffn-hidden-size", "200"], "ffn_hidden_size']=200 is larger"),
         (["--load", good, "--layers-to-drop", "9"], "layer 9 is out of range 1..4"),
         (["--load", mla], "multi-latent attention (MLA) (multi_latent_attention=True) is not supported yet"),

@@ -75,6 +75,12 @@ class CheckpointInfo:
                 return str(folder)
         return None
 
+    def hf_model(self) -> Optional[str]:
+        """The Hugging Face model a Megatron-Bridge checkpoint was converted from (its provider's `hf_model_id`), when
+        it is a local folder: the architecture an HF export needs. None otherwise."""
+        hf = getattr(self.config, "hf_model_id", None) if self.args is None else None
+        return str(hf) if hf and (Path(str(hf)) / "config.json").is_file() else None
+
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's weights, as its config records it."""
         if self.args is not None:
@@ -371,4 +377,27 @@ def compare_with_reload(pruned: torch.nn.Module, out_dir: str, tokens: torch.Ten
 
     reloaded = load_megatron_model(out_dir, tokenizer_model=tokenizer_model, layout_of=pruned.config).model
     return compare_models(pruned, reloaded, tokens, name)
+
+
+def hf_exporter(info: CheckpointInfo, model: torch.nn.Module):
+    """What `export.save_hf` needs to write a model of `info`'s checkpoint as an HF folder: the bridge of the HF model
+    the checkpoint names (`hf_model`; its config, tokenizer and name mapping; no HF weights are read). Raises
+    PruneConfigError when the checkpoint names none, or holds another number of layers than that model."""
+    from megatron.bridge import AutoBridge
+
+    from megatron_prune.bridge.compat import apply_bridge_compat
+    from megatron_prune.bridge.hf_import import ImportedModel
+
+    hf = info.hf_model()
+    if hf is None:
+        raise PruneConfigError(f"--save-format hf: {info.path} names no local Hugging Face model (a Megatron-Bridge "
+                               "checkpoint's hf_model_id) whose architecture the export could use; save as megatron")  # fmt: skip
+    apply_bridge_compat()
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    layers = getattr(bridge.hf_pretrained.config, "num_hidden_layers", None)
+    if layers != info.config.num_layers:
+        raise PruneConfigError(f"--save-format hf: the checkpoint has {info.config.num_layers} layers, its Hugging Face "
+                               f"model {hf} {layers}: which layers it kept is not recorded; save as megatron")  # fmt: skip
+    return ImportedModel(bridge=bridge, provider=info.config, model=model, source=hf,
+                         saved_layer_spec=getattr(info.config, "transformer_layer_spec", None))
 
