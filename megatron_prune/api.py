@@ -201,7 +201,8 @@ def prune(
     if depth.iterative and fewest < shape.num_layers:
         ranking, cost = iterative_ranking(model, forward_loop, ctx, orders.layer_ranking, depth.protected, fewest)
         log(f"iterative depth scoring: {cost['passes']} passes over the calibration data in {cost['seconds']:.1f}s")
-        orders.layer_ranking, depth.scoring["iterative"] = ranking, cost
+        orders.layer_ranking = ranking
+        depth.scoring.update(cost)
     orders.layer_ranking = depth.ranking(orders.layer_ranking)
     src = _Source(
         model=model, ctx=ctx, shape=shape, numbers=numbers, stage_layers=stage_layers, importance=importance,

@@ -48,7 +48,10 @@ class DepthOptions:
         unknown = sorted(set(value) - known)
         if unknown:
             raise PruneConfigError(f"depth: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if k != "iterative" and v is not None else v for k, v in value.items()})
+        def listed(v):  # "first" or 5 alone, or any sequence of them
+            return (v,) if isinstance(v, (str, int)) else tuple(v or ())
+
+        return cls(**{k: v if k == "iterative" else listed(v) for k, v in value.items()})
 
     @property
     def active(self) -> bool:
@@ -74,7 +77,7 @@ class ResolvedDepth:
     layers_to_drop: Tuple[int, ...]
     protected: Tuple[int, ...]
     iterative: bool
-    scoring: Dict[str, object] = field(default_factory=dict, compare=False)  # iterative: passes, seconds, drop order
+    scoring: Dict[str, object] = field(default_factory=dict, compare=False)  # iterative: passes, seconds, drop_order
 
     def check_target(self, num_layers: int, target_layers: Optional[int]) -> int:
         """The pruned depth: `num_layers - len(layers_to_drop)` when layers are dropped explicitly (a given
@@ -96,7 +99,7 @@ class ResolvedDepth:
         if not (self.layers_to_drop or self.protected or self.iterative):
             return None
         return {"layers_to_drop": list(self.layers_to_drop), "protected_layers": list(self.protected),
-                "iterative": self.iterative, **self.scoring}  # fmt: skip
+                "iterative": self.iterative, **({"iterative_scoring": self.scoring} if self.scoring else {})}  # fmt: skip
 
     def cache_key(self) -> Dict[str, object]:
         """What, beyond the criteria, decides which layers a NAS candidate keeps (part of its cache key)."""

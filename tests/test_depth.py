@@ -50,6 +50,7 @@ def test_resolve_words_negatives_and_ranking_invariant():
     assert sorted(ranking) == list(range(1, 7))
     assert d.check_target(6, None) == 5
     assert parse_layer_list("1,5-7, last -2") == [1, 5, 6, 7, "last", -2]
+    assert DepthOptions.of({"protected_layers": "last", "layers_to_drop": 2}).resolve(6, symbols).protected == (6,)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -140,7 +141,7 @@ def test_iterative_scoring_drops_a_planted_identity_first_and_rescores(mcore):
 
     counting.calibration = base.calibration
     pruned, result = mp.prune(model, {"num_layers": 3}, counting, depth={"iterative": True})
-    cost = result.depth["iterative"]
+    cost = result.depth["iterative_scoring"]
     assert cost["drop_order"][0] == 4 and cost["passes"] == 3 and len(calls) == 1 + 3  # calibration + 3 passes
     assert sorted(result.plan.dropped_layers) == sorted(cost["drop_order"])
     assert result.orders.layer_ranking[-1] == 4  # the first dropped is the least important
@@ -209,8 +210,8 @@ def test_command_line_depth_flags(tmp_path, capsys, monkeypatch):
     assert main([*common, "--output-dir", str(tmp_path / "b"), "--target-num-layers", "3", "--protect-layers", "first,-1",
                  "--iterative-depth", "--skip-roundtrip-check"]) == 0  # fmt: skip
     depth = json.loads((tmp_path / "b" / "prune_summary.json").read_text())["depth"]
-    assert depth["protected_layers"] == [1, 5] and depth["iterative"]["passes"] == 2
-    assert not {1, 5} & set(depth["iterative"]["drop_order"])
+    assert depth["protected_layers"] == [1, 5] and depth["iterative"] and depth["iterative_scoring"]["passes"] == 2
+    assert not {1, 5} & set(depth["iterative_scoring"]["drop_order"])
     capsys.readouterr()
 
     def weights_read(*args, **kwargs):

@@ -72,10 +72,17 @@ def test_bridge_checkpoint_in_and_out_and_a_chosen_iteration(mcore, tokenizer, t
     source = bridge_out / "megatron"
     digest = tree_digest(source)
     out = tmp_path / "out"
+    scores = tmp_path / "scores.pt"
     assert main(["--load", str(source), "--output-dir", str(out), "--target-ffn-hidden-size", "96", *CALIB, "--no-report",
-                 "--save-format", "both"]) == 0  # fmt: skip
+                 "--save-format", "both", "--scores-path", str(scores)]) == 0  # fmt: skip
+    pp2 = tmp_path / "pp2"  # the same checkpoint pruned at PP=2 with the same statistics: the same model
+    run_torchrun(WORKERS / "cli.py", 2, "--load", source, "--pipeline-model-parallel-size", "2", "--output-dir", pp2,
+                 "--target-ffn-hidden-size", "96", *CALIB, "--no-report", "--scores-path", scores)  # fmt: skip
     assert tree_digest(source) == digest
     init_distributed(seed=1234)  # the command tore its process group down
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(logits(load_megatron_model(str(out / "megatron")).model, tokens),
+                       logits(load_megatron_model(str(pp2 / "megatron")).model, tokens))
     summary = json.loads((out / "prune_summary.json").read_text())
     assert summary["source_format"] == "megatron-bridge" and all(c["ok"] for c in summary["roundtrip_checks"])
     assert [c["name"] for c in summary["roundtrip_checks"]] == ["pruned MCore vs reloaded checkpoint", "pruned MCore vs exported HF"]
@@ -172,4 +179,21 @@ def test_nas_on_a_loaded_checkpoint(mcore, tokenizer, tmp_path):
     summary = json.loads((out / "prune_summary.json").read_text())
     assert summary["nas"]["budgets"] == {"params": pytest.approx(0.8 * summary["params_before"])}
     assert summary["params_after"] <= 0.8 * summary["params_before"] and summary["roundtrip_checks"][0]["ok"]
+
+
+def test_args_of_a_gpu_run_load_on_cpu(mcore, tokenizer, tmp_path):
+    """Megatron-LM's defaults (Transformer Engine, fused RoPE, persistent layer norm, fused softmax and biases) are
+    what a real checkpoint's args hold: the model is built without those kernels on CPU, with the same weights."""
+    from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model
+
+    args = mlm_args(tokenizer)
+    model = build_mlm_model(args)
+    gpu = mlm_args(tokenizer, transformer_impl="transformer_engine", apply_rope_fusion=True, no_persist_layer_norm=False,
+                   gradient_accumulation_fusion=True, masked_softmax_fusion=True, bias_swiglu_fusion=True,
+                   bias_dropout_fusion=True)  # fmt: skip
+    write_mlm_checkpoint(model, gpu, tmp_path / "gpu", 3)
+    info = find_checkpoint(str(tmp_path / "gpu"))
+    assert info.args.apply_rope_fusion and info.args.transformer_impl == "transformer_engine"  # recorded as saved
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(load_megatron_model(str(tmp_path / "gpu")).model, tokens), logits(model, tokens))
 

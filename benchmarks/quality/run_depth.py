@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--load", default=None, help="a Megatron checkpoint of SmolLM2, written there first if absent "
                    "(default: the HF folder)")
     p.add_argument("--out", default="benchmarks/results/quality_depth.json")
+    p.add_argument("--targets", nargs="*", default=list(TARGETS), help="subset of the target names")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="subset of the variant names")
     args = p.parse_args()
 
     from run_quality import cache_file, load_benchmark
@@ -44,13 +46,15 @@ def main() -> None:
     scores = str(cache_file("quality_smollm2_scores.pt"))
     rows, start = [{"target": "unpruned", "variant": "—", **perplexities(model)}], time.perf_counter()
     print(json.dumps(rows[-1]), flush=True)
-    for target_name, layers in TARGETS.items():
-        for variant, depth in VARIANTS.items():
+    for target_name in args.targets:
+        layers = TARGETS[target_name]
+        for variant in args.variants:
+            depth = VARIANTS[variant]
             t0 = time.perf_counter()
             pruned, result = prune(model, {"num_layers": layers}, make_forward_loop(calib, progress=False),
                                    scores_path=scores, criteria="reference", depth=depth)  # fmt: skip
             seconds = time.perf_counter() - t0
-            cost = (result.depth or {}).get("iterative", {"passes": 0, "seconds": 0.0})
+            cost = (result.depth or {}).get("iterative_scoring", {"passes": 0, "seconds": 0.0})
             rows.append({"target": target_name, "variant": variant, "dropped": result.plan.dropped_layers,
                          "params": result.params_after, "ranking_passes": cost["passes"],
                          "ranking_seconds": cost["seconds"], "prune_seconds": round(seconds, 1), **perplexities(pruned)})  # fmt: skip

@@ -162,13 +162,29 @@ def mlm_config(args: argparse.Namespace, where: str = "the checkpoint"):
     try:
         if lacking:
             raise AttributeError(f"'Namespace' object has no attribute '{lacking[0]}'")
-        return _transformer_config_from_args(copy.copy(args))
+        return _transformer_config_from_args(cpu_args(args))
     except AttributeError as e:
         field = re.search(r"has no attribute '(\w+)'", str(e))
         raise PruneConfigError(f"--load {where!r}: the checkpoint's args lack {field.group(1) if field else e}, which the "
                                "model needs (was it written by Megatron-LM?)") from None  # fmt: skip
     except (ValueError, AssertionError, ArithmeticError) as e:
         raise PruneConfigError(f"--load {where!r}: megatron-core cannot build a config from the checkpoint's args: {e}") from None
+
+
+# Megatron-LM's GPU defaults that megatron-core refuses (or cannot run) without CUDA and Transformer Engine
+_GPU_ONLY_ARGS = {"transformer_impl": "local", "no_persist_layer_norm": True, "apply_rope_fusion": False,
+                  "gradient_accumulation_fusion": False, "masked_softmax_fusion": False, "bias_gelu_fusion": False,
+                  "bias_swiglu_fusion": False, "bias_dropout_fusion": False}  # fmt: skip
+
+
+def cpu_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of Megatron-LM's `args`; on a machine without CUDA with the fused-kernel and Transformer Engine settings
+    of a GPU run turned off (the model and its weights are the same; only the kernels differ)."""
+    args = copy.deepcopy(args)
+    if not torch.cuda.is_available():
+        for name, value in _GPU_ONLY_ARGS.items():
+            setattr(args, name, value)
+    return args
 
 
 def _iteration_dir(root: Path, step: Optional[int]) -> Path:
@@ -218,7 +234,7 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
     info = info or find_checkpoint(path, step)
     ctx = ParallelContext.from_megatron()
     cpu = not torch.cuda.is_available()
-    config, args = copy.copy(info.config), copy.deepcopy(info.args)
+    config, args = copy.copy(info.config), cpu_args(info.args) if info.args is not None else None
     config.tensor_model_parallel_size, config.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
     from megatron_prune.slicing.model import _LAYOUT_FIELDS
 
@@ -238,8 +254,6 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
         args.virtual_pipeline_model_parallel_size = None
         if tokenizer_model:
             args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", tokenizer_model
-        if cpu:
-            args.transformer_impl = "local"
         # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP, and the Bridge pads it again
         # for this run's TP: keep the saved rows (the embedding must keep its shape to load) by padding to them
         saved = int(args.padded_vocab_size)
