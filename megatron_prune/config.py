@@ -268,15 +268,9 @@ class SearchConfig:
     @classmethod
     def of(cls, search: Union[None, "SearchConfig", Mapping[str, object]]) -> "SearchConfig":
         """A SearchConfig from None (defaults), a SearchConfig, or a dict of its fields."""
-        if search is None or isinstance(search, cls):
-            return search or cls()
-        if not isinstance(search, Mapping):
-            raise PruneConfigError(f"search must be a SearchConfig or a dict, got {type(search).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(search) - known)
-        if unknown:
-            raise PruneConfigError(f"search: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**search)
+        from megatron_prune.common.options import dataclass_of
+
+        return dataclass_of(cls, search, "search")
 
 
 def _positive_int(name: str, value) -> None:

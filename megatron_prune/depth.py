@@ -40,18 +40,14 @@ class DepthOptions:
 
     @classmethod
     def of(cls, value: Union[None, "DepthOptions", Mapping[str, object]]) -> "DepthOptions":
-        if value is None or isinstance(value, cls):
-            return value or cls()
-        if not isinstance(value, Mapping):
-            raise PruneConfigError(f"depth must be a DepthOptions or a dict of its fields, got {type(value).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise PruneConfigError(f"depth: unknown field(s) {unknown}; known: {sorted(known)}")
+        from megatron_prune.common.options import dataclass_of
+
         def listed(v):  # "first" or 5 alone, or any sequence of them
             return (v,) if isinstance(v, (str, int)) else tuple(v or ())
 
-        return cls(**{k: v if k == "iterative" else listed(v) for k, v in value.items()})
+        if isinstance(value, Mapping):
+            value = {k: v if k == "iterative" else listed(v) for k, v in value.items()}
+        return dataclass_of(cls, value, "depth")
 
     @property
     def active(self) -> bool:

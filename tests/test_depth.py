@@ -62,7 +62,7 @@ def test_resolve_words_negatives_and_ranking_invariant():
     ({"protected_layers": [-7]}, r"layer -7 is out of range"),
     ({"layers_to_drop": [1, 2, 3, 4, 5, 6]}, r"would drop all 6 layers"),
     ({"protected_layers": ["attention"]}, None),  # a GPT: every layer has attention
-    ({"depth": 3}, r"depth: unknown field\(s\) \['depth'\]"),
+    ({"depth": 3}, r"depth: unknown option\(s\) depth; known: iterative, layers_to_drop, protected_layers"),
 ])  # fmt: skip
 def test_bad_depth_options(options, message):
     if message is None:

@@ -12,11 +12,26 @@ Every error is a `PruneConfigError` that names the field.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 from megatron_prune.budgets import resolve_budgets
 from megatron_prune.common import solver
 from megatron_prune.errors import PruneConfigError
+
+
+def dataclass_of(cls, value, name: str):
+    """An instance of the dataclass `cls` from None (its defaults), an instance, or a dict of its fields; anything
+    else, or unknown fields, is a PruneConfigError naming `name` and the known fields."""
+    if value is None or isinstance(value, cls):
+        return cls() if value is None else value
+    if not isinstance(value, Mapping):
+        raise PruneConfigError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise PruneConfigError(f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**value)
 
 
 def merge_options(defaults: Mapping[str, object], sources: Iterable[Mapping[str, object]],
