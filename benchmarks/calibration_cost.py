@@ -99,7 +99,7 @@ def main():
     import torch
 
     import megatron_prune as mp
-    from megatron_prune.log import log
+    from megatron_prune.common.log import log
 
     log("(the prunes below are only the vehicle of each calibration; their results are not used)")
 

@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from megatron_prune.data.forward import run_forward
-from megatron_prune.importance import statistics as S
-from megatron_prune.importance.criteria import CRITERIA, REFERENCE_CRITERIA
-from megatron_prune.importance.hooks import FORWARD_SITES, collect_statistics
-from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.minitron.data.forward import run_forward
+from megatron_prune.minitron.importance import statistics as S
+from megatron_prune.minitron.importance.criteria import CRITERIA, REFERENCE_CRITERIA
+from megatron_prune.minitron.importance.hooks import FORWARD_SITES, collect_statistics
+from megatron_prune.minitron.runtime.distributed import init_distributed
 
 
 def build(args):

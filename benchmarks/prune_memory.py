@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 import megatron_prune as mp
-from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.distributed import init_distributed
 
 MB = 1024**2
 

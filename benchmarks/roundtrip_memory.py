@@ -31,7 +31,7 @@ def child(variant: str, folder: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_prune.bridge.roundtrip import folder_dtype, hf_logits
+    from megatron_prune.minitron.bridge.roundtrip import folder_dtype, hf_logits
 
     tokens = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     before = peak_rss_mb()
@@ -62,7 +62,7 @@ def folder_mb(folder: str) -> float:
 def main():
     if len(sys.argv) == 3:
         return child(*sys.argv[1:])
-    from megatron_prune.bridge.offline_model import smollm2_folder
+    from megatron_prune.minitron.bridge.offline_model import smollm2_folder
 
     folders = {"smollm2_fp32_tied": smollm2_folder()}
     tmp = tempfile.mkdtemp()

@@ -14,9 +14,9 @@ import os
 import statistics
 import time
 
-from megatron_prune.config import ModelShape, SearchConfig
-from megatron_prune.search.counting import inventory_of_config
-from megatron_prune.search.space import build_space, search_candidates
+from megatron_prune.minitron.config import ModelShape, SearchConfig
+from megatron_prune.minitron.search.counting import inventory_of_config
+from megatron_prune.minitron.search.space import build_space, search_candidates
 
 REPEATS = 7
 CASES = {  # name: (search options, params budget)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_prune import gradnas
-from megatron_prune.data.calibration import calibration_tokens
+from megatron_prune.minitron.data.calibration import calibration_tokens
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
-        from megatron_prune.bridge.offline_model import smollm2_folder
+        from megatron_prune.minitron.bridge.offline_model import smollm2_folder
 
         args.model = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -26,7 +26,7 @@ from megatron.training import get_args, get_model, initialize_megatron  # noqa: 
 from megatron.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron.training.utils import print_rank_0, unwrap_model  # noqa: E402
 
-from megatron_prune.megatron_lm import add_prune_args, prune_megatron_lm_model  # noqa: E402
+from megatron_prune.minitron.megatron_lm import add_prune_args, prune_megatron_lm_model  # noqa: E402
 
 if __name__ == "__main__":
     initialize_megatron(extra_args_provider=add_prune_args,

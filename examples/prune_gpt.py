@@ -23,7 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 import megatron_prune as mp
-from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.distributed import init_distributed
 
 
 def main():

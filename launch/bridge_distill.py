@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from megatron_prune.distill.run_card import (
+from megatron_prune.minitron.distill.run_card import (
     RunCard, RunCardError, data_paths, has_placeholder_data, override_recipe, validate_run_card,
 )  # fmt: skip
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def card_with_overrides(card: RunCard, args: argparse.Namespace) -> RunCard:
     """A copy of `card` with the flags of `args` applied, validated again (RunCardError names the field).
 
-    The recipe flags are those of `python -m megatron_prune.distill` (`override_recipe`): --train-iters sets the
+    The recipe flags are those of `python -m megatron_prune.minitron.distill` (`override_recipe`): --train-iters sets the
     length (train_tokens follows); a new batch size or sequence length keeps the token budget (train_iters follows)."""
     card = copy.deepcopy(card)
     card.recipe = override_recipe(card.recipe, **{k: getattr(args, k, None) for k in _RECIPE})
@@ -228,7 +228,7 @@ def export_hf(settings: Dict[str, Dict[str, Any]]) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from megatron_prune.distill.run_card import load_run_card
+        from megatron_prune.minitron.distill.run_card import load_run_card
 
         card = card_with_overrides(load_run_card(args.run_card), args)
         settings = bridge_settings(card, args.output_dir, args.data_paths, args.mock_data, args.split, args.data_cache,
@@ -245,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if not torch.cuda.is_available():
         print("bridge_distill: error: Megatron-Bridge distillation needs CUDA GPUs; without one use launch/distill.sh "
-              "(it falls back to `python -m megatron_prune.distill`, the CPU loop)", file=sys.stderr)  # fmt: skip
+              "(it falls back to `python -m megatron_prune.minitron.distill`, the CPU loop)", file=sys.stderr)  # fmt: skip
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     par = card.parallelism

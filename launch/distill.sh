@@ -14,8 +14,8 @@ GPU (default when torch sees CUDA): Megatron-Bridge distillation under torchrun,
     overrides: --train-iters --global-batch-size --micro-batch-size --seq-length --lr --min-lr --lr-warmup-iters
     --tensor-model-parallel-size --pipeline-model-parallel-size --data-paths W PREFIX ... --mock-data
     --eval-interval --save-interval --print-settings ... (launch/bridge_distill.py --help)
-CPU (--cpu, or no CUDA): python -m megatron_prune.distill, the small-model KD loop, with the same card
-    (python -m megatron_prune.distill --help for its overrides); writes OUT/hf.
+CPU (--cpu, or no CUDA): python -m megatron_prune.minitron.distill, the small-model KD loop, with the same card
+    (python -m megatron_prune.minitron.distill --help for its overrides); writes OUT/hf.
 
 Layout (GPU): NPROC_PER_NODE (default: all GPUs on the node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 RDZV_ID, PYTHON, DRY_RUN=1, as for launch/prune.sh. The card's TP x PP x CP must divide the world size.
@@ -49,8 +49,8 @@ if [ "$DEVICE" = auto ]; then
     if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then DEVICE=gpu; else DEVICE=cpu; fi
 fi
 if [ "$DEVICE" = cpu ]; then
-    echo "${0##*/}: no GPU (or --cpu): the CPU distillation loop python -m megatron_prune.distill" >&2
-    run_command "$PYTHON" -m megatron_prune.distill --run-card "$CARD" "$@"
+    echo "${0##*/}: no GPU (or --cpu): the CPU distillation loop python -m megatron_prune.minitron.distill" >&2
+    run_command "$PYTHON" -m megatron_prune.minitron.distill --run-card "$CARD" "$@"
 fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$(gpu_count)

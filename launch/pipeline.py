@@ -156,9 +156,9 @@ def plan_targets(args: argparse.Namespace) -> List[Target]:
         if args.steps == 1 and not (Path(args.hf_model) / "config.json").is_file():
             return [final]  # a hub id: megatron-prune checks the sizes
         return size_steps(hf_sizes(args.hf_model), final, args.steps)
-    from megatron_prune.budgets import is_percent, parse_budget
+    from megatron_prune.common.budgets import is_percent, parse_budget
     from megatron_prune.errors import PruneConfigError
-    from megatron_prune.search.args import budget_arg
+    from megatron_prune.minitron.search.args import budget_arg
 
     params = hf_params(args.hf_model) if (args.steps > 1 or is_percent(args.target_params)) else None
     try:  # "50%" of the parameters counted from the config (no weights read), or a count such as 350M
@@ -193,7 +193,7 @@ def build_plan(hf_model: str, work_dir: str, targets: Sequence[Target], distill:
                nproc: Optional[int] = None, distill_nproc: int = 1, prune_args: Sequence[str] = (),
                distill_args: Sequence[str] = (), eval_args: Sequence[str] = (), overwrite: bool = False) -> Plan:  # fmt: skip
     """The commands of len(targets) prune -> distill -> evaluate steps. `distill`: cpu (the CPU loop,
-    `python -m megatron_prune.distill`, with a CPU-sized recipe unless `distill_args` set one: `cpu_distill_flags`)
+    `python -m megatron_prune.minitron.distill`, with a CPU-sized recipe unless `distill_args` set one: `cpu_distill_flags`)
     or bridge (Megatron-Bridge, launch/bridge_distill.py, on GPUs: the card's recipe)."""
     if distill not in ("cpu", "bridge"):
         raise PipelineError(f"--distill {distill!r}: cpu or bridge")
@@ -216,14 +216,14 @@ def build_plan(hf_model: str, work_dir: str, targets: Sequence[Target], distill:
         distill_cmd = ["--run-card", str(card), "--output-dir", str(distilled), *distill_args]
         if distill == "cpu":
             distill_cmd += cpu_distill_flags(distill_args, max_positions)
-            plan.commands.append(Command(f"distill{k}", "distill", distill_cmd + again, module="megatron_prune.distill",
+            plan.commands.append(Command(f"distill{k}", "distill", distill_cmd + again, module="megatron_prune.minitron.distill",
                                          output=str(distilled / "hf")))  # fmt: skip
         else:
             plan.commands.append(Command(f"distill{k}", "distill", distill_cmd, script=str(LAUNCH_DIR / "bridge_distill.py"),
                                          nproc=distill_nproc, output=str(distilled / "hf")))  # fmt: skip
         plan.commands.append(Command(f"evaluate{k}", "evaluate",
                                      ["--hf-model", str(distilled / "hf"), "--output", str(step / "eval.json"), *eval_args],
-                                     module="megatron_prune.distill.evaluate", output=str(step / "eval.json")))  # fmt: skip
+                                     module="megatron_prune.minitron.distill.evaluate", output=str(step / "eval.json")))  # fmt: skip
         source = str(distilled / "hf")
     return plan
 
@@ -239,7 +239,7 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=1, help="prune -> distill rounds to reach --target / --target-params")
     r = p.add_argument_group("how each step runs")
     r.add_argument("--distill", choices=("cpu", "bridge"), default=None,
-                   help="cpu: python -m megatron_prune.distill; bridge: Megatron-Bridge (GPUs). Default: bridge with CUDA")
+                   help="cpu: python -m megatron_prune.minitron.distill; bridge: Megatron-Bridge (GPUs). Default: bridge with CUDA")
     r.add_argument("--tp", type=int, default=1, help="pruning tensor-parallel size")
     r.add_argument("--pp", type=int, default=1, help="pruning pipeline-parallel size")
     r.add_argument("--nproc-per-node", type=int, default=None, help="pruning processes (default TP x PP; more: DP)")

@@ -18,17 +18,17 @@ __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first access; PEP 562)
 _EXPORTS = {
-    "prune": "megatron_prune.api", "calibrate": "megatron_prune.api", "PruneResult": "megatron_prune.api",
-    "count_params": "megatron_prune.api",
-    "SUPPORTED_AXES": "megatron_prune.config", "SearchConfig": "megatron_prune.config",
+    "prune": "megatron_prune.minitron.api", "calibrate": "megatron_prune.minitron.api", "PruneResult": "megatron_prune.minitron.api",
+    "count_params": "megatron_prune.minitron.api",
+    "SUPPORTED_AXES": "megatron_prune.minitron.config", "SearchConfig": "megatron_prune.minitron.config",
     "PruneConfigError": "megatron_prune.errors", "UnsupportedModelError": "megatron_prune.errors",
-    "make_forward_loop": "megatron_prune.data.forward", "run_forward": "megatron_prune.data.forward",
-    "lm_loss_score": "megatron_prune.data.scores", "multiple_choice_score": "megatron_prune.data.scores",
-    "ScoresFileError": "megatron_prune.importance.scores_file",
-    "inventory_of": "megatron_prune.search.counting", "inventory_of_config": "megatron_prune.search.counting",
-    "SearchResult": "megatron_prune.search.nas", "plot_candidates": "megatron_prune.search.plot",
-    "DepthOptions": "megatron_prune.depth",
-    "load_megatron_model": "megatron_prune.bridge.checkpoint", "find_checkpoint": "megatron_prune.bridge.checkpoint",
+    "make_forward_loop": "megatron_prune.minitron.data.forward", "run_forward": "megatron_prune.minitron.data.forward",
+    "lm_loss_score": "megatron_prune.minitron.data.scores", "multiple_choice_score": "megatron_prune.minitron.data.scores",
+    "ScoresFileError": "megatron_prune.minitron.importance.scores_file",
+    "inventory_of": "megatron_prune.minitron.search.counting", "inventory_of_config": "megatron_prune.minitron.search.counting",
+    "SearchResult": "megatron_prune.minitron.search.nas", "plot_candidates": "megatron_prune.minitron.search.plot",
+    "DepthOptions": "megatron_prune.minitron.depth",
+    "load_megatron_model": "megatron_prune.minitron.bridge.checkpoint", "find_checkpoint": "megatron_prune.minitron.bridge.checkpoint",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_prune.cli import main
+from megatron_prune.minitron.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

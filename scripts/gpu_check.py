@@ -86,7 +86,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_model(name: str, local_spec: bool, tolerance: float) -> dict:
     """Build, sort-only prune (logits kept), real prune (a fresh stock model equals it, and trains)."""
     import megatron_prune as mp
-    from megatron_prune.config import ModelShape
+    from megatron_prune.minitron.config import ModelShape
 
     build, target = CHECKS[name]
     started = time.perf_counter()
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     tolerance = args.tolerance or (1e-3 if torch.cuda.is_available() else 1e-5)
 
-    from megatron_prune.runtime.distributed import destroy_distributed, init_distributed
+    from megatron_prune.minitron.runtime.distributed import destroy_distributed, init_distributed
 
     init_distributed(1, 1, seed=1234)
     records, failed = [], []

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.distributed import init_distributed
 
 
 @pytest.fixture()

@@ -50,8 +50,8 @@ def build_mlm_model(args: argparse.Namespace, seed: int = 0) -> torch.nn.Module:
     from megatron.bridge.training.mlm_compat.arguments import _transformer_config_from_args
     from megatron.bridge.training.mlm_compat.model import _get_model, _gpt_provider
 
-    from megatron_prune.bridge.checkpoint import _module_cuda_is_a_no_op
-    from megatron_prune.runtime.cpu import apply_bridge_cpu_support
+    from megatron_prune.minitron.bridge.checkpoint import _module_cuda_is_a_no_op
+    from megatron_prune.minitron.runtime.cpu import apply_bridge_cpu_support
 
     apply_bridge_cpu_support()
     torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def write_mlm_checkpoint(model: torch.nn.Module, args: argparse.Namespace, root,
     """Save as Megatron-LM's save_checkpoint does (without optimizer state). Collective."""
     from megatron.core import dist_checkpointing
 
-    from megatron_prune.runtime.parallel import ParallelContext
+    from megatron_prune.minitron.runtime.parallel import ParallelContext
 
     ctx = ParallelContext.from_megatron()
     path = Path(root) / f"iter_{iteration:07d}"

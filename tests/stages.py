@@ -2,9 +2,9 @@
 
 import torch
 
-from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.slicing.table import is_tied_output_copy, layer_name, split_layer_name
-from megatron_prune.slicing.tensor_parallel import logical, partitions, shard
+from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.slicing.table import is_tied_output_copy, layer_name, split_layer_name
+from megatron_prune.minitron.slicing.tensor_parallel import logical, partitions, shard
 
 
 

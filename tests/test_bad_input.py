@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.config import ModelShape, validate_export_config
+from megatron_prune.minitron.config import ModelShape, validate_export_config
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 SHAPE = ModelShape(hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=4, kv_channels=8,
@@ -128,8 +128,8 @@ def test_unwritable_scores_path_fails_cleanly(model, tmp_path):
 
 
 def test_damaged_scores_file_is_refused(model, tmp_path):
-    from megatron_prune.importance.scores_file import FORMAT, VERSION, model_fingerprint
-    from megatron_prune.runtime.parallel import ParallelContext
+    from megatron_prune.minitron.importance.scores_file import FORMAT, VERSION, model_fingerprint
+    from megatron_prune.minitron.runtime.parallel import ParallelContext
 
     path = tmp_path / "scores.pt"
     fingerprint = model_fingerprint(model, ParallelContext.from_megatron())

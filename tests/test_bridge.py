@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from megatron_prune import make_forward_loop, prune
-from megatron_prune.config import ModelShape
-from megatron_prune.bridge import compare_with_hf, import_hf_model, load_megatron_checkpoint, save_hf, save_megatron
+from megatron_prune.minitron.config import ModelShape
+from megatron_prune.minitron.bridge import compare_with_hf, import_hf_model, load_megatron_checkpoint, save_hf, save_megatron
 from tests.tiny import random_tokens
 from tests.tiny_hf import VOCAB, file_digests, make_hf_model
 
@@ -99,7 +99,7 @@ def test_round_trip_reference_streams_one_decoder_layer_at_a_time(tmp_path, fami
     ~32 GB for an 8B model in fp32) and computes exactly the logits of the model loaded whole, in its own dtype."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_prune.bridge.roundtrip import StreamedCausalLM, hf_logits
+    from megatron_prune.minitron.bridge.roundtrip import StreamedCausalLM, hf_logits
 
     source = make_hf_model(tmp_path / family, family, **overrides)
     tokens = random_tokens(2, 16, VOCAB, seed=7)

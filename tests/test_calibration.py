@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.importance.hooks import statistics_by_layer
-from megatron_prune.importance.scores_file import read_scores_file
+from megatron_prune.minitron.importance.hooks import statistics_by_layer
+from megatron_prune.minitron.importance.scores_file import read_scores_file
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 VOCAB, SEQ = 128, 16

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from megatron_prune.cli import main
+from megatron_prune.minitron.cli import main
 from tests.tiny_hf import file_digests, make_hf_model
 from tests.torchrun import REPO_ROOT, run_torchrun
 
@@ -77,7 +77,7 @@ def test_bad_inputs_fail_early_and_write_nothing(source, tmp_path, capsys, monke
     def weights_read(*args, **kwargs):
         raise AssertionError("the model's weights were read before the input was checked")
 
-    monkeypatch.setattr("megatron_prune.bridge.import_hf_model", weights_read)
+    monkeypatch.setattr("megatron_prune.minitron.bridge.import_hf_model", weights_read)
     out = tmp_path / "out"
     common = ["--output-dir", out, *CALIB]
     _fails(capsys, "--hf-model", tmp_path / "missing", *common, *TARGETS, match="no such directory")

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from megatron_prune.cli import build_parser, main
+from megatron_prune.minitron.cli import build_parser, main
 from tests.tiny_hf import make_hf_model
 from tests.torchrun import REPO_ROOT
 
@@ -101,7 +101,7 @@ def test_problems_found_in_files_and_configs_fail_before_any_weight_is_read(mode
     def weights_read(*args, **kwargs):
         raise AssertionError("the model's weights were read before the input was checked")
 
-    monkeypatch.setattr("megatron_prune.bridge.import_hf_model", weights_read)
+    monkeypatch.setattr("megatron_prune.minitron.bridge.import_hf_model", weights_read)
     # item 8: an output directory that cannot be created; budgets that cannot work; a scores file of another model
     (tmp_path / "file").write_text("x")
     _fails(capsys, "--hf-model", source, "--output-dir", tmp_path / "file" / "out", *CALIB, *target, match="is not writable")

@@ -11,8 +11,8 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 from megatron.core.transformer import utils as transformer_utils
 
-from megatron_prune.runtime.cpu import apply_cpu_support
-from megatron_prune.runtime.distributed import destroy_distributed, init_distributed
+from megatron_prune.minitron.runtime.cpu import apply_cpu_support
+from megatron_prune.minitron.runtime.distributed import destroy_distributed, init_distributed
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 from tests.torchrun import REPO_ROOT, run_torchrun
 
@@ -57,7 +57,7 @@ from megatron.core.transformer import utils
 from megatron.core.models.common.language_module.language_module import LanguageModule
 tracker, seed = dict(vars(random.CudaRNGStatesTracker)), random.model_parallel_cuda_manual_seed
 setup_embeddings = LanguageModule.setup_embeddings_and_output_layer
-from megatron_prune.runtime.cpu import apply_cpu_support
+from megatron_prune.minitron.runtime.cpu import apply_cpu_support
 assert apply_cpu_support() is False
 assert torch.cuda.current_device is current_device and torch.cuda.synchronize is synchronize
 assert dict(vars(random.CudaRNGStatesTracker)) == tracker and random.model_parallel_cuda_manual_seed is seed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.importance.criteria import CRITERIA, DEFAULT_CRITERIA, REFERENCE_CRITERIA, resolve_criteria
+from megatron_prune.minitron.importance.criteria import CRITERIA, DEFAULT_CRITERIA, REFERENCE_CRITERIA, resolve_criteria
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 VOCAB, SEQ = 128, 16
@@ -188,7 +188,7 @@ def test_taylor_calibration_frees_each_micro_batchs_activations(mcore):
     import gc
     import weakref
 
-    from megatron_prune.importance.hooks import LAYER_SITES, collect_statistics
+    from megatron_prune.minitron.importance.hooks import LAYER_SITES, collect_statistics
 
     model, refs = make(), []
     spy = model.decoder.layers[0].self_attention.linear_proj.register_forward_pre_hook(lambda m, a: refs.append(weakref.ref(a[0])))
@@ -223,7 +223,7 @@ def test_calibration_computes_each_gram_once(mcore, monkeypatch):
     """The column Gram blocks of linear_proj (for heads and groups) are computed once per layer for a whole
     calibration, not once per micro-batch (recomputing them cost as much as linear_proj itself)."""
     import megatron_prune as mp
-    from megatron_prune.importance import statistics as S
+    from megatron_prune.minitron.importance import statistics as S
 
     calls = []
     gram = S.column_gram

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.config import PruneConfigError
-from megatron_prune.depth import DepthOptions, parse_layer_list
+from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.minitron.depth import DepthOptions, parse_layer_list
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 VOCAB, SEQ = 128, 16
@@ -154,9 +154,9 @@ def test_iterative_scoring_drops_a_planted_identity_first_and_rescores(mcore):
 def test_iterative_ranking_equals_rescoring_by_hand(mcore):
     """After dropping layer v, the next pass's scores equal the block influence of a model whose layer v is an
     identity, computed independently."""
-    from megatron_prune.depth import iterative_ranking
-    from megatron_prune.importance.hooks import collect_statistics
-    from megatron_prune.runtime.parallel import ParallelContext
+    from megatron_prune.minitron.depth import iterative_ranking
+    from megatron_prune.minitron.importance.hooks import collect_statistics
+    from megatron_prune.minitron.runtime.parallel import ParallelContext
 
     model, data = make(seed=5), batches()
     ctx = ParallelContext.from_megatron()
@@ -197,7 +197,7 @@ def test_command_line_depth_flags(tmp_path, capsys, monkeypatch):
     --iterative-depth reach the prune and the summary; bad lists fail with exit 2 before the model is imported."""
     import json
 
-    from megatron_prune.cli import main
+    from megatron_prune.minitron.cli import main
     from tests.tiny_hf import make_hf_model
 
     source = make_hf_model(tmp_path / "llama", "llama", num_hidden_layers=5)
@@ -217,7 +217,7 @@ def test_command_line_depth_flags(tmp_path, capsys, monkeypatch):
     def weights_read(*args, **kwargs):
         raise AssertionError("the model's weights were read before the input was checked")
 
-    monkeypatch.setattr("megatron_prune.bridge.import_hf_model", weights_read)
+    monkeypatch.setattr("megatron_prune.minitron.bridge.import_hf_model", weights_read)
     for flags, message in ((["--layers-to-drop", "6"], "layer 6 is out of range 1..5"),
                            (["--layers-to-drop", "2", "--protect-layers", "2"], "both protected and in layers_to_drop"),
                            (["--layers-to-drop", "2", "--target-num-layers", "3"], "disagrees with depth.layers_to_drop"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from megatron_prune.cli import main as prune_main
-from megatron_prune.distill.__main__ import main as distill_main
-from megatron_prune.distill.run_card import FILE_NAME, load_run_card
+from megatron_prune.minitron.cli import main as prune_main
+from megatron_prune.minitron.distill.__main__ import main as distill_main
+from megatron_prune.minitron.distill.run_card import FILE_NAME, load_run_card
 from tests.tiny_hf import make_hf_model
 
 PRUNE = ["--target-hidden-size", "48", "--target-ffn-hidden-size", "64", "--target-num-layers", "3",
@@ -65,10 +65,10 @@ def test_run_card_round_trips_into_the_distillation_cli(pruned, tmp_path):
 def test_kd_lowers_the_kl_within_a_few_steps(pruned, mcore):
     from transformers import AutoTokenizer
 
-    from megatron_prune.bridge import import_hf_model
-    from megatron_prune.data.calibration import token_rows
-    from megatron_prune.distill.kd import Distiller, Schedule, kd_loss, replica_batches, run
-    from megatron_prune.runtime.parallel import ParallelContext
+    from megatron_prune.minitron.bridge import import_hf_model
+    from megatron_prune.minitron.data.calibration import token_rows
+    from megatron_prune.minitron.distill.kd import Distiller, Schedule, kd_loss, replica_batches, run
+    from megatron_prune.minitron.runtime.parallel import ParallelContext
 
     source, out = pruned
     teacher, student = import_hf_model(str(source)).model, import_hf_model(str(out / "hf")).model
@@ -96,8 +96,8 @@ def test_distill_cli_bad_inputs_fail_before_weights_are_read(pruned, tmp_path, c
     def weights_read(*args, **kwargs):
         raise AssertionError("a model's weights were read before the input was checked")
 
-    monkeypatch.setattr("megatron_prune.bridge.import_hf_model", weights_read)
-    monkeypatch.setattr("megatron_prune.api.prune", weights_read)
+    monkeypatch.setattr("megatron_prune.minitron.bridge.import_hf_model", weights_read)
+    monkeypatch.setattr("megatron_prune.minitron.api.prune", weights_read)
     source, out = pruned
     card = out / FILE_NAME
 

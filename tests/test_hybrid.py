@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.config import ModelShape, hybrid_layer_symbols, validate_export_config
-from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.search.counting import MB, MemorySpec
-from megatron_prune.slicing.geometry import mamba_conv_channels, mamba_in_rows, mamba_inner
-from megatron_prune.slicing.model import hybrid_pattern_of, slice_hybrid_pattern
+from megatron_prune.minitron.config import ModelShape, hybrid_layer_symbols, validate_export_config
+from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.search.counting import MB, MemorySpec
+from megatron_prune.minitron.slicing.geometry import mamba_conv_channels, mamba_in_rows, mamba_inner
+from megatron_prune.minitron.slicing.model import hybrid_pattern_of, slice_hybrid_pattern
 from tests.tiny import random_tokens
 from tests.tiny_mamba import build_tiny_mamba, tiny_mamba_config
 

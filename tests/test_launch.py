@@ -69,7 +69,7 @@ def test_distill_script_picks_bridge_on_gpu_and_the_cpu_loop_otherwise(tmp_path)
     card = tmp_path / "distillation_run_card.yaml"
     card.write_text("format: megatron-prune/distillation-run-card\n")
     code, out, _ = _sh("distill.sh", "--dry-run", "--cpu", card, "--output-dir", "kd", "--train-iters", "5")
-    assert code == 0 and shlex.split(out) == [sys.executable, "-m", "megatron_prune.distill", "--run-card", str(card),
+    assert code == 0 and shlex.split(out) == [sys.executable, "-m", "megatron_prune.minitron.distill", "--run-card", str(card),
                                               "--output-dir", "kd", "--train-iters", "5"]  # fmt: skip
     code, out, _ = _sh("distill.sh", "--dry-run", "--gpu", card, "--output-dir", "kd", env={"NPROC_PER_NODE": "8", "NNODES": "2", "MASTER_ADDR": "n0"})
     argv = shlex.split(out)
@@ -83,7 +83,7 @@ def test_distill_script_picks_bridge_on_gpu_and_the_cpu_loop_otherwise(tmp_path)
 @pytest.fixture(scope="module")
 def card_path(tmp_path_factory):
     """A run card for a tiny teacher and a pruned-shaped student (FFN 128 -> 96, 4 -> 3 layers), with a real blend."""
-    from megatron_prune.distill.run_card import Checkpoint, Tokenizer, build_run_card, write_run_card
+    from megatron_prune.minitron.distill.run_card import Checkpoint, Tokenizer, build_run_card, write_run_card
 
     root = tmp_path_factory.mktemp("card")
     teacher = make_hf_model(root / "teacher")
@@ -120,8 +120,8 @@ def _without_energon():
 
 
 def test_run_card_round_trips_into_the_bridge_distillation_config(card_path, tmp_path):
-    from megatron_prune.distill.run_card import load_run_card
-    from megatron_prune.runtime.cpu import apply_bridge_cpu_support
+    from megatron_prune.minitron.distill.run_card import load_run_card
+    from megatron_prune.minitron.runtime.cpu import apply_bridge_cpu_support
 
     bd = _load("bridge_distill")
     args = bd.build_parser().parse_args(["--run-card", str(card_path), "--output-dir", str(tmp_path / "kd"), "--lr", "2e-4",

@@ -27,7 +27,7 @@ HYBRID_EXPORT = {"hidden_size": 48, "mamba_num_heads": 4, "mamba_head_dim": 8, "
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from megatron_prune.runtime.distributed import init_distributed
+    from megatron_prune.minitron.runtime.distributed import init_distributed
 
     init_distributed(seed=1234)
     out = tmp_path_factory.mktemp("layouts")

@@ -1,4 +1,4 @@
-"""The pure-torch Mamba kernels (megatron_prune.runtime.mamba_kernels) against step-by-step recurrences and
+"""The pure-torch Mamba kernels (megatron_prune.minitron.runtime.mamba_kernels) against step-by-step recurrences and
 direct formulas in float64, their installation into megatron-core, and a tiny hybrid MambaModel on CPU (TP=1
 in process, TP=2 under torchrun)."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_prune.runtime.distributed import init_distributed
-from megatron_prune.runtime.mamba_kernels import (
+from megatron_prune.minitron.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.mamba_kernels import (
     GatedRMSNorm,
     causal_conv1d_fn,
     install_mamba_kernels,

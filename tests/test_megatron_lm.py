@@ -1,4 +1,4 @@
-"""The Megatron-LM integration (`megatron_prune.megatron_lm`): the pruning flags on a Megatron-LM-style argument
+"""The Megatron-LM integration (`megatron_prune.minitron.megatron_lm`): the pruning flags on a Megatron-LM-style argument
 namespace, the model built by Megatron-LM's builder as Megatron-Bridge's mlm_compat reproduces it, pruned and saved
 with the pruned args; Megatron-LM's loader (through mlm_compat) rebuilds it from those args alone."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model
-from megatron_prune.megatron_lm import add_prune_args, prune_megatron_lm_model
+from megatron_prune.minitron.bridge.checkpoint import find_checkpoint, load_megatron_model
+from megatron_prune.minitron.megatron_lm import add_prune_args, prune_megatron_lm_model
 from tests.megatron_ckpt import build_mlm_model, mlm_args
 from tests.tiny_hf import make_hf_model
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.cli import main
-from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.minitron.cli import main
+from megatron_prune.minitron.runtime.distributed import init_distributed
 from tests.megatron_ckpt import build_mlm_model, mlm_args, tree_digest, write_mlm_checkpoint
 from tests.tiny_hf import make_hf_model
 from tests.torchrun import REPO_ROOT, run_torchrun
@@ -33,7 +33,7 @@ def logits(model, tokens):
 
 
 def test_megatron_lm_checkpoint_saved_at_tp2_pruned_at_pp2_equals_pruning_in_memory(mcore, tokenizer, tmp_path):
-    from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model
+    from megatron_prune.minitron.bridge.checkpoint import find_checkpoint, load_megatron_model
 
     source = tmp_path / "mlm"
     run_torchrun(WORKERS / "megatron_ckpt.py", 2, 2, 1, source, tokenizer, 10)  # TP=2
@@ -63,7 +63,7 @@ def test_megatron_lm_checkpoint_saved_at_tp2_pruned_at_pp2_equals_pruning_in_mem
 
 
 def test_bridge_checkpoint_in_and_out_and_a_chosen_iteration(mcore, tokenizer, tmp_path):
-    from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model, save_bridge_checkpoint
+    from megatron_prune.minitron.bridge.checkpoint import find_checkpoint, load_megatron_model, save_bridge_checkpoint
 
     hf = make_hf_model(tmp_path / "hf", "llama")
     bridge_out = tmp_path / "bridge-src"
@@ -112,7 +112,7 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
     def weights_read(*a, **k):
         raise AssertionError("weights were read before the input was checked")
 
-    monkeypatch.setattr("megatron_prune.bridge.checkpoint.load_megatron_model", weights_read)
+    monkeypatch.setattr("megatron_prune.minitron.bridge.checkpoint.load_megatron_model", weights_read)
     (tmp_path / "empty").mkdir()
     lacking = tmp_path / "lacking"
     del args.num_layers
@@ -145,8 +145,8 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
 def test_prune_distill_prune_without_hugging_face(mcore, tokenizer, tmp_path):
     """Megatron-LM checkpoint -> prune -> distil (the CPU loop reads and writes Megatron-LM checkpoints) -> prune
     again, with no HF folder in between; each step's output is a Megatron-LM checkpoint of the expected sizes."""
-    from megatron_prune.bridge.checkpoint import find_checkpoint
-    from megatron_prune.distill.__main__ import main as distill_main
+    from megatron_prune.minitron.bridge.checkpoint import find_checkpoint
+    from megatron_prune.minitron.distill.__main__ import main as distill_main
 
     args = mlm_args(tokenizer)
     source = tmp_path / "mlm"
@@ -184,7 +184,7 @@ def test_nas_on_a_loaded_checkpoint(mcore, tokenizer, tmp_path):
 def test_args_of_a_gpu_run_load_on_cpu(mcore, tokenizer, tmp_path):
     """Megatron-LM's defaults (Transformer Engine, fused RoPE, persistent layer norm, fused softmax and biases) are
     what a real checkpoint's args hold: the model is built without those kernels on CPU, with the same weights."""
-    from megatron_prune.bridge.checkpoint import find_checkpoint, load_megatron_model
+    from megatron_prune.minitron.bridge.checkpoint import find_checkpoint, load_megatron_model
 
     args = mlm_args(tokenizer)
     model = build_mlm_model(args)

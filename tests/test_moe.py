@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.config import ModelShape, validate_export_config
-from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.minitron.config import ModelShape, validate_export_config
+from megatron_prune.minitron.runtime.parallel import ParallelContext
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config, tiny_moe_config
 
 VOCAB, SEQ = 128, 16
@@ -243,7 +243,7 @@ def test_hf_config_of_a_pruned_moe_model():
 
     from transformers import Qwen3MoeConfig
 
-    from megatron_prune.bridge import pruned_hf_config
+    from megatron_prune.minitron.bridge import pruned_hf_config
 
     hf = Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1, 3])  # fmt: skip

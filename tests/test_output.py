@@ -2,8 +2,8 @@
 
 import pytest
 
-from megatron_prune.config import PruneConfigError
-from megatron_prune.output import atomic_output_dir, check_output_dir
+from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.common.output import atomic_output_dir, check_output_dir
 
 
 def test_published_only_on_success(tmp_path):

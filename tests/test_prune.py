@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.ranking import descending
+from megatron_prune.minitron.ranking import descending
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 VOCAB, SEQ = 128, 16
@@ -32,7 +32,7 @@ def make(tied=True, pos="rope", **overrides):
 
 def full_sizes(model):
     """Every axis of the model at its full size."""
-    from megatron_prune.config import ModelShape
+    from megatron_prune.minitron.config import ModelShape
 
     return ModelShape.from_config(model.config).sizes()
 
@@ -233,8 +233,8 @@ def test_fused_norm_mapping_gives_the_local_spec_statistics(mcore):
     """
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron_prune.importance.hooks import collect_statistics
-    from megatron_prune.importance.statistics import rms_norm
+    from megatron_prune.minitron.importance.hooks import collect_statistics
+    from megatron_prune.minitron.importance.statistics import rms_norm
 
     def fuse_norms(model):  # the TE layout, emulated on the local spec
         for layer in model.decoder.layers:
@@ -396,8 +396,8 @@ def test_scores_survive_vocabulary_padding(mcore, tmp_path):
 def test_given_importance_ranks_without_calibration(mcore):
     """`importance=` (e.g. a baseline) replaces the statistics: no forward_loop is needed, and the kept
     channels, heads and layers are exactly the top of the given importance."""
-    from megatron_prune.config import PruneConfigError
-    from megatron_prune.ranking import Importance
+    from megatron_prune.minitron.config import PruneConfigError
+    from megatron_prune.minitron.ranking import Importance
 
     model = build_tiny_gpt(tiny_gpt_config())
     g = torch.Generator().manual_seed(0)

@@ -5,8 +5,8 @@ import json
 import torch
 
 from megatron_prune import count_params, make_forward_loop, prune
-from megatron_prune.report import format_tables, keep_masks, parameter_groups, write_report
-from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.minitron.report import format_tables, keep_masks, parameter_groups, write_report
+from megatron_prune.minitron.runtime.parallel import ParallelContext
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 

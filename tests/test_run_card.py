@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from megatron_prune.distill.run_card import (
+from megatron_prune.minitron.distill.run_card import (
     FILE_NAME, PLACEHOLDER, Checkpoint, Parallelism, Pruning, Recipe, RunCardError, Tokenizer, build_run_card,
     fitting_size, load_run_card, main, override_recipe, write_run_card,
 )  # fmt: skip
@@ -183,8 +183,8 @@ def test_prune_command_names_its_own_warmup_flag():
     import argparse
     from types import SimpleNamespace
 
-    from megatron_prune.distill.args import add_run_card_arguments, run_card_options_from_args
-    from megatron_prune.distill.run_card import RunCardError
+    from megatron_prune.minitron.distill.args import add_run_card_arguments, run_card_options_from_args
+    from megatron_prune.minitron.distill.run_card import RunCardError
 
     parser = argparse.ArgumentParser()
     add_run_card_arguments(parser)

@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 
-from megatron_prune.config import PruneConfigError, SearchConfig
-from megatron_prune.data.scores import ScoreSpec
-from megatron_prune.search.args import add_search_arguments, search_options_from_args
+from megatron_prune.minitron.config import PruneConfigError, SearchConfig
+from megatron_prune.minitron.data.scores import ScoreSpec
+from megatron_prune.minitron.search.args import add_search_arguments, search_options_from_args
 
 
 def parse(*argv):
@@ -55,7 +55,7 @@ def test_bad_values():
 def test_percent_budgets_are_kept_until_the_model_is_counted():
     options = parse("--target-params", "60%", "--target-memory-mb", "512")
     assert options.constraints == {"params": "60%", "memory_mb": 512.0}
-    from megatron_prune.config import validate_budgets
+    from megatron_prune.minitron.config import validate_budgets
 
     assert validate_budgets(options.constraints, {"params": 1e6, "memory_mb": 1e3}) == {"params": 6e5, "memory_mb": 512.0}
     parser = argparse.ArgumentParser()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.search.counting import MemorySpec
+from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.search.counting import MemorySpec
 from tests.tiny import build_tiny_gpt, tiny_gpt_config
 
 VOCAB, MAX_SEQ = 128, 32
@@ -163,7 +163,7 @@ def active_params(model) -> int:
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
 def test_moe_counts_equal_the_live_model_megatron_builds(mcore, variant):
-    from megatron_prune.config import ModelShape, moe_layer_pattern
+    from megatron_prune.minitron.config import ModelShape, moe_layer_pattern
     from tests.tiny import tiny_moe_config
 
     opts = dict(MOE_VARIANTS[variant])

@@ -23,7 +23,7 @@ CONSTRAINTS = {"params": 110_000}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from megatron_prune.runtime.distributed import init_distributed
+    from megatron_prune.minitron.runtime.distributed import init_distributed
 
     init_distributed(seed=1234)
     out = tmp_path_factory.mktemp("search_layouts")

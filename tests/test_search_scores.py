@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.data.scores import load_questions, prompt, sample
+from megatron_prune.minitron.data.scores import load_questions, prompt, sample
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 
 VOCAB = 128
@@ -104,7 +104,7 @@ def test_bad_question_files_name_the_line(tmp_path):
 
 
 def test_score_functions_by_name(tmp_path):
-    from megatron_prune.data.scores import ScoreSpec, make_score_func
+    from megatron_prune.minitron.data.scores import ScoreSpec, make_score_func
 
     batches = [random_tokens(1, 8, VOCAB, seed=0)]
     assert make_score_func(ScoreSpec("lm_loss"), batches=batches).score_name == mp.lm_loss_score(batches).score_name

@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 
-from megatron_prune.config import ModelShape, PruneConfigError, SearchConfig
-from megatron_prune.search.counting import MB, Inventory
-from megatron_prune.search.space import build_space, divisor_choices, search_candidates, truncate
-from megatron_prune.slicing.table import FFN, HEAD_COLS, HIDDEN
+from megatron_prune.minitron.config import ModelShape, PruneConfigError, SearchConfig
+from megatron_prune.minitron.search.counting import MB, Inventory
+from megatron_prune.minitron.search.space import build_space, divisor_choices, search_candidates, truncate
+from megatron_prune.minitron.slicing.table import FFN, HEAD_COLS, HIDDEN
 
 
 def shape(H=160, F=640, N=32, G=8, L=8, d=8):

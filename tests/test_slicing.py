@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_prune.slicing.state_dict import load_streaming
+from megatron_prune.minitron.slicing.state_dict import load_streaming
 
 
 def model():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_prune.importance.statistics import StatStore, block_influence, channel_sum_sq, layer_norm, rms_norm
-from megatron_prune.slicing.geometry import expand_blocks, gated_rows, head_columns, qkv_rows
+from megatron_prune.minitron.importance.statistics import StatStore, block_influence, channel_sum_sq, layer_norm, rms_norm
+from megatron_prune.minitron.slicing.geometry import expand_blocks, gated_rows, head_columns, qkv_rows
 
 
 def test_channel_statistic_by_hand():
@@ -95,7 +95,7 @@ def test_qkv_rows_identity_when_everything_is_kept():
 
 
 def test_group_output_norms_by_hand():
-    from megatron_prune.importance.statistics import column_gram, group_output_norms
+    from megatron_prune.minitron.importance.statistics import column_gram, group_output_norms
 
     W = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # [H=2, C=4]: groups of d=2 columns
     x = torch.tensor([[3.0, 4.0, 1.0, 5.0], [0.0, -1.0, -2.0, 0.0]])  # [T=2, C]
@@ -108,7 +108,7 @@ def test_group_output_norms_by_hand():
 
 
 def test_group_output_norms_equal_explicit_products():
-    from megatron_prune.importance.statistics import column_gram, group_output_norms
+    from megatron_prune.minitron.importance.statistics import column_gram, group_output_norms
 
     torch.manual_seed(0)
     W, x = torch.randn(6, 12), torch.randn(5, 3, 12)  # [H, C], [S, B, C]; 4 groups of 3
@@ -117,7 +117,7 @@ def test_group_output_norms_equal_explicit_products():
 
 
 def test_taylor_groups_by_hand():
-    from megatron_prune.importance.statistics import taylor_groups
+    from megatron_prune.minitron.importance.statistics import taylor_groups
 
     x = torch.tensor([[[1.0, 2.0], [3.0, 0.0]], [[-1.0, 1.0], [1.0, 1.0]]])  # [S=2, B=2, C=2]
     g = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, -3.0], [2.0, 0.0]]])
@@ -129,7 +129,7 @@ def test_taylor_groups_by_hand():
 @pytest.mark.parametrize("G, q, d", [(2, 4, 8), (3, 3, 4), (4, 1, 8)])
 def test_heads_and_groups_at_once_equal_each_on_its_own(G, q, d):
     """One pass for heads and query groups (diagonal blocks + cross terms) gives the two separate statistics."""
-    from megatron_prune.importance.statistics import column_gram, gram_blocks, group_output_norms, head_and_group_output_norms
+    from megatron_prune.minitron.importance.statistics import column_gram, gram_blocks, group_output_norms, head_and_group_output_norms
 
     torch.manual_seed(0)
     x, W = torch.randn(6, 2, G * q * d), torch.randn(24, G * q * d)
@@ -140,7 +140,7 @@ def test_heads_and_groups_at_once_equal_each_on_its_own(G, q, d):
 
 @pytest.mark.parametrize("zero_centered", [False, True])
 def test_rms_normed_channel_statistic_needs_no_normalised_copy(zero_centered):
-    from megatron_prune.importance.statistics import rms_normed_channel_sum_sq
+    from megatron_prune.minitron.importance.statistics import rms_normed_channel_sum_sq
 
     torch.manual_seed(0)
     x, w = torch.randn(7, 3, 16), torch.rand(16) - 0.5
@@ -152,7 +152,7 @@ def test_rms_normed_channel_statistic_needs_no_normalised_copy(zero_centered):
 @pytest.mark.parametrize("G, q, d", [(2, 4, 8), (3, 3, 4), (4, 1, 8)])
 def test_gram_blocks_are_the_blocks_of_the_query_group_gram(G, q, d):
     """Only the diagonal and upper blocks are computed; they equal those of the full group Gram matrices."""
-    from megatron_prune.importance.statistics import column_gram, gram_blocks
+    from megatron_prune.minitron.importance.statistics import column_gram, gram_blocks
 
     torch.manual_seed(1)
     W = torch.randn(24, G * q * d)

@@ -15,7 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_prune.runtime.cpu import apply_cpu_support
+from megatron_prune.minitron.runtime.cpu import apply_cpu_support
 from tests.tiny import tiny_gpt_config
 
 apply_cpu_support()  # before the Mamba imports below; nothing happens with a GPU

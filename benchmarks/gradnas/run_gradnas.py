@@ -63,7 +63,7 @@ def timed(fn):
 
 def modelopt_dir() -> Path:
     """Model Optimizer 0.44.0 and torchprofile 0.0.4, installed (no deps) into the cache once."""
-    from megatron_prune.bridge.offline_model import cache_dir
+    from megatron_prune.minitron.bridge.offline_model import cache_dir
 
     target = cache_dir() / "modelopt-0.44.0"
     if not (target / "modelopt").is_dir():
@@ -210,8 +210,8 @@ def run_smollm2(args):
     sys.path.insert(0, str(REPO / "benchmarks/quality"))
     from heldout import heldout_sources
 
-    from megatron_prune.bridge.offline_model import smollm2_folder
-    from megatron_prune.data.calibration import calibration_tokens, micro_batches
+    from megatron_prune.minitron.bridge.offline_model import smollm2_folder
+    from megatron_prune.minitron.data.calibration import calibration_tokens, micro_batches
 
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)

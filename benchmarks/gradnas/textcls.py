@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 from heldout import heldout_sources  # noqa: E402
 
-from megatron_prune.bridge.offline_model import cache_dir  # noqa: E402
+from megatron_prune.minitron.bridge.offline_model import cache_dir  # noqa: E402
 
 LABELS = ("shakespeare", "python_docs", "linux_docs", "fortunes", "jargon")
 WORDS = 32

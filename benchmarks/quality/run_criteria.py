@@ -78,8 +78,8 @@ def _rss() -> int:
 def measure_costs(model, batches, repeats: int) -> list:
     import gc
 
-    from megatron_prune.data.forward import make_forward_loop, run_forward
-    from megatron_prune.importance.hooks import FORWARD_SITES, LAYER_SITES, collect_statistics
+    from megatron_prune.minitron.data.forward import make_forward_loop, run_forward
+    from megatron_prune.minitron.importance.hooks import FORWARD_SITES, LAYER_SITES, collect_statistics
 
     import torch
 

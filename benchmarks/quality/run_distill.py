@@ -6,7 +6,7 @@
 The CLI's default target ({"ffn_hidden_size": 1024, "num_layers": 26}, 97.4M of 134.5M parameters) is pruned twice:
 with the CLI's default importance (calibration as run_quality.py: Jargon File excerpt, 64 x 256 tokens) and
 with random importance (seed 0) at the same shape. Each student is then distilled from the unpruned model by
-`megatron_prune.distill.kd` (KL(teacher || student) on logits, Megatron-core schedule, DDP grad buffers, Adam and
+`megatron_prune.minitron.distill.kd` (KL(teacher || student) on logits, Megatron-core schedule, DDP grad buffers, Adam and
 `OptimizerParamScheduler`) for the same fixed token budget, on text disjoint from the evaluation: the Jargon
 File excerpt plus the Python docs' tutorial/, howto/ and faq/ (the evaluation reads library/ and Shakespeare).
 Held-out perplexity (heldout.py, windows of 512 tokens, as run_quality.py) before pruning, after pruning, after
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TARGET = {"ffn_hidden_size": 1024, "num_layers": 26}  # megatron_prune.cli.DEFAULT_TARGET
+TARGET = {"ffn_hidden_size": 1024, "num_layers": 26}  # megatron_prune.minitron.cli.DEFAULT_TARGET
 
 
 def main() -> None:
@@ -47,14 +47,14 @@ def main() -> None:
     from baselines import random_importance
     from heldout import heldout_sources
     from megatron_prune import make_forward_loop, prune
-    from megatron_prune.bridge import import_hf_model
-    from megatron_prune.bridge.offline_model import cache_dir, smollm2_folder
-    from megatron_prune.config import ModelShape
-    from megatron_prune.data.calibration import DEFAULT_CORPUS, calibration_tokens, micro_batches, token_rows
-    from megatron_prune.distill.evaluate import heldout_batches, perplexity
-    from megatron_prune.distill.kd import Distiller, Schedule, replica_batches, run
-    from megatron_prune.runtime.distributed import init_distributed
-    from megatron_prune.runtime.parallel import ParallelContext
+    from megatron_prune.minitron.bridge import import_hf_model
+    from megatron_prune.minitron.bridge.offline_model import cache_dir, smollm2_folder
+    from megatron_prune.minitron.config import ModelShape
+    from megatron_prune.minitron.data.calibration import DEFAULT_CORPUS, calibration_tokens, micro_batches, token_rows
+    from megatron_prune.minitron.distill.evaluate import heldout_batches, perplexity
+    from megatron_prune.minitron.distill.kd import Distiller, Schedule, replica_batches, run
+    from megatron_prune.minitron.runtime.distributed import init_distributed
+    from megatron_prune.minitron.runtime.parallel import ParallelContext
 
     init_distributed(1, 1)
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def main() -> None:
 def _criteria() -> str:
     """The CLI's default importance criteria, as this checkout names them."""
     try:
-        from megatron_prune.importance.criteria import describe, resolve_criteria
+        from megatron_prune.minitron.importance.criteria import describe, resolve_criteria
 
         return describe(resolve_criteria(None))
     except ImportError:

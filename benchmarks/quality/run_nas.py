@@ -32,11 +32,11 @@ def main() -> None:
 
     from heldout import heldout_sources
     from megatron_prune import make_forward_loop, prune
-    from megatron_prune.bridge import import_hf_model
-    from megatron_prune.bridge.offline_model import cache_dir, smollm2_folder
-    from megatron_prune.data.calibration import calibration_tokens, micro_batches
-    from megatron_prune.data.scores import lm_loss_score
-    from megatron_prune.runtime.distributed import init_distributed
+    from megatron_prune.minitron.bridge import import_hf_model
+    from megatron_prune.minitron.bridge.offline_model import cache_dir, smollm2_folder
+    from megatron_prune.minitron.data.calibration import calibration_tokens, micro_batches
+    from megatron_prune.minitron.data.scores import lm_loss_score
+    from megatron_prune.minitron.runtime.distributed import init_distributed
 
     init_distributed(1, 1)
     source = smollm2_folder()

@@ -74,12 +74,12 @@ def load_benchmark(windows: int, load: str | None = None):
     from transformers import AutoTokenizer
 
     from heldout import heldout_sources
-    from megatron_prune.bridge import import_hf_model
-    from megatron_prune.bridge.offline_model import smollm2_folder
-    from megatron_prune.config import ModelShape
-    from megatron_prune.data.calibration import calibration_tokens, micro_batches
-    from megatron_prune.data.scores import lm_loss_score
-    from megatron_prune.runtime.distributed import init_distributed
+    from megatron_prune.minitron.bridge import import_hf_model
+    from megatron_prune.minitron.bridge.offline_model import smollm2_folder
+    from megatron_prune.minitron.config import ModelShape
+    from megatron_prune.minitron.data.calibration import calibration_tokens, micro_batches
+    from megatron_prune.minitron.data.scores import lm_loss_score
+    from megatron_prune.minitron.runtime.distributed import init_distributed
 
     init_distributed(1, 1)
     source = smollm2_folder()
@@ -88,7 +88,7 @@ def load_benchmark(windows: int, load: str | None = None):
     evals = {name: lm_loss_score(micro_batches(calibration_tokens(path, tokenizer, windows, 512, seed=0), 1))
              for name, path in heldout_sources().items()}  # fmt: skip
     if load:  # the same model as a Megatron checkpoint, saved once (Megatron-Bridge's format) and loaded from it
-        from megatron_prune.bridge.checkpoint import load_megatron_model, save_bridge_checkpoint
+        from megatron_prune.minitron.bridge.checkpoint import load_megatron_model, save_bridge_checkpoint
 
         if not Path(load).is_dir():
             save_bridge_checkpoint(import_hf_model(source).model, load, source)
@@ -103,7 +103,7 @@ def load_benchmark(windows: int, load: str | None = None):
 
 
 def cache_file(name: str) -> Path:
-    from megatron_prune.bridge.offline_model import cache_dir
+    from megatron_prune.minitron.bridge.offline_model import cache_dir
 
     return cache_dir() / name
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
-from megatron_prune.budgets import resolve_budgets
+from megatron_prune.common.budgets import resolve_budgets
 from megatron_prune.common import solver
 from megatron_prune.errors import PruneConfigError
 

@@ -34,7 +34,7 @@ from megatron_prune.fastnas.search import FastNASResult, run_search
 from megatron_prune.fastnas.space import SearchSpace, build_space
 from megatron_prune.fastnas.subnet import Evaluator
 from megatron_prune.fastnas.trace import run_model
-from megatron_prune.log import log as _log
+from megatron_prune.common.log import log as _log
 
 METRICS = ("flops", "params")
 DEFAULTS = {

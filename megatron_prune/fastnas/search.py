@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Mapping
 from megatron_prune.common import solver
 from megatron_prune.fastnas.space import SearchSpace
 from megatron_prune.fastnas.subnet import Evaluator
-from megatron_prune.report import format_table
+from megatron_prune.minitron.report import format_table
 
 
 @dataclass

@@ -39,7 +39,7 @@ from megatron_prune.gradnas.families import detect
 from megatron_prune.gradnas.scores import collect_gradients, default_loss, normalise
 from megatron_prune.gradnas.search import GradNASResult, best_candidate, group_scores, penalty_curves, select
 from megatron_prune.gradnas.space import SearchSpace, build_space
-from megatron_prune.log import log as _log
+from megatron_prune.common.log import log as _log
 
 METRICS = ("flops", "params")
 DEFAULTS = {

@@ -31,7 +31,7 @@ import torch.nn as nn
 from megatron_prune.common.checkpoint import SearchCheckpoint
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.fastnas.trace import run_model
-from megatron_prune.log import Progress
+from megatron_prune.common.log import Progress
 
 Sites = Mapping[str, Tuple[str, int]]  # site -> (module whose input is gated, units)
 

@@ -11,9 +11,9 @@ import signal
 import sys
 import weakref
 
-import megatron_prune.bridge as bridge
-from megatron_prune import log
-from megatron_prune.cli import main
+import megatron_prune.minitron.bridge as bridge
+from megatron_prune.common import log
+from megatron_prune.minitron.cli import main
 
 
 def interrupt() -> None:

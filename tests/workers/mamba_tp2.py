@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_prune.runtime.distributed import destroy_distributed, init_distributed
+from megatron_prune.minitron.runtime.distributed import destroy_distributed, init_distributed
 from tests.tiny_mamba import build_tiny_mamba, tiny_mamba_config
 
 

@@ -5,7 +5,7 @@
 
 import sys
 
-from megatron_prune.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.distributed import init_distributed
 from tests.megatron_ckpt import build_mlm_model, mlm_args, write_mlm_checkpoint
 
 if __name__ == "__main__":

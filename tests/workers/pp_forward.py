@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_prune.runtime.distributed import destroy_distributed, init_distributed
+from megatron_prune.minitron.runtime.distributed import destroy_distributed, init_distributed
 from tests.stages import stage_state_dict
 from tests.tiny import build_tiny_gpt, tiny_gpt_config
 

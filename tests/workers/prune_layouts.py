@@ -15,9 +15,9 @@ import torch
 from megatron.core import parallel_state
 
 import megatron_prune as mp
-from megatron_prune.runtime.distributed import init_distributed
-from megatron_prune.runtime.parallel import ParallelContext
-from megatron_prune.slicing.tensor_parallel import Partition, partitions
+from megatron_prune.minitron.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.slicing.tensor_parallel import Partition, partitions
 from tests.stages import global_state_dict, stage_state_dict
 from tests.test_hybrid import make as make_hybrid
 from tests.tiny import build_tiny_gpt, tiny_gpt_config, tiny_moe_config

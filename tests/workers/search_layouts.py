@@ -13,8 +13,8 @@ import torch
 from megatron.core import parallel_state
 
 import megatron_prune as mp
-from megatron_prune.runtime.distributed import init_distributed
-from megatron_prune.runtime.parallel import ParallelContext
+from megatron_prune.minitron.runtime.distributed import init_distributed
+from megatron_prune.minitron.runtime.parallel import ParallelContext
 from tests.stages import global_state_dict, stage_state_dict
 from tests.test_search_scores import CharTokenizer
 from tests.tiny import build_tiny_gpt, tiny_gpt_config

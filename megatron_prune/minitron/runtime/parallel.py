@@ -1,0 +1,154 @@
+"""The parallel context: ranks and process groups, built once at the boundary.
+
+Owns: reading megatron-core's parallel state *once* (`ParallelContext.from_megatron`) and the collectives
+the pruning flow needs (gathers over tensor-parallel ranks and pipeline stages, sums over data-parallel
+replicas, a broadcast from global rank 0). Nothing else in the package reads Megatron's global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this rank sits. Groups are None when the world is a single process."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    global_rank: int = 0
+    ep_size: int = 1  # expert-parallel size (MoE experts split over ranks)
+    tp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+    pp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+    dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        for name in ("tp_size", "pp_size", "dp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank={self.tp_rank} outside tensor-parallel size {self.tp_size}")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank={self.pp_rank} outside pipeline size {self.pp_size}")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank={self.dp_rank} outside data-parallel size {self.dp_size}")
+
+    @classmethod
+    def from_megatron(cls) -> "ParallelContext":
+        """Read megatron-core's parallel state (single process if torch.distributed is not initialised)."""
+        if not dist.is_available() or not dist.is_initialized():
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError(
+                "torch.distributed is initialised but megatron-core model parallelism is not: call "
+                "megatron_prune.minitron.runtime.distributed.init_distributed(...) or "
+                "parallel_state.initialize_model_parallel(...) before pruning"
+            )
+        return cls(
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            dp_rank=ps.get_data_parallel_rank(),
+            global_rank=dist.get_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            tp_group=ps.get_tensor_model_parallel_group(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+            dp_group=ps.get_data_parallel_group(),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+    def sum_over_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a CPU float tensor over data-parallel replicas (identity when dp_size == 1)."""
+        if self.dp_size == 1:
+            return t
+        buf = t.to(_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return buf.cpu()
+
+    def gather_over_tp(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """All-gather a tensor (same shape on every rank) over tensor-parallel ranks, in rank order."""
+        if self.tp_size == 1:
+            return [t]
+        buf = t.contiguous().to(_device())
+        out = [torch.empty_like(buf) for _ in range(self.tp_size)]
+        dist.all_gather(out, buf, group=self.tp_group)
+        return [o.to(t.device) for o in out]
+
+    def gather_over_pp(self, obj: Any) -> List[Any]:
+        """All-gather a picklable object over pipeline stages, in stage order."""
+        if self.pp_size == 1:
+            return [obj]
+        out: List[Any] = [None] * self.pp_size
+        dist.all_gather_object(out, obj, group=self.pp_group)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Global rank 0's `obj` on every rank (e.g. what rank 0 read from a file system others may not see)."""
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_all(self, obj: Any) -> List[Any]:
+        """All-gather a picklable object over every rank of the world, in global rank order."""
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return [obj]
+        out: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def on_main(self, action: Callable[[], Any]) -> Any:
+        """Run `action()` on global rank 0 only (e.g. a file write) and return its result there (None
+        elsewhere); if it raises, every rank raises, so none is left waiting in a later collective."""
+        result, problem = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
+                problem = as_problem(e)
+        self.raise_first(problem)
+        return result
+
+    def raise_first(self, problem: Optional[Tuple[type, str]]) -> None:
+        """Agree on errors: every rank passes None or (exception class, message); if any rank has a problem,
+        every rank raises the first one (in global rank order), so no rank is left waiting in a collective."""
+        for rank, p in enumerate(self.gather_all(problem)):
+            if p is not None:
+                error, message = p
+                raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
+
+
+def as_problem(error: BaseException) -> Tuple[type, str]:
+    """(class, message) of an exception for `raise_first`: the package's own errors and KeyboardInterrupt keep
+    their class, any other becomes a RuntimeError naming the original type."""
+    from megatron_prune.errors import PruneError
+
+    if isinstance(error, PruneError):
+        return type(error), str(error)
+    if isinstance(error, KeyboardInterrupt):  # every rank stops as interrupted
+        return KeyboardInterrupt, "interrupted"
+    return RuntimeError, f"{type(error).__name__}: {error}"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

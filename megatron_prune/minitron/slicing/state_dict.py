@@ -1,0 +1,143 @@
+"""Slice a rank's state dict according to a plan, reading dims from the axis table, tensor by tensor.
+
+Decoder layers are renamed to their new local position (survivors keep their relative order) and kept
+routed experts to their position in importance order, so the tensors fit exactly the stage a stock MCore
+model builds from the pruned config. `sliced_tensors` yields them one at a time and `load_streaming`
+copies each into the pruned model as it comes, so pruning holds the original model, the pruned one and a
+single extra tensor at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Mapping, Optional, Tuple
+
+import torch
+
+from megatron_prune.minitron.config import ModelShape, UnsupportedModelError
+from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.slicing import geometry as geo
+from megatron_prune.minitron.slicing.plan import LayerKeep, PrunePlan
+from megatron_prune.minitron.slicing.table import (
+    CHANNELS, GATED_ROWS, HEAD_COLUMNS, HIDDEN, MAMBA_CONV, MAMBA_HEADS, MAMBA_IN, MAMBA_INNER, PER_EXPERT_AXES, QKV,
+    Geometry, axes_of, expert_name, layer_name, split_expert_name,
+)
+from megatron_prune.minitron.slicing.tensor_parallel import gather_full, partition, shard
+
+
+def _index(geometry: Geometry, plan: PrunePlan, keep: Optional[LayerKeep], shape: ModelShape,
+           expert: Optional[int] = None) -> Optional[torch.Tensor]:  # fmt: skip
+    """The indices a tensor dim keeps (None: all, in order). `expert`: the original routed expert the
+    tensor belongs to (for per-expert axes)."""
+    if geometry == HIDDEN:
+        return plan.hidden
+    if keep is None:
+        raise ValueError(f"geometry {geometry} used outside a decoder layer")
+    q, d = shape.heads_per_group, shape.kv_channels
+    if geometry.kind == QKV:
+        return None if keep.groups is None else geo.qkv_rows(keep.groups, keep.heads, q, d)
+    if geometry.kind == HEAD_COLUMNS:
+        return None if keep.groups is None else geo.head_columns(keep.groups, keep.heads, q, d)
+    if geometry.kind in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV):
+        return _mamba_index(geometry.kind, keep, shape)
+    channels = keep.channels(geometry.axis)
+    if channels is not None and geometry.axis in PER_EXPERT_AXES:
+        channels = channels[expert]
+    if geometry.kind == CHANNELS or channels is None:
+        return channels
+    if geometry.kind == GATED_ROWS:
+        return geo.gated_rows(channels, getattr(shape, geometry.axis), shape.gated_linear_unit)
+    raise KeyError(f"unknown geometry {geometry!r}")
+
+
+def _mamba_index(kind: str, keep: LayerKeep, shape: ModelShape) -> Optional[torch.Tensor]:
+    """Indices of a Mamba mixer dim: all heads / all channels of a head where only the other axis is pruned."""
+    if keep.mamba_heads is None and keep.mamba_dims is None:
+        return None
+    nh, hd = shape.mamba_num_heads, shape.mamba_head_dim
+    heads = torch.arange(nh) if keep.mamba_heads is None else keep.mamba_heads
+    dims = torch.arange(hd) if keep.mamba_dims is None else keep.mamba_dims
+    bc = 2 * shape.mamba_num_groups * shape.mamba_state_dim
+    if kind == MAMBA_HEADS:
+        return heads.long()
+    if kind == MAMBA_INNER:
+        return geo.mamba_inner(heads, dims, hd)
+    if kind == MAMBA_IN:
+        return geo.mamba_in_rows(heads, dims, nh, hd, bc)
+    return geo.mamba_conv_channels(heads, dims, nh, hd, bc)
+
+
+def slice_tensor(t: torch.Tensor, dims: Mapping[int, str], index_of) -> torch.Tensor:
+    """Gather `t` along each dim that has a (non-None) index; returns a new contiguous tensor."""
+    out = t
+    for dim, geometry in dims.items():
+        idx = index_of(geometry)
+        if idx is not None:
+            out = out.index_select(dim, idx.to(out.device))
+    return out.detach().clone().contiguous() if out is t else out.contiguous()
+
+
+def sliced_tensors(
+    state: Mapping[str, torch.Tensor],
+    layer_numbers: Mapping[int, int],
+    plan: PrunePlan,
+    shape: ModelShape,
+    ctx: ParallelContext | None = None,
+) -> Iterator[Tuple[str, object]]:
+    """Slice this rank's state dict: yields (pruned-model name, tensor or extra state), in state-dict order.
+
+    `layer_numbers`: {local index in decoder.layers: global layer number} for this rank. A tensor split
+    across TP ranks along a dim being sliced is gathered to its logical full form, sliced with global
+    indices and re-sharded for the pruned model (one collective per such tensor, in state-dict order,
+    identical on every TP rank); all other tensors are sliced locally.
+    """
+    survivors = [n for n in sorted(layer_numbers.values()) if n in plan.layers]
+    new_position = {n: i for i, n in enumerate(survivors)}
+    for name, value in state.items():
+        local, inner, axes = axes_of(name)
+        number = None if local is None else layer_numbers[local]
+        keep = expert = None
+        if number is not None:
+            if number not in plan.layers:
+                continue  # dropped layer
+            keep = plan.layers[number]
+            expert, role_name = split_expert_name(inner)
+            if expert is not None and keep.experts is not None:  # kept experts are renumbered in importance order
+                position = (keep.experts == expert).nonzero()
+                if position.numel() == 0:
+                    continue  # dropped routed expert
+                inner = expert_name(int(position), role_name)
+            name = layer_name(new_position[number], inner)
+        if not isinstance(value, torch.Tensor) or name.endswith("._extra_state"):
+            yield name, value
+            continue
+        if axes is None:
+            raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
+        index_of = lambda g: _index(g, plan, keep, shape, expert)  # noqa: E731
+        part = partition(axes, shape.gated_linear_unit) if ctx is not None and ctx.tp_size > 1 else None
+        if part is not None and part.dim in axes.dims and index_of(axes.dims[part.dim]) is not None:
+            yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), part, ctx)
+        else:
+            yield name, slice_tensor(value, axes.dims, index_of)
+
+
+def load_streaming(model: torch.nn.Module, items: Iterable[Tuple[str, object]]) -> None:
+    """Copy (name, tensor) pairs into `model` one at a time, as strictly as `load_state_dict(strict=True)`:
+    every key of the model exactly once, no unknown key, identical shapes."""
+    target = model.state_dict(keep_vars=True)
+    seen, extra = set(), {}
+    for name, value in items:
+        if name not in target:
+            raise KeyError(f"unexpected key '{name}' for the pruned model")
+        seen.add(name)
+        if name.endswith("._extra_state"):
+            extra[name] = value
+            continue
+        if tuple(target[name].shape) != tuple(value.shape):
+            raise ValueError(f"size mismatch for '{name}': sliced {tuple(value.shape)}, model {tuple(target[name].shape)}")
+        with torch.no_grad():
+            target[name].copy_(value)
+    missing = sorted(set(target) - seen)
+    if missing:
+        raise KeyError(f"the pruned model has tensors nothing was sliced for: {missing[:5]}")
+    if extra:
+        model.load_state_dict(extra, strict=False)
