@@ -42,8 +42,9 @@ class Axis:
     expert of each layer), DEPTH (layers dropped); tp/ep/pp: the rule a kept size follows over that parallel
     dimension (None: not split by it); nas_divisor: the `SearchConfig` field holding the NAS step (None: every size; the
     Mamba heads step by the model's `mamba_num_groups`, `nas_step_of_shape`); hf_names: the Hugging Face
-    config fields it is written to (hf_optional: only where the HF config has the field); criterion: the
-    default importance criterion (`importance/criteria.py`)."""
+    config fields it is written to (hf_optional: only where the HF config has the field); mlm_name: the
+    Megatron-LM argument (`args.num_experts`) where it is not the field name; criterion: the default importance
+    criterion (`importance/criteria.py`)."""
 
     name: str
     alias: str
@@ -57,6 +58,7 @@ class Axis:
     nas_step_of_shape: Optional[str] = None
     hf_names: Tuple[str, ...] = ()
     hf_optional: bool = False
+    mlm_name: Optional[str] = None  # Megatron-LM's argument name where it differs from the field name
     help: str = ""
 
     def rule(self, parallel: str) -> Optional[str]:
@@ -81,6 +83,7 @@ _REGISTRY = (
     Axis("num_query_groups", "groups", LAYER, "output_contribution", aliases=("kv_groups",), tp=MULTIPLE_OR_DIVISOR,
          hf_names=("num_key_value_heads",), help="KV groups G"),
     Axis("num_moe_experts", "experts", LAYER, "minitron", ep=EXPERT_MULTIPLE, nas_divisor="num_moe_experts_divisor",
+         mlm_name="num_experts",
          hf_names=("num_experts", "num_local_experts", "n_routed_experts"), hf_optional=True,
          help="routed experts E"),
     Axis("moe_ffn_hidden_size", "moe_ffn", EXPERT, "minitron", tp=MULTIPLE, nas_divisor="moe_ffn_hidden_size_divisor",
@@ -114,6 +117,11 @@ def hf_sizes(optional: Optional[bool] = None) -> Dict[str, str]:
     """{Hugging Face config field: axis} (`optional`: only the fields written where the HF config has them, or
     only the others; None: all)."""
     return {hf: a.name for a in _REGISTRY for hf in a.hf_names if optional is None or a.hf_optional == optional}
+
+
+def mlm_arg_names() -> Dict[str, str]:
+    """{axis: Megatron-LM argument name} where the two differ (`num_moe_experts` is `--num-experts`)."""
+    return {a.name: a.mlm_name for a in _REGISTRY if a.mlm_name}
 
 
 def hf_name_of(axis: str) -> Optional[str]:
