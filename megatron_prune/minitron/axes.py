@@ -132,7 +132,10 @@ def hf_name_of(axis: str) -> Optional[str]:
 
 def parallel_rules() -> Dict[str, Tuple[str, ...]]:
     """{parallel dimension (TP, EP, PP): the axes whose kept size it splits}."""
-    return {parallel: tuple(a.name for a in _REGISTRY if a.rule(parallel)) for parallel in (TP, PP, EP)}
+    rules = {parallel: tuple(a.name for a in _REGISTRY if a.rule(parallel)) for parallel in (TP, PP, EP)}
+    # checked in Megatron's order (attention sizes first), so an error names the size Megatron would refuse first
+    rules[TP] = tuple(sorted(rules[TP], key=lambda axis: axis not in ("num_attention_heads", "num_query_groups")))
+    return rules
 
 
 def fits_parallel(axis: str, size: int, parallel: str, parallel_size: int, even: bool = True) -> bool:
