@@ -30,13 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from megatron_prune.minitron import axes
+
 LAUNCH_DIR = Path(__file__).resolve().parent
 Target = Union[Dict[str, int], str]  # an export config, or a NAS parameter budget such as "80M"
 # axes that move a little at every step; the others (KV groups, MoE experts) move at the last step
 _WIDTH = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
-_HF_SIZES = {"hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size", "num_layers": "num_hidden_layers",
-             "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
-             "num_moe_experts": "num_experts", "moe_ffn_hidden_size": "moe_intermediate_size"}  # fmt: skip
 
 
 class PipelineError(ValueError):
@@ -81,7 +80,7 @@ def hf_sizes(hf_model: str) -> Dict[str, int]:
     if not path.is_file():
         raise PipelineError(f"--hf-model {hf_model!r}: no config.json (stepping to a target needs the model's sizes)")
     config = json.loads(path.read_text())
-    return {name: config[hf] for name, hf in _HF_SIZES.items() if isinstance(config.get(hf), int)}
+    return {axis: config[hf] for hf, axis in axes.hf_sizes().items() if isinstance(config.get(hf), int)}
 
 
 def hf_params(hf_model: str) -> int:

@@ -87,7 +87,7 @@ def test_sorting_every_axis_of_a_hybrid_model_keeps_logits(mcore):
     pruned, result = mp.prune(model, full, forward_loop=loop(data))
     keep = result.plan.layers[1]
     assert sorted(keep.mamba_heads[:4].tolist()) == [0, 1, 2, 3] and sorted(keep.mamba_heads[4:].tolist()) == [4, 5, 6, 7]
-    assert keep.mamba_heads.tolist() != list(range(8)) and keep.mamba_dims.tolist() != list(range(16))  # real permutations
+    assert keep.mamba_heads.tolist() != list(range(8)) and keep.mamba_head_dim.tolist() != list(range(16))  # real permutations
     old, new = model.decoder.layers[0].mixer, pruned.decoder.layers[0].mixer
     assert torch.equal(new.A_log, old.A_log[keep.mamba_heads])
     torch.testing.assert_close(logits(pruned, data), before, atol=1e-5, rtol=0)
@@ -133,9 +133,9 @@ def test_mamba_statistics_equal_values_recomputed_from_captured_outputs(mcore):
     hook.remove()
     _, result = mp.prune(model, {"mamba_num_heads": 4, "mamba_head_dim": 12}, forward_loop=loop(data))
     x = torch.cat([c.abs().mean(0) for c in captured]).pow(2).sum(0).sqrt().view(8, 16)  # [nh, hd]
-    torch.testing.assert_close(result.importance.mamba[1], x)
+    torch.testing.assert_close(result.importance.mamba_head_dim[1], x)
     keep = result.plan.layers[1]
-    assert keep.mamba_dims.tolist() == torch.argsort(x.norm(dim=0), descending=True, stable=True)[:12].tolist()
+    assert keep.mamba_head_dim.tolist() == torch.argsort(x.norm(dim=0), descending=True, stable=True)[:12].tolist()
     per_group = x.norm(dim=1).view(2, 4)
     expected = [g * 4 + int(h) for g in range(2) for h in torch.argsort(per_group[g], descending=True, stable=True)[:2]]
     assert keep.mamba_heads.tolist() == expected

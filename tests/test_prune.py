@@ -401,7 +401,7 @@ def test_given_importance_ranks_without_calibration(mcore):
 
     model = build_tiny_gpt(tiny_gpt_config())
     g = torch.Generator().manual_seed(0)
-    imp = Importance(
+    imp = Importance.of(
         hidden=torch.rand(64, generator=g),
         ffn={n: torch.rand(128, generator=g) for n in range(1, 5)},
         heads={n: torch.rand(8, generator=g) for n in range(1, 5)},
@@ -413,6 +413,6 @@ def test_given_importance_ranks_without_calibration(mcore):
     assert torch.equal(result.plan.hidden, torch.argsort(imp.hidden, descending=True, stable=True)[:32])
     assert torch.equal(result.plan.layers[3].ffn, torch.argsort(imp.ffn[3], descending=True, stable=True)[:64])
     assert pruned.config.hidden_size == 32
-    bad = Importance(hidden=imp.hidden[:10], ffn=imp.ffn, heads=imp.heads, layers=imp.layers)
+    bad = Importance.of(hidden=imp.hidden[:10], ffn=imp.ffn, heads=imp.heads, layers=imp.layers)
     with pytest.raises(PruneConfigError, match=r"importance.hidden has shape \(10,\), expected \(64,\)"):
         mp.prune(model, target, importance=bad)

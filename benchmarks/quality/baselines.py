@@ -20,7 +20,7 @@ from megatron_prune.minitron.ranking import Importance
 def random_importance(shape: ModelShape, seed: int) -> Importance:
     g = torch.Generator().manual_seed(seed)
     layers = range(1, shape.num_layers + 1)
-    return Importance(
+    return Importance.of(
         hidden=torch.rand(shape.hidden_size, generator=g),
         ffn={n: torch.rand(shape.ffn_hidden_size, generator=g) for n in layers},
         heads={n: torch.rand(shape.num_attention_heads, generator=g) for n in layers},
@@ -47,4 +47,4 @@ def magnitude_importance(model, shape: ModelShape) -> Importance:
         out = proj.view(proj.shape[0], N, d).pow(2).sum((0, 2))  # [N]
         heads[i + 1] = (query + out).sqrt()
         layers[i + 1] = float(sum(v.pow(2).sum() for k, v in sd.items() if k.startswith(p)).sqrt())
-    return Importance(hidden=hidden.sqrt(), ffn=ffn, heads=heads, layers=layers)
+    return Importance.of(hidden=hidden.sqrt(), ffn=ffn, heads=heads, layers=layers)

@@ -1,9 +1,11 @@
-"""Rank-0 logging with a recognisable prefix, and progress lines that read well in a log file (no bars)."""
+"""Rank-0 logging with a recognisable prefix, progress lines that read well in a log file (no bars), and plain-text
+tables (`format_table`) for the reports of every algorithm."""
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import List
 
 import torch.distributed as dist
 
@@ -43,3 +45,12 @@ class Progress:
         seconds = time.perf_counter() - self.start
         rate = f" ({self.done_n * self.scale / max(seconds, 1e-9):.2f} {self.rate_unit}/s)" if self.scale else ""
         log(f"{self.label}: {self.done_n} {self.unit} in {seconds:.1f}s{rate}")
+
+
+def format_table(header: List[str], rows: List[tuple]) -> str:
+    """Plain-text columns, left-aligned, with a dashed rule under the header."""
+    cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -34,8 +34,12 @@ def dataclass_of(cls, value, name: str):
     return cls(**value)
 
 
+# Model Optimizer's options that mean nothing here (accepted and dropped, so its configs run unchanged)
+MODELOPT_IGNORED = ("num_iters", "deployment")
+
+
 def merge_options(defaults: Mapping[str, object], sources: Iterable[Mapping[str, object]],
-                  aliases: Optional[Mapping[str, str]] = None, ignored: Sequence[str] = ()) -> Dict[str, object]:
+                  aliases: Optional[Mapping[str, str]] = None, ignored: Sequence[str] = MODELOPT_IGNORED) -> Dict[str, object]:
     """`defaults` overridden by each source in turn (a `config` dict, then keyword options, ...); `aliases` rename
     keys (Model Optimizer's names), `ignored` keys are dropped, any other unknown key is an error."""
     merged, aliases = dict(defaults), aliases or {}

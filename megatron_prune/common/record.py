@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Dict
 
-from megatron_prune.minitron.report import format_table
+from megatron_prune.common.log import format_table
 
 
 class SearchRecord:

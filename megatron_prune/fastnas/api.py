@@ -48,7 +48,6 @@ DEFAULTS = {
     "verbose": True,
 }
 ALIASES = {"max_iter_data_loader": "bn_batches"}  # Model Optimizer's names
-IGNORED = ("num_iters", "deployment")             # Model Optimizer's, meaningless here
 
 
 def prune(model: nn.Module, mode="fastnas", constraints: Optional[Dict] = None, dummy_input=None,
@@ -132,7 +131,7 @@ def _options(mode, config, options, require_search: bool = True, **explicit) -> 
     if config is not None and not isinstance(config, dict):
         raise PruneConfigError(f"config must be a dict, got {type(config).__name__}")
     merged = merge_options({**DEFAULTS, "data_loader": None, "score_func": None, "checkpoint": None},
-                           [config or {}, options, {k: v for k, v in explicit.items() if v is not None}], ALIASES, IGNORED)
+                           [config or {}, options, {k: v for k, v in explicit.items() if v is not None}], ALIASES)
     if merged["criterion"] not in CRITERIA:
         raise PruneConfigError(f"config['criterion']={merged['criterion']!r}: choose one of {', '.join(CRITERIA)}")
     for k in ("sensitivity_points", "bn_batches"):

@@ -15,13 +15,14 @@ the same result.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping
 
 from megatron_prune.common import solver
+from megatron_prune.common.record import SearchRecord
 from megatron_prune.fastnas.space import SearchSpace
 from megatron_prune.fastnas.subnet import Evaluator
-from megatron_prune.minitron.report import format_table
+from megatron_prune.common.log import format_table
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Candidate:
 
 
 @dataclass
-class FastNASResult:
+class FastNASResult(SearchRecord):
     """What a search did; `to_dict()` is JSON-friendly."""
     widths: Dict[str, int]                      # every searchable group's chosen width
     original_widths: Dict[str, int]
@@ -51,22 +52,10 @@ class FastNASResult:
     seconds: float
     settings: Dict[str, object] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["penalties"] = {g: {str(w): p for w, p in c.items()} for g, c in self.penalties.items()}
-        return d
-
-    def fill(self) -> Dict[str, float]:
-        """Achieved share of each budget."""
-        return {m: self.counts[m] / lim for m, lim in self.limits.items()}
-
     def table(self) -> str:
         rows = [(g, self.original_widths[g], w, f"{100 * w / self.original_widths[g]:.0f}%") for g, w in self.widths.items()]
         out = [format_table(["group", "original", "pruned", "kept"], rows)]
-        rows = [(m, f"{self.original_counts[m]:,.0f}", f"{self.counts[m]:,.0f}",
-                 f"{100 * self.counts[m] / self.original_counts[m]:.1f}%",
-                 f"{self.limits[m]:,.0f}" if m in self.limits else "-") for m in ("flops", "params")]
-        out.append(format_table(["", "original", "pruned", "kept", "budget"], rows))
+        out.append(self.counts_table())
         rows = [(c.selector, f"{c.predicted_loss:.4f}", f"{c.score:.4f}",
                  " ".join(f"{m} {100 * c.counts[m] / self.original_counts[m]:.1f}%" for m in self.limits)) for c in self.candidates]
         out.append(format_table(["candidate", "predicted loss", "score", "cost"], rows))

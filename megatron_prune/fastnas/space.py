@@ -20,7 +20,7 @@ import torch.nn as nn
 from megatron_prune.common.choices import ChoiceSpace, Rules
 from megatron_prune.fastnas.graph import KNOWN_LEAVES, Analysis, analyze
 from megatron_prune.fastnas.trace import Traced, trace
-from megatron_prune.minitron.report import format_table
+from megatron_prune.common.log import format_table
 
 
 @dataclass(repr=False)

@@ -53,7 +53,6 @@ DEFAULTS = {
     "verbose": True,
 }
 ALIASES = {"max_iter_data_loader": "max_batches"}  # Model Optimizer's names
-IGNORED = ("num_iters", "deployment")             # Model Optimizer's, meaningless here
 
 
 def prune(model: nn.Module, mode="gradnas", constraints: Optional[Dict] = None, dummy_input=None,
@@ -144,7 +143,7 @@ def _options(mode, config, options, **explicit) -> Dict[str, object]:
     if config is not None and not isinstance(config, dict):
         raise PruneConfigError(f"config must be a dict, got {type(config).__name__}")
     merged = merge_options({**DEFAULTS, "data_loader": None, "score_func": None, "checkpoint": None},
-                           [config or {}, options, {k: v for k, v in explicit.items() if v is not None}], ALIASES, IGNORED)
+                           [config or {}, options, {k: v for k, v in explicit.items() if v is not None}], ALIASES)
     n = merged["max_batches"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PruneConfigError(f"config['max_batches']={n!r} must be a positive integer")

@@ -20,7 +20,7 @@ from megatron_prune.common import solver
 from megatron_prune.common.record import SearchRecord
 from megatron_prune.fastnas.search import Candidate
 from megatron_prune.gradnas.space import SearchSpace
-from megatron_prune.minitron.report import format_table
+from megatron_prune.common.log import format_table
 
 
 def keep(scores: torch.Tensor, width: int, blocks: int = 1) -> torch.Tensor:

@@ -35,7 +35,7 @@ from megatron_prune.common.extent import Extent, Segment
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.fastnas.trace import run_model
 from megatron_prune.gradnas.families import Family, LayerSizes, detect, in_features, is_conv1d, layer_sizes, out_dim
-from megatron_prune.minitron.report import format_table
+from megatron_prune.common.log import format_table
 
 TensorKey = Tuple[str, str]
 DEFAULT_RULES = {"*.heads": {"ratios": None, "divisor": 1}, "*.kv_groups": {"ratios": None, "divisor": 1}}

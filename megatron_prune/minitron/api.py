@@ -242,15 +242,15 @@ def _check_importance(importance: Importance, shape: ModelShape, symbols: List[s
         return [n for n in layers if symbol in symbols[n - 1]]
 
     E, Fm, Fs = shape.num_moe_experts, shape.moe_ffn_hidden_size, shape.moe_shared_expert_intermediate_size
-    expected = {  # field: (layers that must have an entry, shape of each)
+    expected = {  # axis short name: (layers that must have an entry, shape of each)
         "heads": (having("*"), (shape.num_attention_heads,)),
         "ffn": (having("-"), (shape.ffn_hidden_size,)),
         "experts": (having("E"), (E,)),
         "moe_ffn": (having("E"), (E, Fm)),
         "shared_ffn": (having("E") if Fs else [], (Fs,)),
-        "mamba": (having("M"), (shape.mamba_num_heads, shape.mamba_head_dim)),
+        "mamba_head_dim": (having("M"), (shape.mamba_num_heads, shape.mamba_head_dim)),
         "groups": (having("*"), (shape.num_query_groups,)),  # optional: else the L2 of each group's heads
-        "mamba_heads": (having("M"), (shape.mamba_num_heads,)),  # optional: else from `mamba`
+        "mamba_heads": (having("M"), (shape.mamba_num_heads,)),  # optional: else from `mamba_head_dim`
     }
     if tuple(importance.hidden.shape) != (shape.hidden_size,):
         raise PruneConfigError(f"importance.hidden has shape {tuple(importance.hidden.shape)}, expected ({shape.hidden_size},)")

@@ -1,7 +1,6 @@
 """What users configure, and the errors they see.
 
-Owns: the prunable axes (named after `TransformerConfig` fields, so an export config is simply a patch to
-the model's config), the model's original sizes, validation of manual targets and of NAS budgets, and the
+Owns: the model's original sizes (axes are named after `TransformerConfig` fields, see `axes.py`), validation of manual targets and of NAS budgets, and the
 NAS search settings (`SearchConfig`). Every check here runs before any calibration and raises
 `PruneConfigError` naming the field.
 """
@@ -15,14 +14,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from megatron_prune.common.budgets import UNITS, is_percent, resolve_budgets
+from megatron_prune.minitron.axes import (  # noqa: F401  (SUPPORTED_AXES re-exported)
+    AXES, AT_LEAST, EP, EXPERT_MULTIPLE, MULTIPLE, MULTIPLE_OR_DIVISOR, PP, SUPPORTED_AXES, TP, default_kv_channels,
+    fits_parallel, parallel_rules,
+)
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError  # noqa: F401  (re-exported)
 
-# Axes megatron-prune can prune, in the order tables print them (TransformerConfig field names).
-SUPPORTED_AXES = (
-    "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-    "mamba_num_heads", "mamba_head_dim", "num_layers",
-)  # fmt: skip
 HYBRID_SYMBOLS = "M*-E"  # a hybrid model's layers: Mamba, attention, MLP, MoE
 
 
@@ -96,7 +93,7 @@ class ModelShape:
             ffn_hidden_size=config.ffn_hidden_size,
             num_attention_heads=heads,
             num_query_groups=config.num_query_groups or heads,
-            kv_channels=config.kv_channels or config.hidden_size // heads,
+            kv_channels=default_kv_channels(config),
             num_layers=config.num_layers,
             gated_linear_unit=bool(config.gated_linear_unit),
             dense_mlp=dense,
@@ -183,37 +180,27 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
             f"export_config['mamba_num_heads']={target['mamba_num_heads']} is not a multiple of mamba_num_groups="
             f"{shape.mamba_num_groups}: every group keeps the same number of its heads (B and C are per group)"
         )
-    for axis in ("num_attention_heads", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-                 "mamba_num_heads"):  # fmt: skip
-        if axis in export_config and target[axis] % tp_size:
-            raise PruneConfigError(
-                f"export_config[{axis!r}]={target[axis]} is not divisible by the tensor-parallel size {tp_size}: "
-                f"choose a multiple of {tp_size} (or prune at a smaller TP: scores are reusable there)"
-            )
-    if "num_query_groups" in export_config and groups % tp_size and tp_size % groups:
+    if "num_moe_experts" in export_config and target["num_moe_experts"] < shape.moe_router_topk:
         raise PruneConfigError(
-            f"export_config['num_query_groups']={groups} must be a multiple or a divisor of the tensor-parallel "
-            f"size {tp_size} (Megatron's rule for splitting KV groups over TP ranks)"
+            f"export_config['num_moe_experts']={target['num_moe_experts']} is below moe_router_topk="
+            f"{shape.moe_router_topk}: every token is routed to {shape.moe_router_topk} experts, so keep at least that many"
         )
-    if "num_moe_experts" in export_config:
-        experts = target["num_moe_experts"]
-        if experts < shape.moe_router_topk:
-            raise PruneConfigError(
-                f"export_config['num_moe_experts']={experts} is below moe_router_topk={shape.moe_router_topk}: "
-                f"every token is routed to {shape.moe_router_topk} experts, so keep at least that many"
-            )
-        if experts % ep_size:
-            raise PruneConfigError(
-                f"export_config['num_moe_experts']={experts} is not divisible by the expert-parallel size {ep_size}: "
-                f"every expert-parallel rank holds the same number of experts; choose a multiple of {ep_size}"
-            )
-    if target["num_layers"] < pp_size:
-        raise PruneConfigError(
-            f"export_config['num_layers']={target['num_layers']} is smaller than the pipeline-parallel size "
-            f"{pp_size}: every stage needs at least one layer"
-        )
+    for axis in (a for a in SUPPORTED_AXES if a in export_config):  # the parallel rules of the axis registry
+        for parallel, size in ((TP, tp_size), (EP, ep_size), (PP, pp_size)):
+            if axis in parallel_rules()[parallel] and not fits_parallel(axis, target[axis], parallel, size, even=False):
+                raise PruneConfigError(f"export_config[{axis!r}]={target[axis]} " + _PARALLEL_ERRORS[AXES[axis].rule(parallel)](size))
     return target
 
+
+_PARALLEL_ERRORS = {  # rule -> the end of the message for a kept size that breaks it at parallel size n
+    MULTIPLE: lambda n: (f"is not divisible by the tensor-parallel size {n}: choose a multiple of {n} (or prune at a "
+                         "smaller TP: scores are reusable there)"),
+    MULTIPLE_OR_DIVISOR: lambda n: (f"must be a multiple or a divisor of the tensor-parallel size {n} (Megatron's rule "
+                                    "for splitting KV groups over TP ranks)"),
+    EXPERT_MULTIPLE: lambda n: (f"is not divisible by the expert-parallel size {n}: every expert-parallel rank holds the "
+                                f"same number of experts; choose a multiple of {n}"),
+    AT_LEAST: lambda n: f"is smaller than the pipeline-parallel size {n}: every stage needs at least one layer",
+}  # fmt: skip
 
 # NAS budgets, in priority order: the first one given is the primary budget candidates are ranked by.
 BUDGETS = ("active_params", "params", "memory_mb")

@@ -19,54 +19,75 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from megatron_prune.minitron.axes import LAYER_AXES, axis_named
 from megatron_prune.minitron.config import ModelShape
 from megatron_prune.minitron.importance.criteria import CRITERIA, resolve_criteria
 from megatron_prune.minitron.importance.hooks import stat_key, statistics_by_layer
 from megatron_prune.minitron.importance.statistics import StatStore
 
 Tensor = torch.Tensor
+HEADS, GROUPS, MAMBA_HEADS, MAMBA_HEAD_DIM = "num_attention_heads", "num_query_groups", "mamba_num_heads", "mamba_head_dim"
+# per-layer axes whose order is a plain sort of their importance (heads and Mamba axes are ranked within groups)
+CHANNEL_AXES = tuple(a for a in LAYER_AXES if a not in (HEADS, GROUPS, MAMBA_HEADS, MAMBA_HEAD_DIM))
 
-# Per-layer channel axes: the Importance / LayerOrders / LayerKeep field that holds each one's values.
-AXIS_FIELDS = {
-    "ffn_hidden_size": "ffn",
-    "num_moe_experts": "experts",
-    "moe_ffn_hidden_size": "moe_ffn",
-    "moe_shared_expert_intermediate_size": "shared_ffn",
-}
-# Every per-layer axis -> its Importance field.
-IMPORTANCE_FIELDS = {**AXIS_FIELDS, "num_attention_heads": "heads", "num_query_groups": "groups",
-                     "mamba_num_heads": "mamba_heads", "mamba_head_dim": "mamba"}  # fmt: skip
+
+class ByAxis(dict):
+    """{axis: value} over the per-layer axes (`axes.LAYER_AXES`, TransformerConfig names), also read by short
+    name: ``d.ffn`` is ``d.get("ffn_hidden_size", default)`` (the registry's aliases)."""
+
+    _default = None  # what a short name reads for an axis not in the dict
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            axis = axis_named(name).name
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no axis {name!r}") from None
+        return self.get(axis, self._default() if callable(self._default) else self._default)
+
+
+class LayerValues(ByAxis):
+    """{axis: {global layer number: tensor}}; a short name reads {} for an axis no layer has."""
+
+    _default = dict
 
 
 @dataclass
 class Importance:
-    """Importance per axis; higher is more important. Layer dicts are keyed by global layer number and hold
-    the layers that have the module (e.g. `ffn` the layers with a dense MLP, `experts` the MoE layers)."""
+    """Importance; higher is more important. `axes` holds the per-layer axes, each {layer: tensor} for the
+    layers that have the module (e.g. `ffn_hidden_size` the layers with a dense MLP, `num_moe_experts` the
+    MoE layers), and reads by short name too (``imp.ffn[3]``). Per layer:
+      ffn_hidden_size [F]; num_attention_heads [N], head h = g*q + j; num_query_groups [G] (optional: else
+      the L2 of each group's heads); num_moe_experts [E]; moe_ffn_hidden_size [E, Fm] (row e: routed expert e);
+      moe_shared_expert_intermediate_size [Fs]; mamba_head_dim [nh, hd] (channel importance of x);
+      mamba_num_heads [nh] (optional: else the L2 over each head's channels)."""
 
     hidden: Tensor  # [H]
-    ffn: Dict[int, Tensor]  # [F] per dense-MLP layer
-    heads: Dict[int, Tensor]  # [N] per attention layer, head h = g*q + j
     layers: Dict[int, float]  # block influence per layer
-    experts: Dict[int, Tensor] = field(default_factory=dict)  # [E] per MoE layer
-    moe_ffn: Dict[int, Tensor] = field(default_factory=dict)  # [E, Fm] per MoE layer (row e: routed expert e)
-    shared_ffn: Dict[int, Tensor] = field(default_factory=dict)  # [Fs] per MoE layer with a shared expert
-    mamba: Dict[int, Tensor] = field(default_factory=dict)  # [nh, hd] per Mamba layer: channel importance of x
-    groups: Dict[int, Tensor] = field(default_factory=dict)  # [G] per attention layer (optional: else from heads)
-    mamba_heads: Dict[int, Tensor] = field(default_factory=dict)  # [nh] per Mamba layer (optional: else from mamba)
+    axes: LayerValues = field(default_factory=LayerValues)
+
+    def __post_init__(self):
+        self.axes = LayerValues(self.axes)
+
+    @classmethod
+    def of(cls, hidden: Tensor, layers: Mapping[int, float], **per_layer: Mapping[int, Tensor]) -> "Importance":
+        """``Importance.of(hidden=h, layers=influence, ffn={1: ..}, heads={1: ..})``: per-layer axes by field or
+        short name."""
+        return cls(hidden, dict(layers), LayerValues({axis_named(k).name: dict(v) for k, v in per_layer.items()}))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name == "axes":
+            raise AttributeError(name)
+        return getattr(self.axes, name)
 
 
-@dataclass
-class LayerOrders:
-    """Orders of one layer (None where the layer has no such module)."""
-
-    ffn: Optional[Tensor] = None  # [F] channel indices, most important first
-    groups: Optional[Tensor] = None  # [G] query-group indices, most important first
-    heads: Optional[Tensor] = None  # [G, q] local head indices within each group, most important first
-    experts: Optional[Tensor] = None  # [E] routed experts
-    moe_ffn: Optional[Tensor] = None  # [E, Fm] each routed expert's channels
-    shared_ffn: Optional[Tensor] = None  # [Fs]
-    mamba_heads: Optional[Tensor] = None  # [ng, nh/ng] Mamba heads within each group (local indices)
-    mamba_dims: Optional[Tensor] = None  # [hd] channels within every Mamba head
+class LayerOrders(ByAxis):
+    """Orders of one layer, {axis: indices, most important first} (absent: the layer has no such module):
+    ffn_hidden_size [F]; num_query_groups [G]; num_attention_heads [G, q] local head indices within each
+    group; num_moe_experts [E]; moe_ffn_hidden_size [E, Fm] each routed expert's channels;
+    moe_shared_expert_intermediate_size [Fs]; mamba_num_heads [ng, nh/ng] within each group (local
+    indices); mamba_head_dim [hd] channels within every Mamba head."""
 
 
 @dataclass
@@ -90,17 +111,17 @@ def score_importance(stats: StatStore, shape: ModelShape, criteria: Optional[Map
     missing = missing_statistics(present, criteria)
     if missing:
         raise ValueError("; ".join(missing))
-    imp = Importance(hidden=torch.zeros(shape.hidden_size), ffn={}, heads={}, layers={})
+    imp = Importance(hidden=torch.zeros(shape.hidden_size), layers={})
     hidden = CRITERIA["hidden_size"][criteria["hidden_size"]]
     for n in sorted(present):  # layer by layer, the same order on every rank
         for site in hidden.statistics:  # every pre-sublayer norm of the layer contributes
             if site in present[n]:
                 imp.hidden += hidden.score(stats[stat_key(n, site)], shape)
         imp.layers[n] = float(stats[stat_key(n, CRITERIA["num_layers"][criteria["num_layers"]].statistics[0])])
-        for axis, field_name in IMPORTANCE_FIELDS.items():
+        for axis in LAYER_AXES:
             criterion = CRITERIA[axis][criteria[axis]]
             if criterion.statistics[0] in present[n]:
-                getattr(imp, field_name)[n] = criterion.score(stats[stat_key(n, criterion.statistics[0])], shape)
+                imp.axes.setdefault(axis, {})[n] = criterion.score(stats[stat_key(n, criterion.statistics[0])], shape)
     return imp
 
 
@@ -114,19 +135,19 @@ def rank_orders(imp: Importance, shape: ModelShape) -> Orders:
     layers = {}
     for n in imp.layers:
         o = LayerOrders()
-        for name in AXIS_FIELDS.values():  # per channel (per routed expert for [E, Fm]: along the last dim)
-            values = getattr(imp, name).get(n)
+        for axis in CHANNEL_AXES:  # per channel (per routed expert for [E, Fm]: along the last dim)
+            values = imp.axes.get(axis, {}).get(n)
             if values is not None:
-                setattr(o, name, descending(values))
+                o[axis] = descending(values)
         if n in imp.heads:
             per_group = imp.heads[n].view(G, q)  # [G, q], heads are group-major
             groups = imp.groups[n] if n in imp.groups else per_group.norm(dim=1)
-            o.groups, o.heads = descending(groups), descending(per_group, dim=1)
-        if n in imp.mamba:
-            x = imp.mamba[n]  # [nh, hd]
+            o[GROUPS], o[HEADS] = descending(groups), descending(per_group, dim=1)
+        if n in imp.mamba_head_dim:
+            x = imp.mamba_head_dim[n]  # [nh, hd]
             heads = imp.mamba_heads[n] if n in imp.mamba_heads else x.norm(dim=1)
-            o.mamba_dims = descending(x.norm(dim=0))
-            o.mamba_heads = descending(heads.view(shape.mamba_num_groups, -1), dim=1)  # [ng, nh/ng]
+            o[MAMBA_HEAD_DIM] = descending(x.norm(dim=0))
+            o[MAMBA_HEADS] = descending(heads.view(shape.mamba_num_groups, -1), dim=1)  # [ng, nh/ng]
         layers[n] = o
     ranking = sorted(imp.layers, key=lambda n: -imp.layers[n])  # sorted() is stable
     return Orders(hidden=descending(imp.hidden), layers=layers, layer_ranking=ranking)

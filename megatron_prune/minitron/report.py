@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from megatron_prune.common.log import format_table
 from megatron_prune.minitron.config import SUPPORTED_AXES
 
 
@@ -194,12 +195,3 @@ def _share(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 def _heads(kept: List[int], total: int) -> str:
     return f"{len(kept)}/{total}" + ("" if len(kept) == total else f" {kept}")
-
-
-def format_table(header: List[str], rows: List[tuple]) -> str:
-    """Plain-text columns, left-aligned, with a dashed rule under the header."""
-    cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

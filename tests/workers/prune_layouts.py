@@ -8,13 +8,13 @@ OUT/<layout>-rank<r>.pt with its pruned weights under global names, the orders, 
 and (last stage) the pruned model's logits; the scores file of each layout is OUT/<layout>-scores.pt.
 """
 
-import dataclasses
 import sys
 
 import torch
 from megatron.core import parallel_state
 
 import megatron_prune as mp
+from megatron_prune.minitron.axes import AXES, LAYER_AXES
 from megatron_prune.minitron.runtime.distributed import init_distributed
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.tensor_parallel import Partition, partitions
@@ -38,6 +38,11 @@ LAYOUTS = {  # name: (tensor-parallel size, pipeline size, extra config)
 TAYLOR = "heads=taylor,groups=taylor,ffn=taylor"
 TAYLOR_LAYOUTS = ("pp2", "dp2", "tp2")
 
+
+
+def by_short_name(orders) -> dict:
+    """A layer's orders as {short axis name: indices or None}, every per-layer axis present."""
+    return {AXES[axis].alias: orders.get(axis) for axis in LAYER_AXES}
 
 def check_table_partitions_match_megatron() -> None:
     """The axis table's TP splits equal the partition attributes megatron-core sets at initialisation."""
@@ -78,10 +83,10 @@ def run(case: dict, out: str, name: str) -> None:
         taylor = mp.prune(model, export_config, forward_loop=backward, criteria=TAYLOR)[1].orders.layers
     torch.save(
         {
-            "taylor_orders": taylor and {n: dataclasses.asdict(o) for n, o in taylor.items()},
+            "taylor_orders": taylor and {n: by_short_name(o) for n, o in taylor.items()},
             "weights": global_state_dict(pruned),
             "hidden_order": result.orders.hidden,
-            "layer_orders": {n: dataclasses.asdict(o) for n, o in result.orders.layers.items()},
+            "layer_orders": {n: by_short_name(o) for n, o in result.orders.layers.items()},
             "layer_scores": result.importance.layers,
             "stage_layers": result.stage_layers,
             "config_layout": str(result.config.pipeline_model_parallel_layout),

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_prune.minitron.axes import SUPPORTED_AXES, mlm_arg_names
 from megatron_prune.minitron.config import PruneConfigError
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
@@ -39,7 +40,7 @@ RUN_CONFIG = "run_config.yaml"
 BRIDGE, MEGATRON_LM = "megatron-bridge", "megatron-lm"
 
 # Pruned axes whose Megatron-LM argument is named otherwise than the TransformerConfig field (the rest: the same)
-MLM_ARG_NAMES: Dict[str, str] = {"num_moe_experts": "num_experts"}
+MLM_ARG_NAMES: Dict[str, str] = mlm_arg_names()  # TransformerConfig field -> Megatron-LM argument, where they differ
 # Megatron-LM arguments without which the model cannot be built (megatron-core's defaults would be wrong)
 _REQUIRED_MLM_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "padded_vocab_size",
                       "position_embedding_type")  # fmt: skip
@@ -289,8 +290,6 @@ def _module_cuda_is_a_no_op(active: bool):
 def pruned_megatron_lm_args(args: argparse.Namespace, original_config, pruned_config) -> argparse.Namespace:
     """A copy of Megatron-LM's `args` with the pruned sizes: every TransformerConfig field the prune changed (under
     its Megatron-LM name), the head dim kept explicit, no pipeline layout, no iteration."""
-    from megatron_prune.minitron.config import SUPPORTED_AXES
-
     new = copy.deepcopy(args)
     for field in (*SUPPORTED_AXES, "hybrid_override_pattern", *_KEPT_DERIVED):
         before, after = getattr(original_config, field, None), getattr(pruned_config, field, None)
@@ -308,10 +307,8 @@ def pruned_megatron_lm_args(args: argparse.Namespace, original_config, pruned_co
 
 def megatron_lm_flags(args: argparse.Namespace, pruned: argparse.Namespace) -> List[str]:
     """["--num-layers", "26", "--ffn-hidden-size", "1024", ...]: the model flags a user changes to load `pruned`."""
-    names = [MLM_ARG_NAMES.get(f, f) for f in (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-        "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "mamba_num_heads",
-        "mamba_head_dim", "hybrid_override_pattern")]  # fmt: skip
+    fields = ("num_layers", *(a for a in SUPPORTED_AXES if a != "num_layers"), *_KEPT_DERIVED, "hybrid_override_pattern")
+    names = [MLM_ARG_NAMES.get(f, f) for f in fields]
     flags: List[str] = []
     for name in names:
         after = getattr(pruned, name, None)

@@ -1,4 +1,4 @@
-"""The pruned sizes written into a copy of the model's Hugging Face config.
+"""The pruned sizes written into a copy of the model's Hugging Face config (names: the axis registry's `hf_names`).
 
     hidden_size <- hidden_size          intermediate_size   <- ffn_hidden_size
     num_attention_heads <- num_attention_heads   num_key_value_heads <- num_query_groups
@@ -16,21 +16,10 @@ import copy
 import warnings
 from typing import Sequence
 
-_SIZES = {
-    "hidden_size": "hidden_size",
-    "intermediate_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_query_groups",
-    "head_dim": "kv_channels",
-    "num_hidden_layers": "num_layers",
-}
-_MOE_SIZES = {  # written only where the HF config has the field
-    "num_experts": "num_moe_experts",  # Qwen2/3-MoE, OLMoE
-    "num_local_experts": "num_moe_experts",  # Mixtral, GPT-OSS
-    "n_routed_experts": "num_moe_experts",  # DeepSeek
-    "moe_intermediate_size": "moe_ffn_hidden_size",
-    "shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",  # Qwen2-MoE
-}
+from megatron_prune.minitron.axes import default_kv_channels, hf_sizes
+
+_SIZES = {**hf_sizes(optional=False), "head_dim": "kv_channels"}  # HF field -> TransformerConfig field
+_MOE_SIZES = hf_sizes(optional=True)  # written only where the HF config has the field
 
 
 def pruned_hf_config(hf_config, config, kept_layers: Sequence[int], dtype=None):
@@ -66,7 +55,7 @@ def _default(config, field: str) -> int:
     if field == "num_query_groups":
         return config.num_attention_heads
     if field == "kv_channels":
-        return config.hidden_size // config.num_attention_heads
+        return default_kv_channels(config)
     raise ValueError(f"pruned config has no {field}")
 
 

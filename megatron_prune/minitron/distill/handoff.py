@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
+from megatron_prune.minitron.axes import fits_parallel
 from megatron_prune.minitron.distill.run_card import (
     FILE_NAME, PARALLEL_RULES, Checkpoint, Parallelism, Pruning, RunCard, Tokenizer, build_run_card, fitting_size,
     write_run_card,
@@ -45,7 +46,8 @@ def write_prune_run_card(result, written: str, final: str, source: str, vocab_si
 
 def _why(name: str, size: int, configs: Dict[str, Dict[str, int]]) -> str:
     """Which sizes `size` does not divide (Megatron splits them evenly over that parallel dimension)."""
-    bad = [f"{model} {k}={c[k]}" for model, c in configs.items() for k in PARALLEL_RULES.get(name, ()) if c.get(k) and c[k] % size]
+    bad = [f"{model} {k}={c[k]}" for model, c in configs.items() for k in PARALLEL_RULES.get(name, ())
+           if c.get(k) and not fits_parallel(k, c[k], name, size)]  # fmt: skip
     return f"{size} does not divide {', '.join(bad)} (Megatron splits them evenly)"
 
 

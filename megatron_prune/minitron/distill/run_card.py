@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, get_type_hints
 
+from megatron_prune.minitron.axes import fits_parallel, hf_name_of, parallel_rules
 from megatron_prune.minitron.config import PruneConfigError
 
 FORMAT = "megatron-prune/distillation-run-card"
@@ -65,18 +66,11 @@ GUIDELINE = "https://github.com/NVIDIA/Model-Optimizer/tree/main/examples/prunin
 PLACEHOLDER = "PLACEHOLDER/path/to/tokenized_text_document"  # a Megatron-tokenized data prefix to fill in
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # HF config.json names of the sizes a card records (TransformerConfig names), to catch a stale card
-_HF_NAMES = {"hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size", "num_layers": "num_hidden_layers",
-             "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads"}  # fmt: skip
-
-
-# the model sizes each parallel dimension splits (Megatron-core divides them evenly; uneven pipeline stages need a
-# custom layout, which a suggested recipe does not assume)
-PARALLEL_RULES = {
-    "tensor_model_parallel_size": ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size",
-                                   "mamba_num_heads"),
-    "pipeline_model_parallel_size": ("num_layers",),
-    "expert_model_parallel_size": ("num_moe_experts",),
-}  # fmt: skip
+_HF_NAMES = {axis: hf_name_of(axis) for axis in ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                                                  "num_query_groups")}  # fmt: skip
+# the model sizes each parallel dimension splits, by the axis registry's rules (a suggested recipe assumes pipeline
+# stages of equal depth: uneven stages need a custom layout)
+PARALLEL_RULES = parallel_rules()
 
 
 class RunCardError(PruneConfigError):
@@ -241,8 +235,8 @@ def override_recipe(recipe: Recipe, **changes: Any) -> Recipe:
 
 def fitting_size(name: str, at_most: int, configs: Dict[str, Dict[str, int]]) -> int:
     """The largest parallel size <= `at_most` for `name` (a `Parallelism` field) that divides every model's sizes."""
-    sizes = [c[k] for c in configs.values() for k in PARALLEL_RULES.get(name, ()) if c.get(k)]
-    return next(d for d in range(max(at_most, 1), 0, -1) if all(v % d == 0 for v in sizes))
+    sizes = [(k, c[k]) for c in configs.values() for k in PARALLEL_RULES.get(name, ()) if c.get(k)]
+    return next(d for d in range(max(at_most, 1), 0, -1) if all(fits_parallel(k, v, name, d) for k, v in sizes))
 
 
 def data_paths(recipe: Recipe) -> List[str]:
@@ -321,7 +315,7 @@ def check_parallelism(par: Parallelism, configs: Dict[str, Dict[str, int]], reci
         size = getattr(par, par_name)
         for model, config in configs.items():
             for key in keys:
-                if config.get(key) and config[key] % size:
+                if config.get(key) and not fits_parallel(key, config[key], par_name, size):
                     raise RunCardError(f"parallelism.{par_name}={size} does not divide {model}.config.{key}="
                                        f"{config[key]}: choose a divisor of {config[key]}")  # fmt: skip
     cp = par.context_parallel_size

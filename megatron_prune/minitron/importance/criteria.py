@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from megatron_prune.minitron.axes import ALIASES, AXES
 from megatron_prune.minitron.config import PruneConfigError
 
 Tensor = torch.Tensor
@@ -108,31 +109,14 @@ def _criteria() -> Dict[str, Dict[str, Criterion]]:
 
 CRITERIA: Dict[str, Dict[str, Criterion]] = _criteria()
 
-# Chosen by measurement on SmolLM2-135M (benchmarks/quality/RESULTS.md, "Importance criteria"): the best
-# forward-only criterion per axis; MoE and Mamba axes (no real model offline to measure) keep the reference's.
-DEFAULT_CRITERIA: Dict[str, str] = {
-    "hidden_size": "minitron",
-    "ffn_hidden_size": "minitron",
-    "num_attention_heads": "output_contribution",
-    "num_query_groups": "output_contribution",
-    "num_moe_experts": "minitron",
-    "moe_ffn_hidden_size": "minitron",
-    "moe_shared_expert_intermediate_size": "minitron",
-    "mamba_num_heads": "minitron",
-    "mamba_head_dim": "minitron",
-    "num_layers": "block_influence",
-}
+# The default criterion of each axis is the axis registry's (chosen by measurement on SmolLM2-135M).
+DEFAULT_CRITERIA: Dict[str, str] = {name: axis.criterion for name, axis in AXES.items()}
 
 # The reference's criteria (NVIDIA Model Optimizer `mcore_minitron`), for reproducing it: `criteria="reference"`.
 REFERENCE_CRITERIA: Dict[str, str] = {axis: next(iter(names)) for axis, names in CRITERIA.items()}
 
-# Short names accepted on the command line (`--importance heads=output_contribution,ffn=minitron`).
-AXIS_ALIASES: Dict[str, str] = {
-    "hidden": "hidden_size", "ffn": "ffn_hidden_size", "heads": "num_attention_heads",
-    "groups": "num_query_groups", "kv_groups": "num_query_groups", "layers": "num_layers", "depth": "num_layers",
-    "experts": "num_moe_experts", "moe_ffn": "moe_ffn_hidden_size", "shared_ffn": "moe_shared_expert_intermediate_size",
-    "mamba_heads": "mamba_num_heads",
-}  # fmt: skip
+# Short names accepted on the command line (`--importance heads=output_contribution,ffn=minitron`): the registry's.
+AXIS_ALIASES: Dict[str, str] = ALIASES
 
 
 def resolve_criteria(spec: Union[None, str, Mapping[str, str]] = None) -> Dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron_prune.errors import PruneError
+from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.importance.statistics import StatStore
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.model import hybrid_pattern_of
@@ -95,7 +96,7 @@ def config_architecture(cfg, pattern: Optional[str] = None) -> Dict[str, object]
     if pattern:
         arch["hybrid_pattern"] = pattern
     arch["num_query_groups"] = arch["num_query_groups"] or cfg.num_attention_heads
-    arch["kv_channels"] = arch["kv_channels"] or cfg.hidden_size // cfg.num_attention_heads
+    arch["kv_channels"] = default_kv_channels(cfg)
     arch["activation_func"] = getattr(cfg.activation_func, "__name__", repr(cfg.activation_func))
     return arch
 

@@ -33,11 +33,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.config import moe_layer_pattern
 from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.slicing.geometry import KINDS
 from megatron_prune.minitron.slicing.table import (
-    CHANNELS, GATED_ROWS, HEAD_COLUMNS, MAMBA_CHANNELS, MAMBA_CONV, MAMBA_CONV_CHANNELS, MAMBA_HEADS, MAMBA_IN,
-    MAMBA_INNER, QKV, ROUTED_EXPERTS, Geometry, axes_of, is_tied_output_copy, layer_name, split_expert_name,
+    MAMBA_CHANNELS, MAMBA_CONV_CHANNELS, ROUTED_EXPERTS, Geometry, axes_of, is_tied_output_copy, layer_name,
+    split_expert_name,
 )
 
 Dim = Union[int, Geometry]  # a fixed length, or a geometry of the axis table
@@ -69,20 +71,8 @@ class Sizes:
         return self.sizes[axis]
 
     def length(self, geometry: Geometry) -> int:
-        """Length of a geometry's dim (the number of indices it keeps) at these sizes."""
-        if geometry.kind == CHANNELS:
-            return self.sizes[geometry.axis]
-        if geometry.kind == GATED_ROWS:  # [gate; up] when gated
-            return self.sizes[geometry.axis] * (2 if self.gated_linear_unit else 1)
-        if geometry.kind == QKV:  # per group [Q.., K, V]
-            return (self.size("num_attention_heads") + 2 * self.size("num_query_groups")) * self.kv_channels
-        if geometry.kind == HEAD_COLUMNS:
-            return self.size("num_attention_heads") * self.kv_channels
-        if geometry.kind in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV):
-            heads, inner = self.size("mamba_num_heads"), self.size("mamba_num_heads") * self.size("mamba_head_dim")
-            bc = 2 * self.mamba_num_groups * self.mamba_state_dim  # B and C: never pruned
-            return {MAMBA_HEADS: heads, MAMBA_INNER: inner, MAMBA_IN: 2 * inner + bc + heads, MAMBA_CONV: inner + bc}[geometry.kind]
-        raise KeyError(f"no length for geometry {geometry!r}")
+        """Length of a geometry's dim (the number of indices it keeps) at these sizes: its kind's."""
+        return KINDS[geometry.kind].length(self.size, self, geometry.axis)
 
 
 @dataclass(frozen=True)
@@ -261,7 +251,7 @@ def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
     kinds, layer_kinds = _group(layers)
     topk = cfg.moe_router_topk if cfg.num_moe_experts else 0
     mamba = (cfg.mamba_num_groups, cfg.mamba_state_dim, kernel) if any(is_mamba(k) for k in kinds) else (0, 0, 0)
-    return Inventory(whole_model, kinds, layer_kinds, _kv_channels(cfg), bool(cfg.gated_linear_unit), topk, *mamba)
+    return Inventory(whole_model, kinds, layer_kinds, default_kv_channels(cfg), bool(cfg.gated_linear_unit), topk, *mamba)
 
 
 def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_weights: bool = True,
@@ -269,7 +259,7 @@ def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_wei
     """The inventory of the GPTModel Megatron builds from `config` (dense or MoE layers, local or TE layer
     spec with the default final norm), without building it. The tensor shapes are stated here; tests check
     them against models Megatron builds."""
-    H, F, N, d = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, _kv_channels(config)
+    H, F, N, d = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, default_kv_channels(config)
     G = config.num_query_groups or N
     norm = ("weight", "bias") if config.normalization == "LayerNorm" else ("weight",)
     bias = config.add_bias_linear
@@ -320,7 +310,3 @@ def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_wei
         gated_linear_unit=bool(config.gated_linear_unit),
         moe_router_topk=config.moe_router_topk if config.num_moe_experts else 0,
     )
-
-
-def _kv_channels(config) -> int:
-    return config.kv_channels or config.hidden_size // config.num_attention_heads

@@ -275,7 +275,7 @@ def log_candidates(candidates: List[Candidate], budgets: Mapping[str, float], wi
 
 
 def _log_table(title: Optional[str], header: List[str], rows: List[List[str]]) -> None:
-    from megatron_prune.minitron.report import format_table
+    from megatron_prune.common.log import format_table
 
     if title:
         log(title)

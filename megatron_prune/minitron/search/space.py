@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
+from megatron_prune.minitron.axes import AXES, DEPTH
 from megatron_prune.minitron.config import SUPPORTED_AXES, ModelShape, PruneConfigError, SearchConfig, validate_export_config
 from megatron_prune.common.log import log
 from megatron_prune.minitron.search.counting import Counts, Inventory, MemorySpec
@@ -94,9 +95,10 @@ def build_space(shape: ModelShape, config: SearchConfig) -> SearchSpace:
     for axis in SUPPORTED_AXES:
         if axis not in sizes or axis in config.axes_to_skip:
             continue
-        fraction = config.max_depth_pruning if axis == "num_layers" else config.max_width_pruning
-        # Mamba heads: multiples of the groups (each group keeps the same number of heads)
-        divisor = shape.mamba_num_groups if axis == "mamba_num_heads" else getattr(config, f"{axis}_divisor", 1)
+        a = AXES[axis]
+        fraction = config.max_depth_pruning if a.scope == DEPTH else config.max_width_pruning
+        # the registry's step: a SearchConfig divisor, or a model fact (Mamba heads: multiples of the groups)
+        divisor = getattr(shape, a.nas_step_of_shape) if a.nas_step_of_shape else getattr(config, a.nas_divisor or "", 1)
         kept = truncate(divisor_choices(sizes[axis], divisor), fraction)
         if len(kept) > 1:
             choices[axis] = kept

@@ -2,10 +2,15 @@
 
 Pure functions on index tensors, in MCore's notation: N query heads in G groups (q = N/G heads per
 group), head dim d, FFN size F; Mamba nh heads of hd channels in ng groups. Every function returns a 1-D
-LongTensor of indices into the original dimension, in the order the pruned tensor stores them.
+LongTensor of indices into the original dimension, in the order the pruned tensor stores them. The
+geometry *kinds* at the end pair each index map with its length at given sizes (slicing and counting read
+the same kind).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -71,3 +76,74 @@ def mamba_conv_channels(heads: Tensor, dims: Tensor, nheads: int, head_dim: int,
     """Channels of `conv1d` (weight [D + bc, 1, k], bias [D + bc]) kept: x's kept channels, then all of B, C."""
     D = nheads * head_dim
     return torch.cat([mamba_inner(heads, dims, head_dim), D + torch.arange(bc)])
+
+
+# Geometry kinds: each owns the indices a dim keeps (slicing) and their number at given sizes (counting), so
+# the two cannot disagree (tests/test_slicing.py checks len(index) == length on every kind).
+#   index(kept, shape, axis)  kept(axis) -> kept indices of an axis or None (all, in order); shape: the
+#                             original `ModelShape`. Returns the dim's indices, or None (all, in order).
+#   length(size, facts, axis) size(axis) -> a kept size; facts: kv_channels, gated_linear_unit,
+#                             mamba_num_groups, mamba_state_dim (a ModelShape or a counting `Sizes`).
+CHANNELS, GATED_ROWS, QKV, HEAD_COLUMNS = "channels", "gated_rows", "qkv_rows", "head_cols"
+MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV = "mamba_heads", "mamba_inner", "mamba_in_rows", "mamba_conv"
+_N, _G, _NH, _HD = "num_attention_heads", "num_query_groups", "mamba_num_heads", "mamba_head_dim"
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    index: Callable[[Callable[[str], Optional[Tensor]], object, str], Optional[Tensor]]
+    length: Callable[[Callable[[str], int], object, str], int]
+
+
+def _gated_index(kept, shape, axis):
+    channels = kept(axis)
+    return None if channels is None else gated_rows(channels, getattr(shape, axis), shape.gated_linear_unit)
+
+
+def _heads_index(rows: bool):
+    def index(kept, shape, axis):
+        groups = kept(_G)
+        if groups is None:
+            return None
+        fn = qkv_rows if rows else head_columns
+        return fn(groups, kept(_N), shape.heads_per_group, shape.kv_channels)
+
+    return index
+
+
+def _mamba_index(kind: str):
+    def index(kept, shape, axis):
+        if kept(_NH) is None and kept(_HD) is None:
+            return None
+        nh, hd = shape.mamba_num_heads, shape.mamba_head_dim
+        heads = torch.arange(nh) if kept(_NH) is None else kept(_NH).long()
+        dims = torch.arange(hd) if kept(_HD) is None else kept(_HD)
+        bc = 2 * shape.mamba_num_groups * shape.mamba_state_dim
+        if kind == MAMBA_HEADS:
+            return heads
+        if kind == MAMBA_INNER:
+            return mamba_inner(heads, dims, hd)
+        if kind == MAMBA_IN:
+            return mamba_in_rows(heads, dims, nh, hd, bc)
+        return mamba_conv_channels(heads, dims, nh, hd, bc)
+
+    return index
+
+
+def _mamba_length(kind: str):
+    def length(size, facts, axis):
+        heads, inner = size(_NH), size(_NH) * size(_HD)
+        bc = 2 * facts.mamba_num_groups * facts.mamba_state_dim  # B and C: never pruned
+        return {MAMBA_HEADS: heads, MAMBA_INNER: inner, MAMBA_IN: 2 * inner + bc + heads, MAMBA_CONV: inner + bc}[kind]
+
+    return length
+
+
+KINDS: Dict[str, Kind] = {k.name: k for k in (
+    Kind(CHANNELS, lambda kept, shape, axis: kept(axis), lambda size, facts, axis: size(axis)),
+    Kind(GATED_ROWS, _gated_index, lambda size, facts, axis: size(axis) * (2 if facts.gated_linear_unit else 1)),
+    Kind(QKV, _heads_index(rows=True), lambda size, facts, axis: (size(_N) + 2 * size(_G)) * facts.kv_channels),
+    Kind(HEAD_COLUMNS, _heads_index(rows=False), lambda size, facts, axis: size(_N) * facts.kv_channels),
+    *(Kind(k, _mamba_index(k), _mamba_length(k)) for k in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV)),
+)}  # fmt: skip

@@ -13,27 +13,19 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from megatron_prune.minitron.config import ModelShape
-from megatron_prune.minitron.ranking import AXIS_FIELDS, Orders
+from megatron_prune.minitron.ranking import CHANNEL_AXES, GROUPS, HEADS, MAMBA_HEAD_DIM, MAMBA_HEADS, ByAxis, Orders
 
 Tensor = torch.Tensor
 
 
-@dataclass
-class LayerKeep:
-    """What one layer keeps; None: everything, in the original order (or the layer has no such module)."""
-
-    ffn: Optional[Tensor] = None  # [F'] kept channels
-    groups: Optional[Tensor] = None  # [G'] kept query groups
-    heads: Optional[Tensor] = None  # [G', q'] kept heads within each kept group (local indices)
-    experts: Optional[Tensor] = None  # [E'] kept routed experts; kept expert j is original expert experts[j]
-    moe_ffn: Optional[Tensor] = None  # [E, Fm'] kept channels of each *original* routed expert
-    shared_ffn: Optional[Tensor] = None  # [Fs'] kept shared-expert channels
-    mamba_heads: Optional[Tensor] = None  # [nh'] kept Mamba heads (global indices), group by group
-    mamba_dims: Optional[Tensor] = None  # [hd'] kept channels within every Mamba head
-
-    def channels(self, axis: str) -> Optional[Tensor]:
-        """The kept indices of a per-layer channel axis (see `ranking.AXIS_FIELDS`)."""
-        return getattr(self, AXIS_FIELDS[axis])
+class LayerKeep(ByAxis):
+    """What one layer keeps, {axis: kept indices}; absent: everything, in the original order (or the layer has
+    no such module). Reads by short name too (``keep.ffn``, None when absent):
+      ffn_hidden_size [F'] kept channels; num_query_groups [G'] kept query groups; num_attention_heads [G', q']
+      kept heads within each kept group (local indices); num_moe_experts [E'] (kept expert j is original
+      expert experts[j]); moe_ffn_hidden_size [E, Fm'] kept channels of each *original* routed expert;
+      moe_shared_expert_intermediate_size [Fs']; mamba_num_heads [nh'] kept Mamba heads (global indices),
+      group by group; mamba_head_dim [hd'] kept channels within every Mamba head."""
 
 
 @dataclass
@@ -48,27 +40,26 @@ class PrunePlan:
 def plan_pruning(orders: Orders, shape: ModelShape, target: Mapping[str, int], requested: Mapping[str, int]) -> PrunePlan:
     """`target`: complete sizes; `requested`: the axes the user named (those are sorted)."""
     G = shape.num_query_groups
-    sort_heads = "num_attention_heads" in requested or "num_query_groups" in requested
+    sort_heads = HEADS in requested or GROUPS in requested
     n_keep = target["num_layers"]
     kept_layers = sorted(orders.layer_ranking[:n_keep]) if "num_layers" in requested else list(range(1, shape.num_layers + 1))
     layers = {}
     for n in kept_layers:
         o, keep = orders.layers[n], LayerKeep()
-        for axis, name in AXIS_FIELDS.items():
-            order = getattr(o, name)
-            if axis in requested and order is not None:
-                setattr(keep, name, order[..., : target[axis]])  # [E, Fm] orders: every expert keeps Fm'
-        if sort_heads and o.heads is not None:
-            groups_t, heads_t = target["num_query_groups"], target["num_attention_heads"]
-            keep.groups = o.groups[:groups_t] if "num_query_groups" in requested else torch.arange(G)
-            keep.heads = o.heads[keep.groups][:, : heads_t // groups_t]
-        if o.mamba_heads is not None:  # the top heads of every group (B and C are per group: all groups stay)
-            if "mamba_num_heads" in requested:
-                per_group = o.mamba_heads.shape[1]
-                local = o.mamba_heads[:, : target["mamba_num_heads"] // shape.mamba_num_groups]  # [ng, nh'/ng]
-                keep.mamba_heads = (torch.arange(shape.mamba_num_groups)[:, None] * per_group + local).reshape(-1)
-            if "mamba_head_dim" in requested:
-                keep.mamba_dims = o.mamba_dims[: target["mamba_head_dim"]]
+        for axis in CHANNEL_AXES:
+            if axis in requested and axis in o:
+                keep[axis] = o[axis][..., : target[axis]]  # [E, Fm] orders: every expert keeps Fm'
+        if sort_heads and HEADS in o:
+            groups_t, heads_t = target[GROUPS], target[HEADS]
+            keep[GROUPS] = o[GROUPS][:groups_t] if GROUPS in requested else torch.arange(G)
+            keep[HEADS] = o[HEADS][keep[GROUPS]][:, : heads_t // groups_t]
+        if MAMBA_HEADS in o:  # the top heads of every group (B and C are per group: all groups stay)
+            if MAMBA_HEADS in requested:
+                per_group = o[MAMBA_HEADS].shape[1]
+                local = o[MAMBA_HEADS][:, : target[MAMBA_HEADS] // shape.mamba_num_groups]  # [ng, nh'/ng]
+                keep[MAMBA_HEADS] = (torch.arange(shape.mamba_num_groups)[:, None] * per_group + local).reshape(-1)
+            if MAMBA_HEAD_DIM in requested:
+                keep[MAMBA_HEAD_DIM] = o[MAMBA_HEAD_DIM][: target[MAMBA_HEAD_DIM]]
         layers[n] = keep
     return PrunePlan(
         target=dict(target),

@@ -15,55 +15,28 @@ import torch
 
 from megatron_prune.minitron.config import ModelShape, UnsupportedModelError
 from megatron_prune.minitron.runtime.parallel import ParallelContext
-from megatron_prune.minitron.slicing import geometry as geo
+from megatron_prune.minitron.slicing.geometry import KINDS
 from megatron_prune.minitron.slicing.plan import LayerKeep, PrunePlan
 from megatron_prune.minitron.slicing.table import (
-    CHANNELS, GATED_ROWS, HEAD_COLUMNS, HIDDEN, MAMBA_CONV, MAMBA_HEADS, MAMBA_IN, MAMBA_INNER, PER_EXPERT_AXES, QKV,
-    Geometry, axes_of, expert_name, layer_name, split_expert_name,
+    HIDDEN, PER_EXPERT_AXES, Geometry, axes_of, expert_name, layer_name, split_expert_name,
 )
 from megatron_prune.minitron.slicing.tensor_parallel import gather_full, partition, shard
 
 
 def _index(geometry: Geometry, plan: PrunePlan, keep: Optional[LayerKeep], shape: ModelShape,
            expert: Optional[int] = None) -> Optional[torch.Tensor]:  # fmt: skip
-    """The indices a tensor dim keeps (None: all, in order). `expert`: the original routed expert the
-    tensor belongs to (for per-expert axes)."""
+    """The indices a tensor dim keeps (None: all, in order), by the geometry's kind. `expert`: the original
+    routed expert the tensor belongs to (for per-expert axes)."""
     if geometry == HIDDEN:
         return plan.hidden
     if keep is None:
         raise ValueError(f"geometry {geometry} used outside a decoder layer")
-    q, d = shape.heads_per_group, shape.kv_channels
-    if geometry.kind == QKV:
-        return None if keep.groups is None else geo.qkv_rows(keep.groups, keep.heads, q, d)
-    if geometry.kind == HEAD_COLUMNS:
-        return None if keep.groups is None else geo.head_columns(keep.groups, keep.heads, q, d)
-    if geometry.kind in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV):
-        return _mamba_index(geometry.kind, keep, shape)
-    channels = keep.channels(geometry.axis)
-    if channels is not None and geometry.axis in PER_EXPERT_AXES:
-        channels = channels[expert]
-    if geometry.kind == CHANNELS or channels is None:
-        return channels
-    if geometry.kind == GATED_ROWS:
-        return geo.gated_rows(channels, getattr(shape, geometry.axis), shape.gated_linear_unit)
-    raise KeyError(f"unknown geometry {geometry!r}")
 
+    def kept(axis: str) -> Optional[torch.Tensor]:
+        indices = keep.get(axis)
+        return indices[expert] if indices is not None and axis in PER_EXPERT_AXES else indices
 
-def _mamba_index(kind: str, keep: LayerKeep, shape: ModelShape) -> Optional[torch.Tensor]:
-    """Indices of a Mamba mixer dim: all heads / all channels of a head where only the other axis is pruned."""
-    if keep.mamba_heads is None and keep.mamba_dims is None:
-        return None
-    nh, hd = shape.mamba_num_heads, shape.mamba_head_dim
-    heads = torch.arange(nh) if keep.mamba_heads is None else keep.mamba_heads
-    dims = torch.arange(hd) if keep.mamba_dims is None else keep.mamba_dims
-    bc = 2 * shape.mamba_num_groups * shape.mamba_state_dim
-    if kind == MAMBA_HEADS:
-        return heads.long()
-    if kind == MAMBA_INNER:
-        return geo.mamba_inner(heads, dims, hd)
-    if kind == MAMBA_IN:
-        return geo.mamba_in_rows(heads, dims, nh, hd, bc)
-    return geo.mamba_conv_channels(heads, dims, nh, hd, bc)
+    return KINDS[geometry.kind].index(kept, shape, geometry.axis)
 
 
 def slice_tensor(t: torch.Tensor, dims: Mapping[int, str], index_of) -> torch.Tensor:

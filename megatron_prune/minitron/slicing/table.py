@@ -7,7 +7,8 @@ differs from the local spec only in where a norm lives (`linear_qkv.layer_norm_w
 role, `mlp.experts.local_experts.*`: each expert holds the same tensors, and experts are renumbered when
 `num_moe_experts` is pruned (kept experts in importance order).
 
-A dim maps to a `Geometry`, an index map (its kind) applied to the kept indices of one axis:
+A dim maps to a `Geometry`, an index map (its kind, `geometry.KINDS`: indices and length) applied to the
+kept indices of one axis:
   channels   kept indices of the axis as they are             plan        [n']
   gated_rows kept channels of fc1 ([gate; up] if gated)       geometry.gated_rows   [F' or 2F']
   qkv_rows   kept [Q.., K, V] row blocks of kept groups       geometry.qkv_rows     [(G'(q'+2))d]
@@ -30,8 +31,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
-CHANNELS, GATED_ROWS, QKV, HEAD_COLUMNS = "channels", "gated_rows", "qkv_rows", "head_cols"
-MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV = "mamba_heads", "mamba_inner", "mamba_in_rows", "mamba_conv"
+from megatron_prune.minitron.axes import PER_EXPERT_AXES  # noqa: F401  (axes ranked per routed expert)
+from megatron_prune.minitron.slicing.geometry import (  # noqa: F401  (the kinds a Geometry names)
+    CHANNELS, GATED_ROWS, HEAD_COLUMNS, MAMBA_CONV, MAMBA_HEADS, MAMBA_IN, MAMBA_INNER, QKV,
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,6 @@ MAMBA_HEAD_ROWS = Geometry(MAMBA_HEADS, "mamba_num_heads")
 MAMBA_CHANNELS = Geometry(MAMBA_INNER, "mamba_num_heads")
 MAMBA_IN_ROWS = Geometry(MAMBA_IN, "mamba_num_heads")
 MAMBA_CONV_CHANNELS = Geometry(MAMBA_CONV, "mamba_num_heads")
-
-# Axes whose order is per routed expert (each expert ranks its own channels; all keep the same number).
-PER_EXPERT_AXES = ("moe_ffn_hidden_size",)
 
 
 @dataclass(frozen=True)
