@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_prune.minitron.config import PruneConfigError
-from megatron_prune.common.output import atomic_output_dir, check_output_dir
+from megatron_prune.minitron.output import atomic_output_dir, check_output_dir
 
 
 def test_published_only_on_success(tmp_path):

@@ -25,6 +25,7 @@ import time
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
+from megatron_prune.minitron.axes import AXES
 from megatron_prune.minitron.config import SUPPORTED_AXES, PruneConfigError
 from megatron_prune.errors import PruneError
 from megatron_prune.minitron.importance.criteria import describe, needing_backward, resolve_criteria
@@ -64,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("targets (TransformerConfig names)")
     t.add_argument("--export-config", default=None, help='JSON, e.g. \'{"hidden_size": 512, "ffn_hidden_size": 1024}\'')
     for axis in SUPPORTED_AXES:
-        t.add_argument(f"--target-{axis.replace('_', '-')}", type=int, default=None, dest=f"target_{axis}",
-                       help=f"pruned {axis}")
+        t.add_argument(AXES[axis].flag, type=int, default=None, dest=f"target_{axis}", help=f"pruned {axis}: {AXES[axis].help}")
 
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-data", default=None,
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collect every forward-only statistic, not only what --importance reads (a little slower; the "
                         "scores file then serves any forward-only criterion)")
     c.add_argument("--importance", default=None, metavar="AXIS=CRITERION,...",
-                   help="importance criterion per axis, e.g. heads=output_contribution,ffn=taylor (axes: hidden, ffn, heads, "
-                        "groups, layers, experts, moe_ffn, shared_ffn, mamba_heads, mamba_head_dim; criteria: minitron, "
+                   help="importance criterion per axis, e.g. heads=output_contribution,ffn=taylor (axes: "
+                        + ", ".join(a.alias for a in AXES.values()) + "; criteria: minitron, "
                         "output_contribution, taylor (a backward pass per calibration batch), block_influence; "
                         "'reference': the reference's); default: " + describe(resolve_criteria(None)))  # fmt: skip
 
@@ -136,7 +136,7 @@ def export_config_from_args(args: argparse.Namespace) -> Optional[Dict[str, int]
         value = getattr(args, f"target_{axis}")
         if value is not None:
             if axis in target and target[axis] != value:
-                raise PruneConfigError(f"--target-{axis.replace('_', '-')}={value} contradicts --export-config {axis}={target[axis]}")
+                raise PruneConfigError(f"{AXES[axis].flag}={value} contradicts --export-config {axis}={target[axis]}")
             target[axis] = value
     return target or None
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prune.minitron.bridge.checkpoint import compare_with_reload, hf_exporter, load_megatron_model, save_checkpoint_like
     from megatron_prune.minitron.distill.handoff import write_prune_run_card
     from megatron_prune.common.log import log
-    from megatron_prune.common.output import atomic_output_dir
+    from megatron_prune.minitron.output import atomic_output_dir
     from megatron_prune.minitron.report import format_tables, parameter_groups, write_report
     from megatron_prune.minitron.search.nas import search_record
     from megatron_prune.minitron.search.plot import plot_candidates
@@ -260,7 +260,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     from megatron_prune.minitron.config import ModelShape, layer_symbols, validate_export_config
     from megatron_prune.minitron.distill.args import run_card_options_from_args
     from megatron_prune.common.log import log
-    from megatron_prune.common.output import check_output_dir
+    from megatron_prune.minitron.output import check_output_dir
     from megatron_prune.minitron.preflight import check_budgets, check_sequence_length, check_weight_files, resolve_dtype
     from megatron_prune.minitron.runtime.distributed import init_distributed
     from megatron_prune.minitron.runtime.parallel import ParallelContext

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from megatron_prune.minitron.axes import AXES
 from megatron_prune.minitron.config import BUDGETS, SUPPORTED_AXES, PruneConfigError
 from megatron_prune.common.log import log
 
@@ -34,7 +35,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--calib-size", type=int, default=1024, help="calibration samples of --seq-length tokens")
     g.add_argument("--calib-data", default="default", help="calibration text: files, a directory, a glob or a dataset name")
     for axis in SUPPORTED_AXES:
-        g.add_argument(f"--target-{axis.replace('_', '-')}", type=int, default=None, help=f"prune {axis} to this value")
+        g.add_argument(AXES[axis].flag, type=int, default=None, help=f"prune {axis} to this value")
     for budget in BUDGETS:
         g.add_argument(f"--target-{budget.replace('_', '-')}", type=budget_arg, default=None,
                        help="NAS: upper bound, a count (3B) or a percentage of the model's (60%%)")  # fmt: skip

@@ -1,7 +1,7 @@
 """Write a pruned model as a Hugging Face folder and as a Megatron-Bridge checkpoint; read the latter back.
 
 Both writers are collective (every rank calls them: the bridge gathers TP shards and PP stages) and write
-into a directory the caller owns; `megatron_prune.common.output` makes the whole output directory atomic.
+into a directory the caller owns; `megatron_prune.minitron.output` makes the whole output directory atomic.
 
 - HF: the bridge converts the pruned MCore tensors to HF names; global rank 0 writes safetensors shards,
   the bridge's artifacts (tokenizer, generation config, custom code) and the pruned config.

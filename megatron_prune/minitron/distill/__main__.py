@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prune.minitron.distill.kd import Distiller, Schedule, replica_batches, run as run_steps
     from megatron_prune.minitron.distill.run_card import load_run_card, override_recipe
     from megatron_prune.common.log import log
-    from megatron_prune.common.output import atomic_output_dir, check_output_dir
+    from megatron_prune.minitron.output import atomic_output_dir, check_output_dir
     from megatron_prune.minitron.runtime.distributed import init_distributed
     from megatron_prune.minitron.runtime.parallel import ParallelContext
 
