@@ -16,6 +16,8 @@ from megatron_prune.minitron.bridge import compare_with_hf, import_hf_model, loa
 from tests.tiny import random_tokens
 from tests.tiny_hf import VOCAB, file_digests, make_hf_model
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 CASES = {
     # family, HF overrides, export_config, expected HF sizes after pruning
     "llama-width-heads-depth": ("llama", {}, {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 2, "num_layers": 3},

@@ -16,6 +16,8 @@ from megatron_prune.minitron.cli import main
 from tests.tiny_hf import file_digests, make_hf_model
 from tests.torchrun import REPO_ROOT, run_torchrun
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 TARGETS = ["--target-hidden-size", "48", "--target-ffn-hidden-size", "96", "--target-num-attention-heads", "2",
            "--target-num-layers", "3"]  # fmt: skip
 CALIB = ["--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2"]

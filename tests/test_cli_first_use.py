@@ -17,6 +17,8 @@ from megatron_prune.minitron.cli import build_parser, main
 from tests.tiny_hf import make_hf_model
 from tests.torchrun import REPO_ROOT
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 CALIB = ["--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2"]
 FAST = ["--save-format", "hf", "--no-report"]
 

@@ -46,6 +46,7 @@ def _forward_through_schedule(model, tokens, forward_only=True, loss_func=None):
     )
 
 
+@pytest.mark.heavy
 def test_apply_cpu_support_is_a_no_op_when_cuda_is_available():
     check = """
 import torch
@@ -194,6 +195,7 @@ def pipeline_runs(single_process, tmp_path_factory):
     return {name: (expected[name], last) for name, last in zip(PIPELINE_LAYOUTS, torch.load(folder / "out.pt"))}
 
 
+@pytest.mark.heavy
 @cpu_only
 @pytest.mark.parametrize("layout", PIPELINE_LAYOUTS)
 def test_pipeline_parallel_forward_equals_single_process(pipeline_runs, layout):

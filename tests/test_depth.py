@@ -192,6 +192,7 @@ def test_nas_never_drops_a_protected_layer(mcore):
 # --- command line ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_command_line_depth_flags(tmp_path, capsys, monkeypatch):
     """--layers-to-drop drops exactly those layers and exports a model of that depth; --protect-layers and
     --iterative-depth reach the prune and the summary; bad lists fail with exit 2 before the model is imported."""

@@ -13,6 +13,8 @@ from megatron_prune.minitron.distill.__main__ import main as distill_main
 from megatron_prune.minitron.distill.run_card import FILE_NAME, load_run_card
 from tests.tiny_hf import make_hf_model
 
+pytestmark = pytest.mark.heavy  # a prune, then the distillation CLI and the CPU pipeline
+
 PRUNE = ["--target-hidden-size", "48", "--target-ffn-hidden-size", "64", "--target-num-layers", "3",
          "--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2", "--no-report",
          "--distill-global-batch-size", "64", "--distill-train-tokens", "1M"]  # fmt: skip

@@ -119,6 +119,7 @@ def _without_energon():
             sys.modules.pop("megatron.energon", None)
 
 
+@pytest.mark.heavy
 def test_run_card_round_trips_into_the_bridge_distillation_config(card_path, tmp_path):
     from megatron_prune.minitron.distill.run_card import load_run_card
     from megatron_prune.minitron.runtime.cpu import apply_bridge_cpu_support
@@ -158,6 +159,7 @@ def test_run_card_round_trips_into_the_bridge_distillation_config(card_path, tmp
     assert config.tokenizer.vocab_size == 288 and config.checkpoint.save == str(tmp_path / "kd" / "checkpoints")
 
 
+@pytest.mark.heavy
 def test_bridge_distill_refuses_bad_input(card_path, tmp_path, capsys):
     bd = _load("bridge_distill")
     base = ["--run-card", str(card_path), "--output-dir", str(tmp_path / "kd")]

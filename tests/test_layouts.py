@@ -17,6 +17,8 @@ from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config, tiny_moe_
 from tests.torchrun import REPO_ROOT, run_torchrun
 from tests.workers.prune_layouts import TAYLOR, TAYLOR_LAYOUTS
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 VOCAB, SEQ = 128, 16
 EXPORT = {"hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2, "num_layers": 3}
 MOE_EXPORT = {"hidden_size": 48, "num_moe_experts": 3, "moe_ffn_hidden_size": 16, "moe_shared_expert_intermediate_size": 32,

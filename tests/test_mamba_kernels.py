@@ -284,6 +284,7 @@ def test_tiny_hybrid_model_is_deterministic(mcore):
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_again))
 
 
+@pytest.mark.heavy
 @cpu_only
 def test_tensor_parallel_2_matches_tp1(mcore, tmp_path):
     """TP=2 under torchrun (gloo) gives the TP=1 logits and, shard by shard, the TP=1 gradients."""

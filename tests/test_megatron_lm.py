@@ -20,6 +20,7 @@ def parse(tokenizer, *argv):
     return parser.parse_args(list(argv), namespace=mlm_args(tokenizer, seq_length=32, micro_batch_size=2))
 
 
+@pytest.mark.heavy  # Megatron-Bridge loads the checkpoint back
 def test_prune_saves_a_checkpoint_megatron_lm_rebuilds_from_its_args(mcore, tmp_path):
     tokenizer = make_hf_model(tmp_path / "tok", "llama")
     args = parse(tokenizer, "--target-ffn-hidden-size", "96", "--layers-to-drop", "2", "--protect-layers", "first",

@@ -19,6 +19,8 @@ from tests.megatron_ckpt import build_mlm_model, mlm_args, tree_digest, write_ml
 from tests.tiny_hf import make_hf_model
 from tests.torchrun import REPO_ROOT, run_torchrun
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 CALIB = ["--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2"]
 WORKERS = REPO_ROOT / "tests" / "workers"
 

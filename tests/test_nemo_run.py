@@ -16,6 +16,8 @@ import pytest
 from tests.tiny_hf import make_hf_model
 from tests.torchrun import REPO_ROOT
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 pytest.importorskip("nemo_run")
 EXPERIMENT = REPO_ROOT / "launch" / "nemo_run" / "experiment.py"
 TINY = ["--prune-args", "--calib-samples 8 --seq-length 32 --micro-batch-size 2 --no-report",

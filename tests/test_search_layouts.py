@@ -17,6 +17,8 @@ from tests.test_search_scores import QUESTIONS, CharTokenizer
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 from tests.torchrun import REPO_ROOT, run_torchrun
 
+pytestmark = pytest.mark.heavy  # processes (torchrun / CLI / NeMo-Run) or Megatron-Bridge round trips
+
 LAYOUTS = ("pp2", "tp2", "dp2")
 CONSTRAINTS = {"params": 110_000}
 
