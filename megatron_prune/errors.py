@@ -15,3 +15,11 @@ class PruneConfigError(PruneError, ValueError):
 
 class UnsupportedModelError(PruneError, ValueError):
     """The model holds a module or architecture this package cannot prune (the message names it)."""
+
+
+class ScoresFileError(PruneError, ValueError):
+    """A Minitron scores file that cannot serve this model or these settings (or is not a scores file)."""
+
+
+class RunCardError(PruneConfigError):
+    """A distillation run card that cannot drive a distillation; the message names the field."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.data.calibration import DEFAULT_CORPUS, calibration_tokens, micro_batches, resolve_files
 from tests.tiny_hf import make_tokenizer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.depth import DepthOptions, parse_layer_list
 from tests.tiny import build_tiny_gpt, random_tokens, tiny_gpt_config
 

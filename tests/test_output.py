@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.output import atomic_output_dir, check_output_dir
 
 

@@ -396,7 +396,7 @@ def test_scores_survive_vocabulary_padding(mcore, tmp_path):
 def test_given_importance_ranks_without_calibration(mcore):
     """`importance=` (e.g. a baseline) replaces the statistics: no forward_loop is needed, and the kept
     channels, heads and layers are exactly the top of the given importance."""
-    from megatron_prune.minitron.config import PruneConfigError
+    from megatron_prune.errors import PruneConfigError
     from megatron_prune.minitron.ranking import Importance
 
     model = build_tiny_gpt(tiny_gpt_config())

@@ -26,8 +26,8 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 from megatron_prune.minitron.axes import AXES
-from megatron_prune.minitron.config import SUPPORTED_AXES, PruneConfigError
-from megatron_prune.errors import PruneError
+from megatron_prune.minitron.config import SUPPORTED_AXES
+from megatron_prune.errors import PruneConfigError, PruneError
 from megatron_prune.minitron.importance.criteria import describe, needing_backward, resolve_criteria
 
 # The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 72.4% of its 134.5M parameters:

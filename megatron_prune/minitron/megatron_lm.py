@@ -23,7 +23,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from megatron_prune.minitron.axes import AXES
-from megatron_prune.minitron.config import BUDGETS, SUPPORTED_AXES, PruneConfigError
+from megatron_prune.errors import PruneConfigError
+from megatron_prune.minitron.config import BUDGETS, SUPPORTED_AXES
 from megatron_prune.common.log import log
 
 

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import torch
 
-from megatron_prune.minitron.config import ModelShape, PruneConfigError, UnsupportedModelError
+from megatron_prune.errors import PruneConfigError, UnsupportedModelError
+from megatron_prune.minitron.config import ModelShape
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.model import block_spec_layers
 from megatron_prune.minitron.slicing.table import axes_of

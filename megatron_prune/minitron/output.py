@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.runtime.interrupt import raise_if_interrupted
 from megatron_prune.minitron.runtime.parallel import ParallelContext, as_problem
 

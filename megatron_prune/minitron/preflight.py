@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.common.log import log
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_prune.minitron.axes import SUPPORTED_AXES, mlm_arg_names
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 

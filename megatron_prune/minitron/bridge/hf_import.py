@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from megatron_prune.minitron.config import PruneConfigError, UnsupportedModelError
+from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "org/name" or "name": what `from_pretrained` resolves on the hub

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 

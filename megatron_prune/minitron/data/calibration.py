@@ -20,7 +20,7 @@ from typing import Iterator, List
 
 import torch
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "jargon_file_4.4.7_excerpt.txt.gz"
 _BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 
 _OVERRIDES = ("train_iters", "train_tokens", "seq_length", "micro_batch_size", "global_batch_size", "lr", "min_lr",
               "lr_warmup_iters", "temperature", "seed")  # fmt: skip

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 
 
 def perplexity(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
 

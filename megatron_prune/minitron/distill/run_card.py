@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, get_type_hints
 
 from megatron_prune.minitron.axes import fits_parallel, hf_name_of, parallel_rules
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import RunCardError  # noqa: F401  (raised here; importable from here too)
 
 FORMAT = "megatron-prune/distillation-run-card"
 VERSION = 1
@@ -71,10 +71,6 @@ _HF_NAMES = {axis: hf_name_of(axis) for axis in ("hidden_size", "ffn_hidden_size
 # the model sizes each parallel dimension splits, by the axis registry's rules (a suggested recipe assumes pipeline
 # stages of equal depth: uneven stages need a custom layout)
 PARALLEL_RULES = parallel_rules()
-
-
-class RunCardError(PruneConfigError):
-    """A run card that cannot drive a distillation; the message names the field."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.importance.criteria import missing_statistics, needing_backward, statistics_needed
 from megatron_prune.minitron.importance.hooks import collect_statistics, is_gradient_statistic, statistics_by_layer
 from megatron_prune.minitron.importance.reduce import reduce_statistics

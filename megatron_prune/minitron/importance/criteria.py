@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from megatron_prune.minitron.axes import ALIASES, AXES
-from megatron_prune.minitron.config import PruneConfigError
+from megatron_prune.errors import PruneConfigError
 
 Tensor = torch.Tensor
 Score = Callable[[Tensor, "object"], Tensor]  # (one layer's raw statistic, ModelShape) -> importance

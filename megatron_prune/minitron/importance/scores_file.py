@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_prune.errors import PruneError
+from megatron_prune.errors import ScoresFileError  # noqa: F401  (raised here; importable from here too)
 from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.importance.statistics import StatStore
 from megatron_prune.minitron.runtime.parallel import ParallelContext
@@ -52,10 +52,6 @@ _VOCAB_ROWS = 1024  # rows of vocabulary-indexed tensors digested: real tokens u
 # Settings of a calibration record that users set, with the command-line flag that sets each
 CALIBRATION_FLAGS = {"data": "--calib-data", "samples": "--calib-samples", "seq_length": "--seq-length", "seed": "--seed",
                      "text_field": "--calib-text-field", "split": "--calib-split"}  # fmt: skip
-
-
-class ScoresFileError(PruneError, ValueError):
-    """The scores file cannot be used for this model (or is not a scores file)."""
 
 
 @dataclass

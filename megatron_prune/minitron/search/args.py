@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
 from megatron_prune.common.budgets import is_percent, parse_budget, parse_count
-from megatron_prune.minitron.config import BUDGETS, PruneConfigError, SearchConfig
+from megatron_prune.errors import PruneConfigError
+from megatron_prune.minitron.config import BUDGETS, SearchConfig
 from megatron_prune.minitron.data.scores import ScoreSpec
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SearchConfig)}

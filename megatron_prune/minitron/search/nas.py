@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from megatron_prune.minitron.config import ModelShape, PruneConfigError, SearchConfig, validate_budgets
+from megatron_prune.errors import PruneConfigError
+from megatron_prune.minitron.config import ModelShape, SearchConfig, validate_budgets
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.counting import Counts, Inventory, inventory_of

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from megatron_prune.minitron.axes import AXES, DEPTH
-from megatron_prune.minitron.config import SUPPORTED_AXES, ModelShape, PruneConfigError, SearchConfig, validate_export_config
+from megatron_prune.errors import PruneConfigError
+from megatron_prune.minitron.config import SUPPORTED_AXES, ModelShape, SearchConfig, validate_export_config
 from megatron_prune.common.log import log
 from megatron_prune.minitron.search.counting import Counts, Inventory, MemorySpec
 

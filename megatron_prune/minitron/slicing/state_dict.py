@@ -13,7 +13,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
-from megatron_prune.minitron.config import ModelShape, UnsupportedModelError
+from megatron_prune.errors import UnsupportedModelError
+from megatron_prune.minitron.config import ModelShape
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.geometry import KINDS
 from megatron_prune.minitron.slicing.plan import LayerKeep, PrunePlan
