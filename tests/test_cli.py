@@ -42,9 +42,10 @@ def test_cli_pp1_pp2_and_tp2_export_identical_models(source, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "HF source vs imported MCore" in run.stdout and "pruned MCore vs exported HF" in run.stdout
     assert "samples/s" in run.stdout and "layers dropped" in run.stdout  # progress and the before/after tables
+    assert "Apex" not in run.stderr and "Falling back" not in run.stderr  # third-party notices: only with --verbose
     pp2 = run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, "--hf-model", source, "--output-dir", out2,
-                       "--pipeline-model-parallel-size", "2", *TARGETS, *CALIB)  # fmt: skip
-    # third-party notices once (rank 0), plain progress lines, and why the run card's layout differs from the prune's
+                       "--pipeline-model-parallel-size", "2", "--verbose", *TARGETS, *CALIB)  # fmt: skip
+    # with --verbose third-party notices once (rank 0), plain progress lines, and why the run card's layout differs
     assert pp2.stderr.count("Falling back to Torch optimizers") == 1 and "━" not in pp2.stdout + pp2.stderr
     assert all(line in pp2.stdout for line in ("importing weights: ", "exporting to Hugging Face: ", "saving the Megatron checkpoint"))
     assert "run card: pipeline_model_parallel_size 1, not the prune's 2: 2 does not divide student num_layers=3" in pp2.stdout

@@ -27,8 +27,9 @@ from typing import Dict, List, Optional
 
 from megatron_prune.minitron.axes import AXES
 from megatron_prune.minitron.config import SUPPORTED_AXES
-from megatron_prune.errors import PruneConfigError, PruneError
+from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.importance.criteria import describe, needing_backward, resolve_criteria
+from megatron_prune.minitron.runtime.command import run_command
 
 # The default job: SmolLM2-135M (hidden 576, FFN 1536, 9 heads, 30 layers) to 72.4% of its 134.5M parameters:
 # the NAS winner at <= 100M parameters in benchmarks/quality (held-out perplexity 52.8 / 126.3, against
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--skip-roundtrip-check", action="store_true", help="skip the HF/MCore logits comparisons")
     chk.add_argument("--roundtrip-tolerance", type=float, default=None, help="relative logits error allowed (default 1e-4 fp32, 2e-2 bf16)")
     chk.add_argument("--no-report", action="store_true", help="skip the PNG (the JSON summary is always written)")
+    chk.add_argument("--verbose", action="store_true", help="also show third-party warnings (Apex / Transformer Engine fallbacks, deprecations) and library logging")
 
     from megatron_prune.minitron.distill.args import add_run_card_arguments
 
@@ -445,45 +447,6 @@ def _compact(sizes: Dict[str, int]) -> str:
 
 def _name(dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def run_command(prog: str, job, args: argparse.Namespace) -> int:
-    """Run `job(args)` as a command's body: an error in the user's input prints `prog: error: ...` (once, from
-    global rank 0) and returns 2; Ctrl-C prints one line and returns 130 (nothing published; a bug keeps its
-    traceback); the distributed state is torn down either way."""
-    quiet_other_ranks()  # before megatron-core is imported: it warns at import time
-    from megatron_prune.minitron.runtime.distributed import destroy_distributed
-    from megatron_prune.minitron.runtime.interrupt import watch_interrupts
-
-    main_rank = os.environ.get("RANK", "0") == "0"
-    try:
-        with watch_interrupts():
-            job(args)
-    except PruneError as e:
-        if main_rank:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        if main_rank:
-            print(f"{prog}: interrupted: nothing was published to --output-dir; statistics calibrated so far are "
-                  "kept beside it (or in --scores-path): the same command resumes", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        destroy_distributed()
-    return 0
-
-
-def quiet_other_ranks() -> None:
-    """Under torchrun, ranks other than global rank 0 print no third-party warnings or notices (rank 0 does):
-    Python warnings not shown, library logging only above WARNING, stdout discarded. Errors still reach stderr."""
-    if os.environ.get("RANK", "0") == "0":
-        return
-    import logging
-    import warnings
-
-    warnings.showwarning = lambda *args, **kwargs: None  # libraries reset the filters, not the display hook
-    logging.disable(logging.WARNING)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def main(argv: Optional[List[str]] = None) -> int:

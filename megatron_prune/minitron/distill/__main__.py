@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-card", required=True, help="distillation_run_card.yaml written by megatron-prune")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="also show third-party warnings (Apex / Transformer Engine fallbacks, deprecations) and library logging")
     r = p.add_argument_group("recipe overrides (default: the card's)")
     r.add_argument("--train-iters", type=int)
     r.add_argument("--train-tokens", type=lambda s: int(count_arg(s)))
@@ -194,7 +195,7 @@ def _write_curve(history: List[dict], out: Path, plot: bool) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_prune.minitron.cli import run_command
+    from megatron_prune.minitron.runtime.command import run_command
 
     return run_command("megatron_prune.minitron.distill", run, build_parser().parse_args(argv))
 

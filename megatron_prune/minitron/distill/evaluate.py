@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="choice of windows")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    p.add_argument("--verbose", action="store_true", help="also show third-party warnings and library logging")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -91,7 +92,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_prune.minitron.cli import run_command
+    from megatron_prune.minitron.runtime.command import run_command
 
     return run_command("megatron_prune.minitron.distill.evaluate", evaluate, build_parser().parse_args(argv))
 

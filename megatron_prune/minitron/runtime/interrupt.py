@@ -4,7 +4,7 @@ Python raises KeyboardInterrupt wherever the main thread happens to be; inside a
 or a library's broad `except`, it is swallowed ("Exception ignored in ..."), and a job would carry on and
 publish its output. With `watch_interrupts()` installed, the interrupt is also recorded, and
 `raise_if_interrupted()` raises it again at the points that matter (between calibration steps, before an output
-directory is published). Commands turn it into one line and exit status 130 (`cli.run_command`).
+directory is published). Commands turn it into one line and exit status 130 (`runtime.command.run_command`).
 """
 
 from __future__ import annotations
