@@ -18,7 +18,7 @@ import json
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Protocol
 
 import torch
 
@@ -122,18 +122,32 @@ def plan_search(inventory: Inventory, shape: ModelShape, constraints, search,
     return SearchPlan(budgets, config, space, original, valid, inventory)
 
 
-def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool], build: Callable[[Candidate], torch.nn.Module],
-               score_func: Optional[ScoreFunc], cache: dict, save: Callable[[dict], None], ctx: ParallelContext,
-               kept_layers: Optional[Callable[[Candidate], List[int]]] = None,
-               criteria: Optional[Mapping[str, str]] = None) -> SearchResult:  # fmt: skip
-    """Score the top-k candidates (after calibration) and return the result. `keeps_every_stage(c)`: whether
-    the layers `c` keeps (by the layer ranking) leave every pipeline stage some. `kept_layers(c)`: those
-    layers; when layers differ (dense and MoE layers mixed) the candidates, counted before calibration at
-    their smallest possible size, are counted exactly with them, and those over a budget dropped. `cache`
-    (the scores file's search section, updated in place and passed to `save` after each new score)
-    supplies the scores of candidates already scored for the same budgets, score function and importance
-    `criteria` (which decide what each candidate keeps)."""
-    usable = [c for c in plan.candidates if keeps_every_stage(c)]
+class CandidateSource(Protocol):
+    """What NAS needs from the model being pruned (`source.PruneSource`)."""
+
+    ctx: ParallelContext
+    statistics: object  # .search: the scores file's search section
+
+    def build_candidate(self, candidate: Candidate) -> torch.nn.Module: ...
+
+    def kept_layers(self, candidate: Candidate) -> List[int]: ...
+
+    def keeps_every_stage(self, candidate: Candidate) -> bool: ...
+
+    def save_search(self, search_cache: dict) -> None: ...
+
+
+def run_search(plan: SearchPlan, source: "CandidateSource", score_func: Optional[ScoreFunc],
+               criteria: Optional[Mapping[str, str]] = None) -> SearchResult:
+    """Score the top-k candidates (after calibration) and return the result. `source` builds each candidate
+    (`source.PruneSource`): `keeps_every_stage(c)` drops those whose layers (by the layer ranking) would empty a
+    pipeline stage; when layers differ (dense and MoE layers mixed) the candidates, counted before calibration at
+    their smallest possible size, are counted exactly with the layers they keep (`kept_layers(c)`), and those over
+    a budget dropped. `source.statistics.search` (the scores file's search section, updated in place and saved
+    with `source.save_search` after each new score) supplies the scores of candidates already scored for the same
+    budgets, score function and importance `criteria` (which decide what each candidate keeps)."""
+    ctx, cache = source.ctx, source.statistics.search
+    usable = [c for c in plan.candidates if source.keeps_every_stage(c)]
     if len(usable) < len(plan.candidates):
         log(f"{len(plan.candidates) - len(usable)} candidates dropped: their layer count would empty a pipeline stage")
     if not usable:
@@ -141,8 +155,8 @@ def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool],
             "every fitting candidate would leave a pipeline stage without layers; re-run at a smaller pipeline "
             "size: the scores file is reusable there"
         )
-    if kept_layers is not None and not plan.inventory.uniform:
-        usable = _recount(plan, usable, kept_layers)
+    if not plan.inventory.uniform:
+        usable = _recount(plan, usable, source.kept_layers)
     top = usable[: plan.config.top_k]
     key = cache_key(plan.budgets, score_func, criteria)
     cached = {_key(c["export_config"]): c["score"] for c in cache.get(key, {}).get("candidates", [])}
@@ -156,9 +170,9 @@ def run_search(plan: SearchPlan, keeps_every_stage: Callable[[Candidate], bool],
     else:
         for i, c in enumerate(top):
             if c.score is None:
-                c.score = _score(build(c), score_func, ctx)
+                c.score = _score(source.build_candidate(c), score_func, ctx)
                 cache[key] = {"budgets": plan.budgets, "score_func": _score_name(score_func), "candidates": [_record(t) for t in top]}
-                save(cache)
+                source.save_search(cache)
                 log(f"candidate {i + 1}/{len(top)} {_compact(c.export_config)}: score {c.score:.4f}")
         winner = max(range(len(top)), key=lambda i: (top[i].score, -i))
         log(f"top {len(top)} candidates with scores")
