@@ -2,7 +2,6 @@
 ResNet whose weights are committed in benchmarks/fastnas/weights (trained by benchmarks/fastnas/fmnist.py), with
 real images from the Debian package dataset-fashion-mnist (scripts/setup_env.sh unpacks it)."""
 
-import copy
 import sys
 from pathlib import Path
 

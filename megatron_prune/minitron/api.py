@@ -15,7 +15,6 @@ The input model is never modified; the pruned model is a new object.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 

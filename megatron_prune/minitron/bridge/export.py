@@ -14,8 +14,6 @@ into a directory the caller owns; `megatron_prune.minitron.output` makes the who
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Iterable, Sequence, Tuple
 
