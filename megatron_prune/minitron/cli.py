@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     if job.checkpoint is None:
         job.check(model, job.source, "HF source vs imported MCore")
     groups_before = parameter_groups(model, job.ctx)
-    with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
+    with atomic_output_dir(args.output_dir, args.overwrite, job.ctx) as tmp:
         nas = dict(constraints=job.budgets, score_func=job.score_func, search=job.search.search) if job.budgets else {}
         pruned, result = api.prune(model, job.target, job.loop, scores_path=job.scores_path, criteria=job.criteria,
                                reuse_scores=args.reuse_scores, all_statistics=args.all_statistics, depth=job.depth, **nas)  # fmt: skip
@@ -86,9 +86,10 @@ def load_model(job: SimpleNamespace, args: argparse.Namespace):
     """(the model to prune, the Megatron-Bridge import that exports it back, or None): a Megatron checkpoint
     (`--load`) or a Hugging Face model imported through Megatron-Bridge."""
     if job.checkpoint is not None:
-        model = megatron_checkpoint.load_megatron_model(job.source, info=job.checkpoint, tokenizer_model=args.tokenizer_model).model
+        model = megatron_checkpoint.load_megatron_model(job.source, info=job.checkpoint, tokenizer_model=args.tokenizer_model,
+                                                        ctx=job.ctx).model
         return model, megatron_checkpoint.hf_exporter(job.checkpoint, model) if job.save_format != "megatron" else None
-    imported = bridge.import_hf_model(job.source, dtype=job.dtype, trust_remote_code=args.trust_remote_code)
+    imported = bridge.import_hf_model(job.source, dtype=job.dtype, trust_remote_code=args.trust_remote_code, ctx=job.ctx)
     return imported.model, imported
 
 
@@ -99,15 +100,16 @@ def save_checkpoints(job, args, model, imported, pruned, result, tmp: str) -> di
     hf_dir, megatron_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "megatron")
     saved = {}
     if job.checkpoint is not None:
-        saved.update(megatron_checkpoint.save_checkpoint_like(job.checkpoint, model, pruned, megatron_dir, job.tokenizer_path))
+        saved.update(megatron_checkpoint.save_checkpoint_like(job.checkpoint, model, pruned, megatron_dir, job.tokenizer_path,
+                                                              ctx=job.ctx))
         if not args.skip_roundtrip_check:
             job.roundtrip_checks.append(_checked(megatron_checkpoint.compare_with_reload(
-                pruned, megatron_dir, job.check_tokens, "pruned MCore vs reloaded checkpoint", args.tokenizer_model)))  # fmt: skip
+                pruned, megatron_dir, job.check_tokens, "pruned MCore vs reloaded checkpoint", args.tokenizer_model, ctx=job.ctx)))  # fmt: skip
     if job.save_format in ("hf", "both"):
-        bridge.save_hf(imported, pruned, result.plan.kept_layers, hf_dir)
+        bridge.save_hf(imported, pruned, result.plan.kept_layers, hf_dir, ctx=job.ctx)
         job.check(pruned, hf_dir, "pruned MCore vs exported HF")
     if job.save_format in ("megatron", "both") and job.checkpoint is None:
-        bridge.save_megatron(imported, pruned, megatron_dir, hf_dir if job.save_format == "both" else job.source)
+        bridge.save_megatron(imported, pruned, megatron_dir, hf_dir if job.save_format == "both" else job.source, ctx=job.ctx)
     return saved
 
 
@@ -193,7 +195,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     def check(model, hf_dir: str, name: str) -> None:  # a round-trip check of `model` against an HF folder
         if not args.skip_roundtrip_check:
             job.roundtrip_checks.append(_checked(bridge.compare_with_hf(model, hf_dir, job.check_tokens, name, job.tolerance,
-                                                                 args.trust_remote_code)))  # fmt: skip
+                                                                 args.trust_remote_code, ctx=ctx)))  # fmt: skip
 
     job.check = check
     return job
@@ -242,7 +244,7 @@ def open_source(args: argparse.Namespace, ctx: ParallelContext, flags: SimpleNam
                                    "which only a Megatron-Bridge checkpoint converted from a local HF folder names "
                                    "(hf_model_id); save as megatron")  # fmt: skip
     else:
-        source = smollm2_folder() if flags.default_job else args.hf_model
+        source = smollm2_folder(ctx) if flags.default_job else args.hf_model
         hf_config, provider = bridge.check_hf_source(source, args.trust_remote_code)
         ctx.on_main(lambda: check_weight_files(source, hf_config, args.trust_remote_code))
         tokenizer_path = source

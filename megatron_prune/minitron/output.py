@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 from megatron_prune.errors import PruneConfigError
@@ -50,10 +51,10 @@ def _check_writable(parent: Path, path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = False):
+def atomic_output_dir(path: str, overwrite: bool = False, ctx: Optional[ParallelContext] = None):
     """Yield a fresh temporary directory next to `path`; publish it as `path` if the body succeeds everywhere."""
     out = check_output_dir(path, overwrite)
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     tmp = Path(ctx.broadcast_object(str(out.parent / f".{out.name}.partial-{int(time.time())}-{os.getpid()}")))
     ctx.on_main(lambda: tmp.mkdir(parents=True))
     failure = None

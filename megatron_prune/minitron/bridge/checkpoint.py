@@ -221,7 +221,8 @@ class LoadedCheckpoint:
 
 
 def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: Optional[str] = None,
-                        info: Optional[CheckpointInfo] = None, layout_of=None) -> LoadedCheckpoint:  # fmt: skip
+                        info: Optional[CheckpointInfo] = None, layout_of=None,
+                        ctx: Optional[ParallelContext] = None) -> LoadedCheckpoint:  # fmt: skip
     """This rank's GPTModel (or MambaModel) stage of the checkpoint at `path`, built at the parallel layout already
     initialised (`init_distributed(tp, pp)`) and loaded by Megatron-Bridge (distributed checkpointing reshards);
     `layout_of`: a config whose pipeline split to use (e.g. a pruned model's uneven one; default: Megatron's even split).
@@ -233,7 +234,7 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
 
     apply_bridge_cpu_support()
     info = info or find_checkpoint(path, step)
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     cpu = not torch.cuda.is_available()
     config, args = copy.copy(info.config), cpu_args(info.args) if info.args is not None else None
     config.tensor_model_parallel_size, config.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
@@ -319,7 +320,8 @@ def megatron_lm_flags(args: argparse.Namespace, pruned: argparse.Namespace) -> L
     return flags
 
 
-def save_bridge_checkpoint(model: torch.nn.Module, out_dir: str, tokenizer_path: Optional[str], layer_spec=None) -> None:
+def save_bridge_checkpoint(model: torch.nn.Module, out_dir: str, tokenizer_path: Optional[str], layer_spec=None,
+                           ctx: Optional[ParallelContext] = None) -> None:
     """Write `model` (this rank's stage) as a Megatron-Bridge checkpoint: Megatron-Bridge's own writer (weights,
     `run_config.yaml` with the model provider, the tokenizer), then the recorded config made layout-free: no
     pipeline layout, no CPU initialisation, and `layer_spec` (the bridge's own, Transformer Engine on GPU) even
@@ -330,7 +332,7 @@ def save_bridge_checkpoint(model: torch.nn.Module, out_dir: str, tokenizer_path:
     log(f"saving the Megatron checkpoint (torch_dist, Megatron-Bridge format) to {out_dir}")
     save_megatron_model([model], out_dir, hf_tokenizer_path=tokenizer_path,
                         hf_tokenizer_kwargs={"use_fast": True} if tokenizer_path else None)  # megatron's default is the slow one
-    ParallelContext.from_megatron().on_main(lambda: _make_config_portable(Path(out_dir), layer_spec))
+    ParallelContext.given(ctx).on_main(lambda: _make_config_portable(Path(out_dir), layer_spec))
     log(f"wrote Megatron-Bridge checkpoint to {out_dir} in {time.perf_counter() - start:.1f}s")
 
 
@@ -350,13 +352,14 @@ def _make_config_portable(out: Path, layer_spec) -> None:
         os.replace(tmp, run_config)
 
 
-def save_megatron_lm(model: torch.nn.Module, args: argparse.Namespace, out_dir: str) -> None:
+def save_megatron_lm(model: torch.nn.Module, args: argparse.Namespace, out_dir: str,
+                     ctx: Optional[ParallelContext] = None) -> None:
     """Write this rank's stage as a Megatron-LM checkpoint: `release/` (a torch_dist checkpoint of `model.*` with
     `args`, `iteration` 0 and `checkpoint_version` in its common state) and the tracker file. Collective."""
     from megatron.core import dist_checkpointing
 
     out = Path(out_dir)
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     ctx.on_main(lambda: (out / "release").mkdir(parents=True, exist_ok=True))
     ctx.barrier()
     state = {"model": model.sharded_state_dict(), "args": args, "iteration": 0, "checkpoint_version": 3.0}
@@ -367,27 +370,28 @@ def save_megatron_lm(model: torch.nn.Module, args: argparse.Namespace, out_dir: 
 
 
 def save_checkpoint_like(info: CheckpointInfo, original: torch.nn.Module, pruned: torch.nn.Module, out_dir: str,
-                         tokenizer_path: Optional[str]) -> dict:  # fmt: skip
+                         tokenizer_path: Optional[str], ctx: Optional[ParallelContext] = None) -> dict:  # fmt: skip
     """Write `pruned` in the format `info` was read in; returns what the summary records (for Megatron-LM: the
     model flags that load it). Collective."""
     if info.format == BRIDGE:
-        save_bridge_checkpoint(pruned, out_dir, tokenizer_path, getattr(info.config, "transformer_layer_spec", None))
+        save_bridge_checkpoint(pruned, out_dir, tokenizer_path, getattr(info.config, "transformer_layer_spec", None), ctx=ctx)
         return {}
     args = pruned_megatron_lm_args(info.args, original.config, pruned.config)
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size  # as saved
-    save_megatron_lm(pruned, args, out_dir)
+    save_megatron_lm(pruned, args, out_dir, ctx=ctx)
     flags = megatron_lm_flags(info.args, args)
     log("Megatron-LM loads it with the pruned model flags: " + " ".join(flags) + " (and --finetune: no optimizer state)")
     return {"megatron_lm_flags": flags}
 
 
-def compare_with_reload(pruned: torch.nn.Module, out_dir: str, tokens: torch.Tensor, name: str, tokenizer_model: Optional[str] = None):
+def compare_with_reload(pruned: torch.nn.Module, out_dir: str, tokens: torch.Tensor, name: str, tokenizer_model: Optional[str] = None,
+                        ctx: Optional[ParallelContext] = None):
     """The saved checkpoint loaded back (at this layout) against `pruned`: equal logits. Collective."""
     from megatron_prune.minitron.bridge.roundtrip import compare_models
 
-    reloaded = load_megatron_model(out_dir, tokenizer_model=tokenizer_model, layout_of=pruned.config).model
-    return compare_models(pruned, reloaded, tokens, name)
+    reloaded = load_megatron_model(out_dir, tokenizer_model=tokenizer_model, layout_of=pruned.config, ctx=ctx).model
+    return compare_models(pruned, reloaded, tokens, name, ctx=ctx)
 
 
 def hf_exporter(info: CheckpointInfo, model: torch.nn.Module):

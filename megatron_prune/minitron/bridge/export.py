@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,9 +29,10 @@ from megatron_prune.minitron.runtime.parallel import ParallelContext
 _SHARD_BYTES = 2 * 1024**3
 
 
-def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Sequence[int], out_dir: str) -> None:
+def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Sequence[int], out_dir: str,
+            ctx: Optional[ParallelContext] = None) -> None:
     """Write `pruned` (this rank's stage) as an HF model folder that `from_pretrained` loads without extra code."""
-    ctx, out = ParallelContext.from_megatron(), Path(out_dir)
+    ctx, out = ParallelContext.given(ctx), Path(out_dir)
     dtype = pruned.config.params_dtype  # every floating tensor goes out in it (the local spec keeps norms in fp32)
     config = pruned_hf_config(imported.bridge.hf_pretrained.config, pruned.config, kept_layers, dtype)
     ctx.on_main(lambda: _write_artifacts(imported, config, out))
@@ -46,9 +47,10 @@ def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Seque
     log(f"wrote Hugging Face model ({str(dtype).replace('torch.', '')}) to {out}")
 
 
-def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str) -> None:
+def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str,
+                  ctx: Optional[ParallelContext] = None) -> None:
     """Write `pruned` as a Megatron-Bridge checkpoint (weights + model config + tokenizer) in `out_dir`."""
-    save_bridge_checkpoint(pruned, out_dir, tokenizer_path, imported.saved_layer_spec)
+    save_bridge_checkpoint(pruned, out_dir, tokenizer_path, imported.saved_layer_spec, ctx=ctx)
 
 
 def load_megatron_checkpoint(path: str) -> torch.nn.Module:

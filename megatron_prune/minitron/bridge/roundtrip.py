@@ -43,13 +43,13 @@ class RoundTrip:
 
 
 def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, name: str, tolerance: float = 1e-4,
-                    trust_remote_code: bool = False) -> RoundTrip:  # fmt: skip
+                    trust_remote_code: bool = False, ctx: Optional[ParallelContext] = None) -> RoundTrip:  # fmt: skip
     """Forward `tokens` [B, S] through `model` (collective) and through the HF model at `hf_path` (on one rank:
     the last pipeline stage's first TP rank of the first replica). Every rank gets the same RoundTrip, or the
     same error."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     log(f"checking logits ({name})")
     outputs = run_forward(model, [tokens], collect=lambda logits, _: gather_from_tensor_model_parallel_region(logits),
                           shard_over_dp=False)  # fmt: skip
@@ -67,12 +67,12 @@ def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, 
 
 
 def compare_models(model: torch.nn.Module, other: torch.nn.Module, tokens: torch.Tensor, name: str,
-                   tolerance: float = 1e-6) -> RoundTrip:  # fmt: skip
+                   tolerance: float = 1e-6, ctx: Optional[ParallelContext] = None) -> RoundTrip:  # fmt: skip
     """Logits of two MCore models (stages of the same layout) on `tokens`, e.g. a model and its saved-and-reloaded
     copy. Collective; every rank gets the same RoundTrip."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    ctx = ParallelContext.from_megatron()
+    ctx = ParallelContext.given(ctx)
     log(f"checking logits ({name})")
     collect = lambda logits, _: gather_from_tensor_model_parallel_region(logits).float().cpu()  # noqa: E731
     first = run_forward(model, [tokens], collect=collect, shard_over_dp=False)

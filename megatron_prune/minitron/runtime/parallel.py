@@ -42,6 +42,12 @@ class ParallelContext:
             raise ValueError(f"dp_rank={self.dp_rank} outside data-parallel size {self.dp_size}")
 
     @classmethod
+    def given(cls, ctx: Optional["ParallelContext"]) -> "ParallelContext":
+        """`ctx` if a caller passed one, else megatron-core's current layout (`from_megatron`): what a public
+        function does with its optional `ctx` argument."""
+        return ctx if ctx is not None else cls.from_megatron()
+
+    @classmethod
     def from_megatron(cls) -> "ParallelContext":
         """Read megatron-core's parallel state (single process if torch.distributed is not initialised)."""
         if not dist.is_available() or not dist.is_initialized():
