@@ -104,3 +104,16 @@ def test_kind_index_length_agree(kind):
                   "mamba_head_dim": torch.arange(6)}  # fmt: skip
     index = KINDS[kind].index(everything.get, shape, axis)
     assert torch.equal(index, torch.arange(KINDS[kind].length(full.size, full, axis)))
+
+
+def test_mamba_heads_follow_the_tp_rule():
+    """Mamba heads are split evenly over TP ranks (each rank holds whole groups): a kept count TP does not split is
+    refused before calibration, as one every group cannot keep equally is."""
+    shape = ModelShape(hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                       num_layers=4, gated_linear_unit=False, mamba_num_heads=16, mamba_head_dim=8, mamba_num_groups=4,
+                       mamba_state_dim=8)  # fmt: skip
+    validate_export_config({"mamba_num_heads": 8}, shape, tp_size=4)
+    with pytest.raises(PruneConfigError, match=r"mamba_num_heads'\]=12 is not divisible by the tensor-parallel size 8"):
+        validate_export_config({"mamba_num_heads": 12}, shape, tp_size=8)
+    with pytest.raises(PruneConfigError, match=r"mamba_num_heads'\]=6 is not a multiple of mamba_num_groups=4"):
+        validate_export_config({"mamba_num_heads": 6}, shape, tp_size=2)

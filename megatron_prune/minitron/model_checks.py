@@ -14,9 +14,9 @@ from typing import List, Optional
 import torch
 
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError
-from megatron_prune.minitron.config import ModelShape
+from megatron_prune.minitron.config import ModelShape, layer_symbols
 from megatron_prune.minitron.runtime.parallel import ParallelContext
-from megatron_prune.minitron.slicing.model import block_spec_layers
+from megatron_prune.minitron.slicing.model import block_spec_layers, hybrid_pattern_of
 from megatron_prune.minitron.slicing.table import axes_of
 
 
@@ -58,7 +58,7 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
             f"the model's block spec has {specs} layer specs for the {len(model.decoder.layers)} layers of this "
             "stage: pass model_builder= to prune()"
         )
-    if cfg.num_moe_experts:
+    if cfg.num_moe_experts and any("E" in s for s in layer_symbols(cfg, hybrid_pattern_of(model))):  # MoE layers
         problem = _moe_problem(cfg, ctx)
         if problem:
             return PruneConfigError, problem
@@ -90,9 +90,6 @@ def _is_mamba_model(model: torch.nn.Module) -> bool:
 
 def _mamba_problem(mixers: List[torch.nn.Module], ctx: ParallelContext) -> Optional[str]:
     """Why this stage's Mamba mixers cannot be pruned (None if they can)."""
-    if ctx.tp_size > 1:
-        return (f"Mamba layers at tensor_model_parallel_size={ctx.tp_size}: prune hybrid models at TP=1 (in_proj and "
-                "conv1d are split over TP ranks per segment, which megatron-prune does not gather yet)")  # fmt: skip
     if mixers[0].D_has_hdim:
         return "Mamba mixers with D_has_hdim=True (a D per channel) are not supported yet"
     return None

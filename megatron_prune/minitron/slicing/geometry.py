@@ -147,3 +147,10 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind(HEAD_COLUMNS, _heads_index(rows=False), lambda size, facts, axis: size(_N) * facts.kv_channels),
     *(Kind(k, _mamba_index(k), _mamba_length(k)) for k in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV)),
 )}  # fmt: skip
+
+
+def mamba_segments(kind: str, nheads: int, head_dim: int, ngroups: int, d_state: int) -> tuple:
+    """The segments a Mamba dim stacks, each split over TP ranks on its own (megatron-core's MambaMixer):
+    `in_proj` rows [z (D), x (D), B, C (ng*ds each), dt (nh)], `conv1d` channels [x (D), B, C]; D = nh*hd."""
+    D, bc = nheads * head_dim, ngroups * d_state
+    return {MAMBA_IN: (D, D, bc, bc, nheads), MAMBA_CONV: (D, bc, bc)}[kind]

@@ -65,6 +65,11 @@ def sliced_tensors(
     identical on every TP rank); all other tensors are sliced locally.
     """
     survivors = [n for n in sorted(layer_numbers.values()) if n in plan.layers]
+    before = after = None  # Mamba mixer sizes (nheads, head_dim, ngroups, d_state) before and after the prune
+    if shape.mamba_num_heads:
+        fixed = (shape.mamba_num_groups, shape.mamba_state_dim)
+        before = (shape.mamba_num_heads, shape.mamba_head_dim, *fixed)
+        after = (plan.target["mamba_num_heads"], plan.target["mamba_head_dim"], *fixed)
     new_position = {n: i for i, n in enumerate(survivors)}
     for name, value in state.items():
         local, inner, axes = axes_of(name)
@@ -87,9 +92,10 @@ def sliced_tensors(
         if axes is None:
             raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
         index_of = lambda g: _index(g, plan, keep, shape, expert)  # noqa: E731
-        part = partition(axes, shape.gated_linear_unit) if ctx is not None and ctx.tp_size > 1 else None
+        part = partition(axes, shape.gated_linear_unit, before) if ctx is not None and ctx.tp_size > 1 else None
         if part is not None and part.dim in axes.dims and index_of(axes.dims[part.dim]) is not None:
-            yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), part, ctx)
+            pruned_part = partition(axes, shape.gated_linear_unit, after)  # Mamba segments shrink with the prune
+            yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), pruned_part, ctx)
         else:
             yield name, slice_tensor(value, axes.dims, index_of)
 

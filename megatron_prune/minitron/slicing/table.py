@@ -68,6 +68,7 @@ class TensorAxes:
     dims: Mapping[int, Geometry] = field(default_factory=dict)
     tp_dim: Optional[int] = None  # None: replicated on every TP rank
     gated: bool = False  # [gate; up] halves are split across TP separately (partition stride 2 when gated)
+    segments: Optional[str] = None  # a geometry kind whose segments are split across TP separately (Mamba in_proj, conv1d)
 
 
 Role = Mapping[str, TensorAxes]  # parameter name -> axes
@@ -120,10 +121,11 @@ LAYER_ROLES: Dict[str, Role] = {
     **_mlp(f"{ROUTED_EXPERTS}.*", "moe_ffn_hidden_size"),
     **_mlp("mlp.shared_experts", "moe_shared_expert_intermediate_size"),
     "mlp.shared_experts": {"gate_weight": TensorAxes({1: HIDDEN})},  # [1, H]: sigmoid gate of the shared expert
-    # MambaLayer: pre-norm, then the mixer (TP splits in_proj and conv1d per segment: pruned at TP=1 only)
+    # MambaLayer: pre-norm, then the mixer (TP splits in_proj's [z, x, B, C, dt] and conv1d's [x, B, C] per segment)
     "norm": _NORM,
-    "mixer.in_proj": {"weight": TensorAxes({0: MAMBA_IN_ROWS, 1: HIDDEN}, tp_dim=0), **_FUSED_NORM},
-    "mixer.conv1d": {"weight": TensorAxes({0: MAMBA_CONV_CHANNELS}, tp_dim=0), "bias": TensorAxes({0: MAMBA_CONV_CHANNELS}, tp_dim=0)},
+    "mixer.in_proj": {"weight": TensorAxes({0: MAMBA_IN_ROWS, 1: HIDDEN}, tp_dim=0, segments=MAMBA_IN), **_FUSED_NORM},
+    "mixer.conv1d": {"weight": TensorAxes({0: MAMBA_CONV_CHANNELS}, tp_dim=0, segments=MAMBA_CONV),
+                     "bias": TensorAxes({0: MAMBA_CONV_CHANNELS}, tp_dim=0, segments=MAMBA_CONV)},
     "mixer": {  # per head [nh]
         "A_log": TensorAxes({0: MAMBA_HEAD_ROWS}, tp_dim=0),
         "D": TensorAxes({0: MAMBA_HEAD_ROWS}, tp_dim=0),
