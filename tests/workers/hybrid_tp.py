@@ -14,6 +14,7 @@ import megatron_prune as mp
 from megatron_prune.minitron.axes import AXES, LAYER_AXES
 from megatron_prune.minitron.runtime.distributed import init_distributed
 from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.search.counting import inventory_of
 from tests.stages import global_state_dict, stage_state_dict
 from tests.test_hybrid import make as make_hybrid
 
@@ -30,6 +31,7 @@ def main(case_path: str, out: str) -> None:
     pruned, result = mp.prune(model, case["export_config"], forward_loop=loop, scores_path=f"{out}/tp2-scores.pt")
     reused, _ = mp.prune(model, case["export_config"], scores_path=case["scores"])  # statistics of one process
     ctx = ParallelContext.from_megatron()
+    counted = inventory_of(model, ctx).count(result.export_config, kept_layers=result.plan.kept_layers)  # analytic, TP=2
     logits = mp.run_forward(pruned, case["batches"], collect=lambda o, t: o.clone(), shard_over_dp=False)
     gather = lambda xs: torch.cat([torch.cat(ctx.gather_over_tp(x), dim=-1) for x in xs])  # noqa: E731 vocab shards
     record = {
@@ -37,7 +39,7 @@ def main(case_path: str, out: str) -> None:
         "weights": global_state_dict(pruned), "reused_weights": global_state_dict(reused),
         "hidden_order": result.orders.hidden, "layer_ranking": result.orders.layer_ranking,
         "layer_orders": {n: {AXES[a].alias: o.get(a) for a in LAYER_AXES} for n, o in result.orders.layers.items()},
-        "params_after": result.params_after, "config": {k: getattr(result.config, k) for k in case["export_config"]},
+        "params_after": result.params_after, "counted_params": counted.params, "config": {k: getattr(result.config, k) for k in case["export_config"]},
     }  # fmt: skip
     if torch.distributed.get_rank() == 0:
         torch.save(record, f"{out}/tp2.pt")
