@@ -1,0 +1,99 @@
+"""Benchmark: a hybrid Mamba model at tensor parallelism 2: calibration cost over a plain forward, and peak host
+memory while pruning against the model's size, per rank, in one run.
+
+    .venv/bin/torchrun --nproc-per-node 2 benchmarks/hybrid_tp.py      # writes benchmarks/results/hybrid_tp.json
+
+The model ("M*-M*-M-": Mamba, attention, MLP layers; hidden 512, 16 Mamba heads of 64 in 4 groups, state 64,
+vocabulary 8k, fp32, local spec, megatron-prune's CPU Mamba kernels) is built twice with the same weights: each
+calibration micro-batch is forwarded through the hooked model, then through its plain twin, and the ratio is the
+hooked / plain CPU time of each process summed over all micro-batches of all rounds (pairing cancels the drift of
+a shared machine). The hooks are those of the default criteria (what `prune()` collects). Then the model is pruned
+from the statistics (no calibration) and the peak RSS growth of each rank is compared with its shard's bytes.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: tests' model builders
+
+import megatron_prune as mp  # noqa: E402
+from megatron_prune.minitron.importance.criteria import resolve_criteria, statistics_needed  # noqa: E402
+from megatron_prune.minitron.importance.hooks import collect_statistics  # noqa: E402
+from megatron_prune.minitron.runtime.distributed import init_distributed  # noqa: E402
+from megatron_prune.minitron.runtime.parallel import ParallelContext  # noqa: E402
+
+MB = 2**20
+PATTERN = "M*-M*-M-"
+
+
+def build(seed: int, args):
+    from tests.tiny_mamba import build_tiny_mamba, tiny_mamba_config
+
+    torch.manual_seed(seed)
+    config = tiny_mamba_config(num_layers=len(PATTERN), hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
+                               num_attention_heads=8, num_query_groups=4, mamba_num_heads=16, mamba_head_dim=64,
+                               mamba_num_groups=4, mamba_state_dim=64)  # fmt: skip
+    return build_tiny_mamba(config, vocab_size=args.vocab, hybrid_pattern=PATTERN, chunk_size=64).eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hybrid_tp.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    init_distributed(tensor_model_parallel_size=int(os.environ.get("WORLD_SIZE", "1")), seed=0)
+    ctx = ParallelContext.from_megatron()
+    hooked = build(0, args)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, args.vocab, (1, args.seq), generator=g) for _ in range(args.batches)]
+    shard_mb = sum(p.numel() * p.element_size() for p in hooked.parameters()) / MB
+    with tempfile.TemporaryDirectory() as tmp:  # memory first: the timing below holds a second copy of the model
+        scores = os.path.join(tmp, "scores.pt")
+        mp.calibrate(hooked, mp.make_forward_loop(batches[:2], progress=False), scores)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        target = {"hidden_size": args.hidden * 3 // 4, "mamba_num_heads": 8, "mamba_head_dim": 48, "num_layers": 6}
+        pruned, result = mp.prune(hooked, target, scores_path=scores)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pruned_mb = sum(p.numel() * p.element_size() for p in pruned.parameters()) / MB
+    del pruned
+    plain = build(0, args)
+    sites = statistics_needed(resolve_criteria(None), backward=False, everything=False)
+    cpu = {"hooked": 0.0, "plain": 0.0}
+    for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
+        for tokens in batches:
+            for name, model in (("hooked", hooked), ("plain", plain)):
+                start = time.process_time()
+                if name == "hooked":
+                    collect_statistics(model, lambda m: mp.run_forward(m, [tokens]), sites)
+                else:
+                    with torch.no_grad():
+                        mp.run_forward(model, [tokens])
+                if round_:
+                    cpu[name] += time.process_time() - start
+    rank = {"cpu_s": cpu, "ratio": cpu["hooked"] / cpu["plain"], "shard_mb": shard_mb, "pruned_shard_mb": pruned_mb,
+            "peak_rss_growth_mb": peak - before}  # fmt: skip
+    ranks = ctx.gather_all(rank)
+    if torch.distributed.get_rank() == 0:
+        record = {"model": {"pattern": PATTERN, "hidden": args.hidden, "params": result.params_before,
+                            "pruned_params": result.params_after, "tp": ctx.tp_size},
+                  "micro_batches": f"{args.rounds} rounds x {args.batches} x 1 x {args.seq} tokens", "ranks": ranks}  # fmt: skip
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+        print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
