@@ -5,7 +5,8 @@ memory while pruning against the model's size, per rank, in one run.
 
 The model ("M*-M*-M-": Mamba, attention, MLP layers; hidden 512, 16 Mamba heads of 64 in 4 groups, state 64,
 vocabulary 8k, fp32, local spec, megatron-prune's CPU Mamba kernels) is built twice with the same weights: each
-calibration micro-batch is forwarded through the hooked model, then through its plain twin, and the ratio is the
+calibration micro-batch is forwarded through the hooked model and through its plain twin (alternating which
+goes first), and the ratio is the
 hooked / plain CPU time of each process summed over all micro-batches of all rounds (pairing cancels the drift of
 a shared machine). The hooks are those of the default criteria (what `prune()` collects). Then the model is pruned
 from the statistics (no calibration) and the peak RSS growth of each rank is compared with its shard's bytes.
@@ -73,7 +74,8 @@ def main():
     cpu = {"hooked": 0.0, "plain": 0.0}
     for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
         for tokens in batches:
-            for name, model in (("hooked", hooked), ("plain", plain)):
+            pair = (("hooked", hooked), ("plain", plain))
+            for name, model in pair if round_ % 2 else pair[::-1]:  # alternate which goes first
                 start = time.process_time()
                 if name == "hooked":
                     collect_statistics(model, lambda m: mp.run_forward(m, [tokens]), sites)
