@@ -112,9 +112,10 @@ def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     if cfg.moe_grouped_gemm:
         return ("config.moe_grouped_gemm=True (grouped-GEMM experts) is not supported yet: build the model with "
                 "moe_grouped_gemm=False (SequentialMLP experts; the weights are the same)")  # fmt: skip
-    if ctx.ep_size > 1:
-        return (f"expert_model_parallel_size={ctx.ep_size}: prune MoE models at expert-parallel size 1 (routed-expert "
-                "statistics and weights are not gathered over expert-parallel ranks yet)")  # fmt: skip
+    if ctx.ep_size > 1 and cfg.moe_token_dispatcher_type != "allgather":
+        return (f"expert_model_parallel_size={ctx.ep_size} with moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r}: "
+                "calibrate with the 'allgather' dispatcher (same weights, same outputs; megatron-prune reads which "
+                "rank's micro-batch each routed token came from through it), or prune at expert-parallel size 1")  # fmt: skip
     if ctx.tp_size > 1 or (cfg.expert_tensor_parallel_size or 1) > 1:
         return (f"MoE layers at tensor_model_parallel_size={ctx.tp_size} (expert_tensor_parallel_size="
                 f"{cfg.expert_tensor_parallel_size}): prune MoE models at TP=1 (each rank's routed-expert outputs are "

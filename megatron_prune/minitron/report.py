@@ -31,14 +31,16 @@ def component_of(name: str) -> str:
 def parameter_groups(model: torch.nn.Module, ctx) -> Dict[str, int]:
     """Parameters of the whole model per component (TP shards summed, stages summed, a tied output layer
     counted once); the values add up to `count_params(model, ctx)`. Collective."""
-    from megatron_prune.minitron.slicing.table import is_tied_output_copy
+    from megatron_prune.minitron.slicing.table import ROUTED_EXPERTS, is_tied_output_copy
     from megatron_prune.minitron.slicing.tensor_parallel import partitions
 
     local, split = torch.zeros(len(_COMPONENTS), dtype=torch.float64), partitions(model)
+    experts = torch.zeros_like(local)  # routed experts: each expert-parallel rank holds its own
     for name, p in model.named_parameters():
         if not is_tied_output_copy(model, name) and (name in split or ctx.tp_rank == 0):
-            local[_COMPONENTS.index(component_of(name))] += p.numel()
-    stage = sum(ctx.gather_over_tp(local))
+            routed = ROUTED_EXPERTS + "." in name
+            (experts if routed else local)[_COMPONENTS.index(component_of(name))] += p.numel()
+    stage = sum(ctx.gather_over_tp(local + sum(ctx.gather_over_ep(experts))))
     total = sum(ctx.gather_over_pp(stage))
     return {c: int(v) for c, v in zip(_COMPONENTS, total.tolist()) if v or c != "output_layer"}
 

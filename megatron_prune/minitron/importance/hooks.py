@@ -94,6 +94,9 @@ LAYER_SITES: Tuple[HookSite, ...] = (
 FORWARD_SITES = tuple(site.name for site in LAYER_SITES if not site.needs_backward)
 SITES: Dict[str, HookSite] = {site.name: site for site in LAYER_SITES}
 TP_PARTITIONED_SITES = frozenset(site.name for site in LAYER_SITES if site.tp_partitioned)
+# statistics of routed experts, by the dim that counts them: at EP > 1 each rank holds its own experts'
+EXPERT_SITE_DIMS = {site.name: (-1 if site.kind == "expert_outputs" else 0)
+                    for site in LAYER_SITES if site.kind == "expert_outputs" or "*" in site.module}  # fmt: skip
 
 
 def stat_key(layer_number: int, site: str) -> str:
@@ -203,7 +206,8 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
                 elif site.kind == "taylor":
                     fn = _taylor_hook(store, key, d)
                 else:
-                    fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert)
+                    sources = _expert_sources(layer, expert) if expert is not None else None
+                    fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert, sources=sources)
                 handles.append(module.register_forward_pre_hook(fn))
         first = False
     return handles
@@ -255,14 +259,33 @@ def _add(store: S.StatStore, key: str, value: torch.Tensor, row: Optional[int]) 
         store.add_row(key, row, value)
 
 
-def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int] = None) -> Callable:
+def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int] = None,
+                sources: Optional[Callable[[], List[int]]] = None) -> Callable:  # fmt: skip
+    """`sources()`: the sizes of the input's segments that came from different micro-batches (a routed expert at
+    EP > 1); each is a sample of its own, as it is in one process."""
+
     def hook(module, args):
-        x = args[0]
-        if x.numel() == 0:  # a routed expert that got no tokens in this call: no sample
-            return
-        _add(store, key, _normed_channel_statistic(module, x) if normalise else S.channel_sum_sq(x), row)
+        for x in (args[0],) if sources is None else args[0].split(sources()):
+            if x.numel() == 0:  # a routed expert that got no tokens in this call (from this source): no sample
+                continue
+            _add(store, key, _normed_channel_statistic(module, x) if normalise else S.channel_sum_sq(x), row)
 
     return hook
+
+
+def _expert_sources(layer: torch.nn.Module, expert: int) -> Optional[Callable[[], List[int]]]:
+    """At expert parallelism the allgather token dispatcher hands each local expert, in one call, the tokens of every
+    EP rank's micro-batch routed to it, in rank order (`local_map`: [ranks x tokens, local experts]). Returns the
+    sizes of those per-rank segments for local expert `expert` in the current call; None at EP = 1."""
+    dispatcher = getattr(layer.mlp, "token_dispatcher", None)
+    group = getattr(dispatcher, "tp_ep_group", None)
+    if group is None or group.size() == 1:
+        return None
+
+    def sizes() -> List[int]:
+        return dispatcher.local_map[:, expert].view(group.size(), -1).sum(dim=1).tolist()
+
+    return sizes
 
 
 def _output_contribution_hook(store: S.StatStore, key: str, d: int, row: Optional[int] = None) -> Callable:

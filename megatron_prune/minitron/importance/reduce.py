@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_prune.minitron.importance.hooks import TP_PARTITIONED_SITES, parse_stat_key
+from megatron_prune.minitron.importance.hooks import EXPERT_SITE_DIMS, TP_PARTITIONED_SITES, parse_stat_key
 from megatron_prune.minitron.importance.statistics import StatStore
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
@@ -26,7 +26,15 @@ def reduce_statistics(local: StatStore, ctx: ParallelContext) -> StatStore:
         shards = [s.split([stage.sums[k].numel() for k in keys]) for s in ctx.gather_over_tp(flat)]
         for i, k in enumerate(keys):  # channels are the last dim ([C], or [E, C] per routed expert)
             stage.sums[k] = torch.cat([parts[i].view(stage.sums[k].shape) for parts in shards], dim=-1)
-    stage = stage.reduce(ctx.sum_over_dp)
+    if ctx.ep_size > 1:  # routed experts: this rank's experts, concatenated over EP ranks, summed over their replicas
+        keys = [k for k in sorted(stage.keys()) if parse_stat_key(k)[1] in EXPERT_SITE_DIMS]
+        for k in keys:
+            stage.sums[k] = torch.cat(ctx.gather_over_ep(stage.sums[k]), dim=EXPERT_SITE_DIMS[parse_stat_key(k)[1]])
+        experts = StatStore({k: stage.sums.pop(k) for k in keys}).reduce(ctx.sum_over_expert_dp)
+        stage = stage.reduce(ctx.sum_over_dp)
+        stage.sums.update(experts.sums)
+    else:
+        stage = stage.reduce(ctx.sum_over_dp)
     parts = ctx.gather_over_pp(stage.state_dict())
     sums = {}
     for part in parts:  # stages hold disjoint layers: a union, not a sum

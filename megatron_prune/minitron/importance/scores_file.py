@@ -25,7 +25,9 @@ from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.importance.statistics import StatStore
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.model import hybrid_pattern_of
-from megatron_prune.minitron.slicing.table import is_tied_output_copy, layer_name, split_layer_name
+from megatron_prune.minitron.slicing.table import (
+    expert_name, is_tied_output_copy, layer_name, split_expert_name, split_layer_name,
+)
 from megatron_prune.minitron.slicing.tensor_parallel import logical, partitions
 
 FORMAT = "megatron-prune/scores"
@@ -122,10 +124,13 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
             full = full[:_VOCAB_ROWS]
         index, inner = split_layer_name(name)
         if index is not None:
+            expert, role = split_expert_name(inner)
+            if expert is not None and ctx.ep_size > 1:  # this rank's experts, named by their global number
+                inner = expert_name(ctx.ep_rank * cfg.num_moe_experts // ctx.ep_size + expert, role)
             name = layer_name(numbers[index], inner)
         local[name] = _tensor_digest(full)
     merged = {}
-    for part in ctx.gather_over_pp(local):
+    for part in ctx.gather_over_pp({k: v for ep_part in ctx.gather_objects_over_ep(local) for k, v in ep_part.items()}):
         merged.update(part)
     h = hashlib.sha256()
     for name in sorted(merged):

@@ -26,9 +26,13 @@ class ParallelContext:
     dp_rank: int = 0
     global_rank: int = 0
     ep_size: int = 1  # expert-parallel size (MoE experts split over ranks)
+    ep_rank: int = 0
+    expert_dp_size: int = 1  # replicas of each expert (data parallelism of the expert weights)
     tp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     pp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+    ep_group: Optional[Any] = field(default=None, compare=False, repr=False)
+    expert_dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for name in ("tp_size", "pp_size", "dp_size"):
@@ -69,9 +73,13 @@ class ParallelContext:
             dp_rank=ps.get_data_parallel_rank(),
             global_rank=dist.get_rank(),
             ep_size=ps.get_expert_model_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            expert_dp_size=ps.get_expert_data_parallel_world_size(),
             tp_group=ps.get_tensor_model_parallel_group(),
             pp_group=ps.get_pipeline_model_parallel_group(),
             dp_group=ps.get_data_parallel_group(),
+            ep_group=ps.get_expert_model_parallel_group(),
+            expert_dp_group=ps.get_expert_data_parallel_group(),
         )
 
     @property
@@ -85,6 +93,31 @@ class ParallelContext:
         buf = t.to(_device())
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
         return buf.cpu()
+
+    def sum_over_expert_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a CPU float tensor over the replicas of this rank's experts (identity when there is one)."""
+        if self.expert_dp_size == 1:
+            return t
+        buf = t.to(_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.expert_dp_group)
+        return buf.cpu()
+
+    def gather_over_ep(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """All-gather a tensor (same shape on every rank) over expert-parallel ranks, in rank order."""
+        if self.ep_size == 1:
+            return [t]
+        buf = t.contiguous().to(_device())
+        out = [torch.empty_like(buf) for _ in range(self.ep_size)]
+        dist.all_gather(out, buf, group=self.ep_group)
+        return [o.to(t.device) for o in out]
+
+    def gather_objects_over_ep(self, obj: Any) -> List[Any]:
+        """All-gather a picklable object over expert-parallel ranks, in rank order."""
+        if self.ep_size == 1:
+            return [obj]
+        out: List[Any] = [None] * self.ep_size
+        dist.all_gather_object(out, obj, group=self.ep_group)
+        return out
 
     def gather_over_tp(self, t: torch.Tensor) -> List[torch.Tensor]:
         """All-gather a tensor (same shape on every rank) over tensor-parallel ranks, in rank order."""

@@ -9,7 +9,7 @@ single extra tensor at a time.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -71,6 +71,8 @@ def sliced_tensors(
         before = (shape.mamba_num_heads, shape.mamba_head_dim, *fixed)
         after = (plan.target["mamba_num_heads"], plan.target["mamba_head_dim"], *fixed)
     new_position = {n: i for i, n in enumerate(survivors)}
+    ep = ctx.ep_size if ctx is not None else 1
+    exchanged: Dict[Tuple[int, str], Dict[int, object]] = {}  # EP > 1: (layer, role) -> {global expert: sliced tensor}
     for name, value in state.items():
         local, inner, axes = axes_of(name)
         number = None if local is None else layer_numbers[local]
@@ -80,6 +82,14 @@ def sliced_tensors(
                 continue  # dropped layer
             keep = plan.layers[number]
             expert, role_name = split_expert_name(inner)
+            if expert is not None and ep > 1:  # routed experts spread over EP ranks: renumbered and re-distributed
+                local_experts = shape.num_moe_experts // ep
+                expert = ctx.ep_rank * local_experts + expert  # the global expert this tensor belongs to
+                if keep.experts is not None:
+                    yield from _exchange_experts(exchanged.setdefault((number, role_name), {}), value, expert, axes,
+                                                 lambda g, e=expert: _index(g, plan, keep, shape, e), keep, shape, ctx,
+                                                 layer_name(new_position[number], role_name))  # fmt: skip
+                    continue
             if expert is not None and keep.experts is not None:  # kept experts are renumbered in importance order
                 position = (keep.experts == expert).nonzero()
                 if position.numel() == 0:
@@ -98,6 +108,27 @@ def sliced_tensors(
             yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), pruned_part, ctx)
         else:
             yield name, slice_tensor(value, axes.dims, index_of)
+
+
+def _exchange_experts(collected: Dict[int, object], value, expert: int, axes, index_of, keep, shape: ModelShape,
+                      ctx: ParallelContext, role: str) -> Iterator[Tuple[str, object]]:
+    """One routed-expert tensor at EP > 1: sliced here, gathered from every EP rank (each holds the same local
+    slot of its own experts) into `collected` ({global expert: tensor}); once every expert of the role is in, this
+    rank's experts of the pruned model: slot s holds kept expert `ctx.ep_rank * E'/ep + s` (importance order).
+    One collective per tensor, the same on every EP rank. `role`: the pruned layer's name of the role (a ``*``
+    for the expert number)."""
+    local_experts, kept_local = shape.num_moe_experts // ctx.ep_size, keep.experts.numel() // ctx.ep_size
+    slot = expert % local_experts
+    if isinstance(value, torch.Tensor) and axes is not None:
+        for rank, tensor in enumerate(ctx.gather_over_ep(slice_tensor(value, axes.dims, index_of))):
+            collected[rank * local_experts + slot] = tensor
+    else:  # extra state (no tensor data): every expert's is this rank's
+        for rank in range(ctx.ep_size):
+            collected[rank * local_experts + slot] = value
+    if len(collected) == shape.num_moe_experts:
+        for s in range(kept_local):
+            yield expert_name(s, role), collected[int(keep.experts[ctx.ep_rank * kept_local + s])]
+        collected.clear()
 
 
 def load_streaming(model: torch.nn.Module, items: Iterable[Tuple[str, object]]) -> None:

@@ -1,0 +1,78 @@
+"""MoE layers at expert parallelism 2 (torchrun, gloo, the allgather token dispatcher): each rank holds half the
+routed experts and the dense weights are data-parallel. Expert statistics are gathered over the EP ranks (each
+expert's own tokens from every rank) and summed over the expert's replicas; the kept experts are renumbered in
+importance order and re-distributed over the EP ranks of the pruned model. Orders, pruned weights, logits and
+parameter counts equal one process's, and a scores file serves both layouts."""
+
+import pytest
+import torch
+
+import megatron_prune as mp
+from megatron_prune.minitron.axes import AXES, LAYER_AXES
+from tests.test_moe import batches, logits, make
+from tests.torchrun import REPO_ROOT, run_torchrun
+from tests.workers.moe_ep import DISPATCHER
+
+pytestmark = pytest.mark.heavy  # a torchrun world
+
+EXPORT = {"num_moe_experts": 2, "moe_ffn_hidden_size": 16, "hidden_size": 48, "num_layers": 3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from megatron_prune.minitron.runtime.distributed import init_distributed
+
+    init_distributed(seed=1234)
+    out = tmp_path_factory.mktemp("moe_ep")
+    model, data = make(**DISPATCHER), batches()
+    scores = str(out / "ep1-scores.pt")
+    before = logits(model, data)
+    pruned, result = mp.prune(model, EXPORT, forward_loop=mp.make_forward_loop(data, progress=False), scores_path=scores)
+    torch.save({"state_dict": model.state_dict(), "export_config": EXPORT, "batches": data, "scores": scores},
+               out / "case.pt")  # fmt: skip
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "moe_ep.py", 2, out / "case.pt", out)
+    from_ep2, _ = mp.prune(model, EXPORT, scores_path=str(out / "ep2-scores.pt"))  # EP=2's statistics, one process
+    return {"model": model, "unpruned": before, "pruned": pruned, "result": result, "logits": logits(pruned, data),
+            "from_ep2": from_ep2, "ep2": torch.load(out / "ep2.pt", weights_only=False)}  # fmt: skip
+
+
+def test_ep2_prunes_moe_layers_exactly_as_one_process(runs):
+    ep2, result = runs["ep2"], runs["result"]
+    torch.testing.assert_close(ep2["unpruned_logits"], runs["unpruned"], rtol=1e-5, atol=1e-5)  # the shards load
+    assert torch.equal(ep2["hidden_order"], result.orders.hidden) and ep2["layer_ranking"] == result.orders.layer_ranking
+    for n, orders in ep2["layer_orders"].items():
+        for axis in LAYER_AXES:
+            expected, got = result.orders.layers[n].get(axis), orders[AXES[axis].alias]
+            assert (got is None and expected is None) or torch.equal(got, expected), (n, axis)
+    assert any(not torch.equal(k.experts, torch.arange(2)) for k in result.plan.layers.values() if k.experts is not None)
+    one = {k: v for k, v in runs["pruned"].state_dict().items() if not k.endswith("_extra_state")}
+    assert ep2["weights"].keys() == one.keys()
+    for key, value in one.items():
+        assert torch.equal(ep2["weights"][key], value), key
+        assert torch.equal(ep2["reused_weights"][key], value), key  # one process's scores file, reused at EP=2
+    assert ep2["local_experts"] == 1  # 2 kept experts over 2 EP ranks
+    torch.testing.assert_close(ep2["logits"], runs["logits"], rtol=1e-5, atol=1e-5)
+    assert (ep2["params_before"], ep2["params_after"]) == (result.params_before, result.params_after)
+
+
+def test_ep2_statistics_serve_one_process(runs):
+    """The scores file written at EP=2 (experts gathered, dense statistics summed over the two data-parallel
+    replicas) prunes one process's model to the same weights (up to float summation order of the DP sum)."""
+    for key, value in runs["pruned"].state_dict().items():
+        if not key.endswith("_extra_state"):
+            assert torch.equal(runs["from_ep2"].state_dict()[key], value), key
+
+
+def test_bad_expert_targets_at_ep2_fail_before_calibration_on_every_rank(runs):
+    errors = runs["ep2"]["errors"]
+    assert len(errors) == 2 and "not divisible by the expert-parallel size 2" in errors[0], errors
+    assert "below moe_router_topk=2" in errors[1], errors
+
+
+def test_alltoall_dispatcher_at_ep_is_refused_with_the_fix():
+    from megatron_prune.minitron.model_checks import _moe_problem
+    from megatron_prune.minitron.runtime.parallel import ParallelContext
+    from tests.tiny import tiny_moe_config
+
+    message = _moe_problem(tiny_moe_config(moe_token_dispatcher_type="alltoall"), ParallelContext(ep_size=2, dp_size=2, dp_rank=0))
+    assert "calibrate with the 'allgather' dispatcher" in message
