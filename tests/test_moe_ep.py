@@ -9,6 +9,8 @@ import torch
 
 import megatron_prune as mp
 from megatron_prune.minitron.axes import AXES, LAYER_AXES
+from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.search.counting import inventory_of
 from tests.test_moe import batches, logits, make
 from tests.torchrun import REPO_ROOT, run_torchrun
 from tests.workers.moe_ep import DISPATCHER
@@ -53,6 +55,8 @@ def test_ep2_prunes_moe_layers_exactly_as_one_process(runs):
     assert ep2["local_experts"] == 1  # 2 kept experts over 2 EP ranks
     torch.testing.assert_close(ep2["logits"], runs["logits"], rtol=1e-5, atol=1e-5)
     assert (ep2["params_before"], ep2["params_after"]) == (result.params_before, result.params_after)
+    one = inventory_of(runs["model"], ParallelContext()).count(result.export_config, kept_layers=result.plan.kept_layers)
+    assert ep2["counted"] == (one.params, one.active_params) and one.params == result.params_after  # analytic = live
 
 
 def test_ep2_statistics_serve_one_process(runs):

@@ -71,7 +71,7 @@ def prune(
 
     Args:
         model: an unwrapped GPTModel stage at any TP/PP/DP layout (sequence parallel off), or a hybrid
-            MambaModel stage (any TP); MoE layers at TP=EP=1; not modified.
+            MambaModel stage (any TP); MoE layers at TP=1 and any EP (allgather dispatcher); not modified.
         export_config: target sizes, any subset of the model's axes (`SUPPORTED_AXES`: hidden_size,
             ffn_hidden_size, num_attention_heads, num_query_groups, num_moe_experts, moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size, num_layers; TransformerConfig field names).

@@ -16,6 +16,7 @@ import megatron_prune as mp
 from megatron_prune.minitron.axes import AXES, LAYER_AXES
 from megatron_prune.minitron.runtime.cpu import apply_cpu_support
 from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.search.counting import inventory_of
 from megatron_prune.minitron.slicing.table import expert_name, split_expert_name, split_layer_name
 from tests.test_moe import make
 
@@ -66,12 +67,14 @@ def main(case_path: str, out: str) -> None:
     reused, _ = mp.prune(model, case["export_config"], scores_path=case["scores"])  # one process's statistics
     with torch.no_grad():
         logits = mp.run_forward(pruned, case["batches"], collect=lambda o, t: o.clone(), shard_over_dp=False)
+    counted = inventory_of(model, ctx).count(result.export_config, kept_layers=result.plan.kept_layers)  # analytic, EP=2
     record = {
         "unpruned_logits": torch.cat(unpruned), "logits": torch.cat(logits),
         "weights": global_state(pruned, ctx), "reused_weights": global_state(reused, ctx),
         "hidden_order": result.orders.hidden, "layer_ranking": result.orders.layer_ranking,
         "layer_orders": {n: {AXES[a].alias: o.get(a) for a in LAYER_AXES} for n, o in result.orders.layers.items()},
         "params_before": result.params_before, "params_after": result.params_after,
+        "counted": (counted.params, counted.active_params),
         "local_experts": len(pruned.decoder.layers[0].mlp.experts.local_experts), "errors": errors,
     }  # fmt: skip
     if dist.get_rank() == 0:

@@ -55,7 +55,7 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
 
 Not patched, because no run of this package reaches them: `tensor_parallel.broadcast_data` (Megatron-LM's
 batch loader, `.cuda()`), the distributed optimizer, and MoE's all-to-all token dispatcher at expert-parallel
-size > 1 (CUDA streams and events; megatron-prune prunes MoE models at EP=1).
+size > 1 (CUDA streams and events; at EP > 1 megatron-prune calibrates through the allgather dispatcher).
 """
 
 import contextlib
