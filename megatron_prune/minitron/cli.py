@@ -163,7 +163,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     # imports megatron-core (which warns at import time): only once run_command has quieted the output
     from megatron_prune.minitron.runtime.distributed import init_distributed
 
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed,
+                     expert_model_parallel_size=args.expert_model_parallel_size)
     ctx = ParallelContext.from_megatron()
     if flags.default_job:
         goal = _compact(flags.target) if flags.target is not None else "the NAS budget"
@@ -268,7 +269,7 @@ def resolve_targets(args, ctx: ParallelContext, flags: SimpleNamespace, src: Sim
         target = {**target, "num_layers": layers} if layers != shape.num_layers else target
     budgets = None
     if target is not None:
-        validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size)
+        validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size, ep_size=ctx.ep_size)
     else:
         inventory = src.checkpoint.inventory(ctx.tp_size) if src.checkpoint else provider_inventory(src.provider, ctx.tp_size)
         budgets = check_budgets(search.constraints, search.search, inventory, shape, ctx.tp_size, ctx.pp_size)
@@ -300,7 +301,7 @@ def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ct
     if not ctx.broadcast_object(os.path.exists(scores_path)):
         return
     at_layout = criteria_at_layout(criteria, shape.num_query_groups, ctx.tp_size)[0]
-    config = finalized_provider(provider, ctx.tp_size, ctx.pp_size, dtype)
+    config = finalized_provider(provider, ctx.tp_size, ctx.pp_size, dtype, ctx.ep_size)
     ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, calibration, args.reuse_scores))
 
 

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("parallelism (the layout the model is imported and pruned at)")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks each layer is split over")
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are spread over")
+    par.add_argument("--expert-model-parallel-size", type=int, default=1,
+                     help="EP: ranks the routed experts of a MoE model are spread over (within the data-parallel ranks)")
 
 
     nas = add_search_arguments(p)
@@ -146,4 +148,8 @@ def check_world(args: argparse.Namespace) -> int:
             f"world size {world} (torchrun --nproc-per-node x nodes) is not a multiple of "
             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}"
         )
-    return world // (tp * pp)
+    ep, dp = args.expert_model_parallel_size, world // (tp * pp)
+    if ep < 1 or dp % ep:
+        raise PruneConfigError(f"--expert-model-parallel-size {ep} must be >= 1 and divide the data-parallel size {dp} "
+                               f"(world size {world} / (TP {tp} x PP {pp}))")  # fmt: skip
+    return dp

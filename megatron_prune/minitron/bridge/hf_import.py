@@ -79,11 +79,11 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
 
     start = time.perf_counter()
     ctx = ParallelContext.given(ctx)
-    tp, pp = ctx.tp_size, ctx.pp_size
+    tp, pp, ep = ctx.tp_size, ctx.pp_size, ctx.ep_size
     log(f"importing {source} through Megatron-Bridge (TP={tp}, PP={pp}, {str(dtype).replace('torch.', '')})")
     bridge = AutoBridge.from_hf_pretrained(str(source), torch_dtype=dtype, trust_remote_code=trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=True)
-    saved_spec = _configure(provider, tp, pp, dtype)
+    saved_spec = _configure(provider, tp, pp, dtype, ep)
     provider.finalize()
     with logged_progress("importing weights"):
         stages = provider.provide_distributed_model(
@@ -109,28 +109,31 @@ def provider_inventory(provider, tp: int):
                                provider.position_embedding_type, provider.seq_length)  # fmt: skip
 
 
-def finalized_provider(provider, tp: int, pp: int, dtype: torch.dtype):
+def finalized_provider(provider, tp: int, pp: int, dtype: torch.dtype, ep: int = 1):
     """A finalized copy of `provider` configured as `import_hf_model` configures it: the TransformerConfig the
     model will be built from, known before any weight is read."""
     import copy
 
     config = copy.deepcopy(provider)
-    _configure(config, tp, pp, dtype)
+    _configure(config, tp, pp, dtype, ep)
     config.finalize()
     return config
 
 
-def _configure(provider, tp: int, pp: int, dtype: torch.dtype) -> Callable:
+def _configure(provider, tp: int, pp: int, dtype: torch.dtype, ep: int = 1) -> Callable:
     """Set parallelism and precision on the provider; MoE experts as a SequentialMLP (one MLP per expert, the
-    layout megatron-prune slices; the weights are the grouped-GEMM ones); on CPU, the local layer spec.
-    Returns the spec to save."""
+    layout megatron-prune slices; the weights are the grouped-GEMM ones), at EP > 1 through the allgather token
+    dispatcher (what calibration at EP reads; same outputs); on CPU, the local layer spec. Returns the spec to save."""
     provider.tensor_model_parallel_size = tp
     provider.pipeline_model_parallel_size = pp
+    provider.expert_model_parallel_size = ep
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.sequence_parallel = False  # statistics average over whole sequences
     if getattr(provider, "num_moe_experts", None):
         provider.moe_grouped_gemm = False
+        if ep > 1:
+            provider.moe_token_dispatcher_type = "allgather"
     saved = provider.transformer_layer_spec
     if not torch.cuda.is_available():
         from megatron.bridge.models.gpt_provider import local_layer_spec

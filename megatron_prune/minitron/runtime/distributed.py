@@ -17,7 +17,8 @@ _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def init_distributed(
-    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234,
+    expert_model_parallel_size: int = 1,
 ) -> None:
     """Initialise torch.distributed (if needed), megatron-core's model parallel groups and the RNG seeds.
 
@@ -54,7 +55,8 @@ def init_distributed(
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
         )
-        if current != (tensor_model_parallel_size, pipeline_model_parallel_size):
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        if current != (tensor_model_parallel_size, pipeline_model_parallel_size) or ep != expert_model_parallel_size:
             raise RuntimeError(
                 f"model parallel state is already initialised with tensor_model_parallel_size "
                 f"{current[0]}, pipeline_model_parallel_size {current[1]}; call destroy_distributed() "
@@ -64,6 +66,7 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
         )
 
     # The CPU generator too: `use_cpu_initialization=True` draws weights from it, on a GPU run as well.
