@@ -37,3 +37,35 @@ def global_state_dict(model: torch.nn.Module) -> dict:
             key = layer_name(model.decoder.layers[index].layer_number - 1, inner)
         out[key] = logical(value, parts.get(original), ctx).detach().clone()
     return out
+
+
+def assert_same_orders_and_weights(recorded: dict, result, pruned: torch.nn.Module) -> None:
+    """A multi-rank run's record (`hidden_order`, `layer_ranking`, `layer_orders` by short axis name, `weights` of
+    the pruned model in global names) equals one process's `result` and pruned model, bit for bit."""
+    from megatron_prune.minitron.axes import AXES, LAYER_AXES
+
+    assert torch.equal(recorded["hidden_order"], result.orders.hidden)
+    assert recorded["layer_ranking"] == result.orders.layer_ranking
+    for n, orders in recorded["layer_orders"].items():
+        for axis in LAYER_AXES:
+            expected, got = result.orders.layers[n].get(axis), orders[AXES[axis].alias]
+            assert (got is None and expected is None) or torch.equal(got, expected), (n, axis)
+    one = {k: v for k, v in pruned.state_dict().items() if not k.endswith("_extra_state")}
+    assert recorded["weights"].keys() == one.keys()
+    for key, value in one.items():
+        assert torch.equal(recorded["weights"][key], value), key
+
+
+def prune_here_and_in_a_world(model: torch.nn.Module, batches, export_config: dict, out, worker: str, nproc: int = 2):
+    """Prune `model` in this process (one process's world already initialised; statistics written to OUT/tp1-scores.pt), then run `tests/workers/<worker>`
+    under torchrun on the same weights, batches and target (OUT/case.pt). Returns (pruned, result)."""
+    import megatron_prune as mp
+    from tests.torchrun import REPO_ROOT, run_torchrun
+
+    scores = str(out / "tp1-scores.pt")
+    pruned, result = mp.prune(model, export_config, forward_loop=mp.make_forward_loop(batches, progress=False),
+                              scores_path=scores)  # fmt: skip
+    torch.save({"state_dict": model.state_dict(), "export_config": export_config, "batches": batches, "scores": scores},
+               out / "case.pt")  # fmt: skip
+    run_torchrun(REPO_ROOT / "tests" / "workers" / worker, nproc, out / "case.pt", out)
+    return pruned, result

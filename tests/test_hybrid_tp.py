@@ -6,12 +6,10 @@ one process, and a scores file is reusable across the two layouts."""
 import pytest
 import torch
 
-import megatron_prune as mp
-from megatron_prune.minitron.axes import AXES, LAYER_AXES
 from megatron_prune.minitron.slicing.tensor_parallel import Partition, gather_full, shard
 from megatron_prune.minitron.slicing.geometry import MAMBA_IN, mamba_segments
 from tests.test_hybrid import batches, make, logits
-from tests.torchrun import REPO_ROOT, run_torchrun
+from tests.stages import assert_same_orders_and_weights, prune_here_and_in_a_world
 from tests.workers.hybrid_tp import PATTERN
 
 pytestmark = pytest.mark.heavy  # a torchrun world
@@ -40,18 +38,14 @@ def test_segments_shard_and_gather_like_megatron():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, request):
+def runs(tmp_path_factory):
     from megatron_prune.minitron.runtime.distributed import init_distributed
 
     init_distributed(seed=1234)
     out = tmp_path_factory.mktemp("hybrid_tp")
     model, data = make(PATTERN), batches()
-    scores = str(out / "tp1-scores.pt")
     before = logits(model, data)
-    pruned, result = mp.prune(model, EXPORT, forward_loop=mp.make_forward_loop(data, progress=False), scores_path=scores)
-    torch.save({"state_dict": model.state_dict(), "export_config": EXPORT, "batches": data, "scores": scores},
-               out / "case.pt")  # fmt: skip
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "hybrid_tp.py", 2, out / "case.pt", out)
+    pruned, result = prune_here_and_in_a_world(model, data, EXPORT, out, "hybrid_tp.py")
     return {"unpruned": before, "pruned": pruned, "result": result, "logits": logits(pruned, data),
             "tp2": torch.load(out / "tp2.pt", weights_only=False)}  # fmt: skip
 
@@ -59,16 +53,8 @@ def runs(tmp_path_factory, request):
 def test_tp2_prunes_a_hybrid_model_exactly_as_one_process(runs):
     tp2, result = runs["tp2"], runs["result"]
     torch.testing.assert_close(tp2["unpruned_logits"], runs["unpruned"], rtol=1e-5, atol=1e-5)  # the shards load
-    assert torch.equal(tp2["hidden_order"], result.orders.hidden) and tp2["layer_ranking"] == result.orders.layer_ranking
-    for n, orders in tp2["layer_orders"].items():
-        for axis in LAYER_AXES:
-            expected, got = result.orders.layers[n].get(axis), orders[AXES[axis].alias]
-            assert (got is None and expected is None) or torch.equal(got, expected), (n, axis)
-    one = {k: v for k, v in runs["pruned"].state_dict().items() if not k.endswith("_extra_state")}
-    assert tp2["weights"].keys() == one.keys()
-    for key, value in one.items():
-        assert torch.equal(tp2["weights"][key], value), key
-        assert torch.equal(tp2["reused_weights"][key], value), key  # the TP=1 scores file, reused at TP=2
+    assert_same_orders_and_weights(tp2, result, runs["pruned"])
+    assert_same_orders_and_weights({**tp2, "weights": tp2["reused_weights"]}, result, runs["pruned"])  # one process's scores, reused
     torch.testing.assert_close(tp2["logits"], runs["logits"], rtol=1e-5, atol=1e-5)
     assert tp2["params_after"] == result.params_after == tp2["counted_params"]  # live at TP=2 = analytic at TP=2
     assert tp2["config"] == {k: getattr(result.config, k) for k in EXPORT}

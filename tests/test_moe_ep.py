@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import megatron_prune as mp
-from megatron_prune.minitron.axes import AXES, LAYER_AXES
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.counting import inventory_of
 from tests.test_moe import batches, logits, make
+from tests.stages import assert_same_orders_and_weights, prune_here_and_in_a_world
 from tests.torchrun import REPO_ROOT, run_torchrun
 from tests.workers.moe_ep import DISPATCHER
 
@@ -27,12 +27,8 @@ def runs(tmp_path_factory):
     init_distributed(seed=1234)
     out = tmp_path_factory.mktemp("moe_ep")
     model, data = make(**DISPATCHER), batches()
-    scores = str(out / "ep1-scores.pt")
     before = logits(model, data)
-    pruned, result = mp.prune(model, EXPORT, forward_loop=mp.make_forward_loop(data, progress=False), scores_path=scores)
-    torch.save({"state_dict": model.state_dict(), "export_config": EXPORT, "batches": data, "scores": scores},
-               out / "case.pt")  # fmt: skip
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "moe_ep.py", 2, out / "case.pt", out)
+    pruned, result = prune_here_and_in_a_world(model, data, EXPORT, out, "moe_ep.py")
     from_ep2, _ = mp.prune(model, EXPORT, scores_path=str(out / "ep2-scores.pt"))  # EP=2's statistics, one process
     return {"model": model, "unpruned": before, "pruned": pruned, "result": result, "logits": logits(pruned, data),
             "from_ep2": from_ep2, "ep2": torch.load(out / "ep2.pt", weights_only=False)}  # fmt: skip
@@ -41,17 +37,9 @@ def runs(tmp_path_factory):
 def test_ep2_prunes_moe_layers_exactly_as_one_process(runs):
     ep2, result = runs["ep2"], runs["result"]
     torch.testing.assert_close(ep2["unpruned_logits"], runs["unpruned"], rtol=1e-5, atol=1e-5)  # the shards load
-    assert torch.equal(ep2["hidden_order"], result.orders.hidden) and ep2["layer_ranking"] == result.orders.layer_ranking
-    for n, orders in ep2["layer_orders"].items():
-        for axis in LAYER_AXES:
-            expected, got = result.orders.layers[n].get(axis), orders[AXES[axis].alias]
-            assert (got is None and expected is None) or torch.equal(got, expected), (n, axis)
+    assert_same_orders_and_weights(ep2, result, runs["pruned"])
+    assert_same_orders_and_weights({**ep2, "weights": ep2["reused_weights"]}, result, runs["pruned"])  # one process's scores, reused
     assert any(not torch.equal(k.experts, torch.arange(2)) for k in result.plan.layers.values() if k.experts is not None)
-    one = {k: v for k, v in runs["pruned"].state_dict().items() if not k.endswith("_extra_state")}
-    assert ep2["weights"].keys() == one.keys()
-    for key, value in one.items():
-        assert torch.equal(ep2["weights"][key], value), key
-        assert torch.equal(ep2["reused_weights"][key], value), key  # one process's scores file, reused at EP=2
     assert ep2["local_experts"] == 1  # 2 kept experts over 2 EP ranks
     torch.testing.assert_close(ep2["logits"], runs["logits"], rtol=1e-5, atol=1e-5)
     assert (ep2["params_before"], ep2["params_after"]) == (result.params_before, result.params_after)

@@ -88,53 +88,27 @@ class ParallelContext:
 
     def sum_over_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a CPU float tensor over data-parallel replicas (identity when dp_size == 1)."""
-        if self.dp_size == 1:
-            return t
-        buf = t.to(_device())
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return buf.cpu()
+        return _sum(t, self.dp_size, self.dp_group)
 
     def sum_over_expert_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a CPU float tensor over the replicas of this rank's experts (identity when there is one)."""
-        if self.expert_dp_size == 1:
-            return t
-        buf = t.to(_device())
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.expert_dp_group)
-        return buf.cpu()
-
-    def gather_over_ep(self, t: torch.Tensor) -> List[torch.Tensor]:
-        """All-gather a tensor (same shape on every rank) over expert-parallel ranks, in rank order."""
-        if self.ep_size == 1:
-            return [t]
-        buf = t.contiguous().to(_device())
-        out = [torch.empty_like(buf) for _ in range(self.ep_size)]
-        dist.all_gather(out, buf, group=self.ep_group)
-        return [o.to(t.device) for o in out]
-
-    def gather_objects_over_ep(self, obj: Any) -> List[Any]:
-        """All-gather a picklable object over expert-parallel ranks, in rank order."""
-        if self.ep_size == 1:
-            return [obj]
-        out: List[Any] = [None] * self.ep_size
-        dist.all_gather_object(out, obj, group=self.ep_group)
-        return out
+        return _sum(t, self.expert_dp_size, self.expert_dp_group)
 
     def gather_over_tp(self, t: torch.Tensor) -> List[torch.Tensor]:
         """All-gather a tensor (same shape on every rank) over tensor-parallel ranks, in rank order."""
-        if self.tp_size == 1:
-            return [t]
-        buf = t.contiguous().to(_device())
-        out = [torch.empty_like(buf) for _ in range(self.tp_size)]
-        dist.all_gather(out, buf, group=self.tp_group)
-        return [o.to(t.device) for o in out]
+        return _gather(t, self.tp_size, self.tp_group)
+
+    def gather_over_ep(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """All-gather a tensor (same shape on every rank) over expert-parallel ranks, in rank order."""
+        return _gather(t, self.ep_size, self.ep_group)
 
     def gather_over_pp(self, obj: Any) -> List[Any]:
         """All-gather a picklable object over pipeline stages, in stage order."""
-        if self.pp_size == 1:
-            return [obj]
-        out: List[Any] = [None] * self.pp_size
-        dist.all_gather_object(out, obj, group=self.pp_group)
-        return out
+        return _gather_objects(obj, self.pp_size, self.pp_group)
+
+    def gather_objects_over_ep(self, obj: Any) -> List[Any]:
+        """All-gather a picklable object over expert-parallel ranks, in rank order."""
+        return _gather_objects(obj, self.ep_size, self.ep_group)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Global rank 0's `obj` on every rank (e.g. what rank 0 read from a file system others may not see)."""
@@ -175,6 +149,31 @@ class ParallelContext:
             if p is not None:
                 error, message = p
                 raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
+
+
+def _sum(t: torch.Tensor, size: int, group) -> torch.Tensor:
+    if size == 1:
+        return t
+    buf = t.to(_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.cpu()
+
+
+def _gather(t: torch.Tensor, size: int, group) -> List[torch.Tensor]:
+    if size == 1:
+        return [t]
+    buf = t.contiguous().to(_device())
+    out = [torch.empty_like(buf) for _ in range(size)]
+    dist.all_gather(out, buf, group=group)
+    return [o.to(t.device) for o in out]
+
+
+def _gather_objects(obj: Any, size: int, group) -> List[Any]:
+    if size == 1:
+        return [obj]
+    out: List[Any] = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def as_problem(error: BaseException) -> Tuple[type, str]:
