@@ -183,7 +183,7 @@ def _targets(model, ctx: ParallelContext, m: _Model, export_config, constraints,
         layers = m.depth.check_target(m.shape.num_layers, export_config.get("num_layers") if isinstance(export_config, Mapping) else None)
         if layers != m.shape.num_layers:
             export_config = {**export_config, "num_layers": layers}
-    target = validate_export_config(export_config, m.shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size, ep_size=ctx.ep_size)
+    target = validate_export_config(export_config, m.shape, **ctx.sizes())
     problem = refused(target)
     if problem:
         raise PruneConfigError(problem)

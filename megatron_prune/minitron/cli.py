@@ -269,10 +269,10 @@ def resolve_targets(args, ctx: ParallelContext, flags: SimpleNamespace, src: Sim
         target = {**target, "num_layers": layers} if layers != shape.num_layers else target
     budgets = None
     if target is not None:
-        validate_export_config(target, shape, pp_size=ctx.pp_size, tp_size=ctx.tp_size, ep_size=ctx.ep_size)
+        validate_export_config(target, shape, **ctx.sizes())
     else:
         inventory = src.checkpoint.inventory(ctx.tp_size) if src.checkpoint else provider_inventory(src.provider, ctx.tp_size)
-        budgets = check_budgets(search.constraints, search.search, inventory, shape, ctx.tp_size, ctx.pp_size)
+        budgets = check_budgets(search.constraints, search.search, inventory, shape, **ctx.sizes())
         log(f"NAS budgets: {', '.join(f'{k} <= {v:,.0f}' for k, v in budgets.items())}")
     return target, depth_options, budgets
 

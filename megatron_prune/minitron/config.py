@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from megatron_prune.common.budgets import UNITS, is_percent, resolve_budgets
 from megatron_prune.minitron.axes import (  # noqa: F401  (SUPPORTED_AXES re-exported)
-    AXES, AT_LEAST, EP, EXPERT_MULTIPLE, MULTIPLE, MULTIPLE_OR_DIVISOR, PP, SUPPORTED_AXES, TP, default_kv_channels,
+    AXES, AT_LEAST, EP, EXPERT, EXPERT_MULTIPLE, MULTIPLE, MULTIPLE_OR_DIVISOR, PP, SUPPORTED_AXES, TP, default_kv_channels,
     fits_parallel, parallel_rules,
 )
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError  # noqa: F401  (re-exported)
@@ -126,13 +126,14 @@ class ModelShape:
 
 
 def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, tp_size: int = 1,
-                           ep_size: int = 1) -> Dict[str, int]:  # fmt: skip
+                           ep_size: int = 1, etp_size: Optional[int] = None) -> Dict[str, int]:  # fmt: skip
     """Check a manual target and return the complete target sizes (untouched axes keep their size).
 
     Rules: only axes of this model; integers in [1, original]; kept heads a multiple of kept query groups
     with no more heads per group than the model has; Mamba heads a multiple of the Mamba groups; at least
     one layer per pipeline stage; heads, query groups, FFN sizes and Mamba heads divisible by the
-    tensor-parallel size; routed experts at least `moe_router_topk` and divisible by the expert-parallel size.
+    tensor-parallel size (a routed expert's width: by the expert tensor-parallel size `etp_size`, by default
+    `tp_size`); routed experts at least `moe_router_topk` and divisible by the expert-parallel size.
     """
     if not isinstance(export_config, Mapping):
         raise PruneConfigError(f"export_config must be a dict of target sizes, got {type(export_config).__name__}")
@@ -186,9 +187,13 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
             f"{shape.moe_router_topk}: every token is routed to {shape.moe_router_topk} experts, so keep at least that many"
         )
     for axis in (a for a in SUPPORTED_AXES if a in export_config):  # the parallel rules of the axis registry
-        for parallel, size in ((TP, tp_size), (EP, ep_size), (PP, pp_size)):
+        expert_tp = AXES[axis].scope == EXPERT and etp_size is not None  # routed experts' linears: split over ETP
+        for parallel, size in ((TP, etp_size if expert_tp else tp_size), (EP, ep_size), (PP, pp_size)):
             if axis in parallel_rules()[parallel] and not fits_parallel(axis, target[axis], parallel, size, even=False):
-                raise PruneConfigError(f"export_config[{axis!r}]={target[axis]} " + _PARALLEL_ERRORS[AXES[axis].rule(parallel)](size))
+                message = _PARALLEL_ERRORS[AXES[axis].rule(parallel)](size)
+                if expert_tp:
+                    message = message.replace("tensor-parallel size", "expert tensor-parallel size")
+                raise PruneConfigError(f"export_config[{axis!r}]={target[axis]} " + message)
     return target
 
 

@@ -172,7 +172,7 @@ def iterative_ranking(model: torch.nn.Module, forward_loop: Callable, ctx, ranki
     passes, current = 0, list(ranking)
     try:
         while len(ranking) - len(skipped) > down_to:
-            stats = reduce_statistics(collect_statistics(model, forward_loop, ("block",)), ctx)
+            stats = reduce_statistics(collect_statistics(model, forward_loop, ("block",), ctx=ctx), ctx)
             passes += 1
             scores = {parse_stat_key(k)[0]: float(v) for k, v in stats.sums.items()}
             alive = [n for n in ranking if n not in skipped]

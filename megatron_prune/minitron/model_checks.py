@@ -112,14 +112,14 @@ def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     if cfg.moe_grouped_gemm:
         return ("config.moe_grouped_gemm=True (grouped-GEMM experts) is not supported yet: build the model with "
                 "moe_grouped_gemm=False (SequentialMLP experts; the weights are the same)")  # fmt: skip
-    if ctx.ep_size > 1 and cfg.moe_token_dispatcher_type != "allgather":
-        return (f"expert_model_parallel_size={ctx.ep_size} with moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r}: "
-                "calibrate with the 'allgather' dispatcher (same weights, same outputs; megatron-prune reads which "
-                "rank's micro-batch each routed token came from through it), or prune at expert-parallel size 1")  # fmt: skip
-    if ctx.tp_size > 1 or (cfg.expert_tensor_parallel_size or 1) > 1:
-        return (f"MoE layers at tensor_model_parallel_size={ctx.tp_size} (expert_tensor_parallel_size="
-                f"{cfg.expert_tensor_parallel_size}): prune MoE models at TP=1 (each rank's routed-expert outputs are "
-                "partial sums there, and MoE with TP needs sequence parallelism, which calibration cannot use)")  # fmt: skip
+    if (cfg.expert_tensor_parallel_size or ctx.tp_size) != ctx.etp_size:
+        return (f"config.expert_tensor_parallel_size={cfg.expert_tensor_parallel_size} but megatron-core's parallel state "
+                f"splits experts over {ctx.etp_size} ranks: build the model with the layout it runs in")  # fmt: skip
+    if ctx.ep_size * ctx.etp_size > 1 and cfg.moe_token_dispatcher_type != "allgather":
+        return (f"expert_model_parallel_size={ctx.ep_size}, expert_tensor_parallel_size={ctx.etp_size} with "
+                f"moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r}: calibrate with the 'allgather' dispatcher "
+                "(same weights, same outputs; megatron-prune reads which rank's micro-batch each routed token came from "
+                "through it), or prune with one rank per expert (EP=1, expert TP=1)")  # fmt: skip
     if getattr(cfg, "moe_latent_size", None):
         return f"config.moe_latent_size={cfg.moe_latent_size} (latent MoE) is not supported yet"
     return None

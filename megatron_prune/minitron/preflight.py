@@ -110,10 +110,10 @@ def _check_shapes(source: str, hf_config, shapes: Dict[str, List[int]], trust_re
     raise PruneConfigError(f"--hf-model {source!r}: the weights do not match config.json: {detail}. {hint}")
 
 
-def check_budgets(constraints, search, inventory, shape, tp: int, pp: int) -> Dict[str, float]:
+def check_budgets(constraints, search, inventory, shape, **parallel: int) -> Dict[str, float]:
     """NAS budgets as numbers (percentages of the model's own counts resolved), checked with the search space
     against counts from the config alone (`inventory`, `search.counting`): a budget at or above the model, or below
     every candidate, fails now."""
     from megatron_prune.minitron.search.nas import plan_search
 
-    return plan_search(inventory, shape, constraints, search, tp_size=tp, pp_size=pp, verbose=False).budgets
+    return plan_search(inventory, shape, constraints, search, verbose=False, **parallel).budgets

@@ -170,10 +170,10 @@ def run_calibration(model: torch.nn.Module, forward_loop: Callable, ctx: Paralle
     local = StatStore()
     if scores_path and hasattr(forward_loop, "run_range"):
         partial = _Partial(f"{scores_path}.partial", fingerprint, forward_loop, tuple(sites), ctx)
-        collect_statistics(model, lambda m: partial.run(m, local), sites, store=local)
+        collect_statistics(model, lambda m: partial.run(m, local), sites, store=local, ctx=ctx)
         stats = partial.done(reduce_statistics(local, ctx))
     else:
-        stats = reduce_statistics(collect_statistics(model, forward_loop, sites, store=local), ctx)
+        stats = reduce_statistics(collect_statistics(model, forward_loop, sites, store=local, ctx=ctx), ctx)
     if stats.calls == 0:  # checked before anything is saved: an empty file would shadow the next calibration
         raise PruneConfigError("forward_loop ran no forward pass through the model: no calibration data reached it")
     taylor = [v for k, v in stats.sums.items() if is_gradient_statistic(k)]

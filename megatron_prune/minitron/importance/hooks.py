@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megatron_prune.minitron.importance import statistics as S
+from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.table import LAYER_ROLES, ROUTED_EXPERTS
 
 
@@ -158,13 +160,16 @@ def site_modules(layer: torch.nn.Module, path: str) -> List[Tuple[Optional[int],
     return [(e, expert.get_submodule(rest)) for e, expert in enumerate(experts)]
 
 
-def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[str] = FORWARD_SITES) -> List[torch.utils.hooks.RemovableHandle]:
+def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[str] = FORWARD_SITES,
+                   ctx: Optional[ParallelContext] = None) -> List[torch.utils.hooks.RemovableHandle]:  # fmt: skip
     """Attach one hook per (layer, site module) for the named `sites`; accumulators start at zero so every
-    replica holds every key."""
+    replica holds every key. Collective when the model has routed experts (`ExpertTokens.of`)."""
     unknown = set(sites) - SITES.keys()
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(SITES)}")
     chosen = [site for site in LAYER_SITES if site.name in set(sites)]
+    ctx = ParallelContext.given(ctx)
+    counted = ExpertTokens.counted_sources(model, ctx)
     joint = {"proj_heads_out", "proj_groups_out"} <= set(sites)  # one hook computes both (about half the work)
     handles = []
     first = True
@@ -179,10 +184,12 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
             modules = site_modules(layer, site.module)
             if not modules:
                 continue
+            tokens = ExpertTokens.of(layer, counted, ctx) if site.kind == "expert_outputs" or "*" in site.module else None
             if site.kind == "expert_outputs":
                 (_, experts), = modules
                 store.add(key, torch.zeros(2, experts.num_local_experts, device=device))
-                handles.append(experts.register_forward_hook(_expert_outputs_hook(store, key)))
+                if tokens.counts_any:
+                    handles.append(experts.register_forward_hook(_expert_outputs_hook(store, key, tokens)))
                 continue
             if site.kind == "mamba_x":
                 (_, in_proj), = modules
@@ -201,13 +208,16 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
             per_expert = modules[0][0] is not None
             store.add(key, torch.zeros((len(modules), width) if per_expert else (width,), device=device))
             for expert, module in modules:
+                if tokens is not None and not tokens.counts_any:
+                    break  # another replica of these experts counts every token they see here
                 if site.kind == "output_contribution":
                     fn = _output_contribution_hook(store, key, d, row=expert)
                 elif site.kind == "taylor":
                     fn = _taylor_hook(store, key, d)
                 else:
-                    sources = _expert_sources(layer, expert) if expert is not None else None
-                    fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert, sources=sources)
+                    fn = _input_hook(store, key, normalise=site.kind == "normed_input", row=expert)
+                if tokens is not None:
+                    fn = tokens.counted_segments(fn, expert)
                 handles.append(module.register_forward_pre_hook(fn))
         first = False
     return handles
@@ -259,33 +269,87 @@ def _add(store: S.StatStore, key: str, value: torch.Tensor, row: Optional[int]) 
         store.add_row(key, row, value)
 
 
-def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int] = None,
-                sources: Optional[Callable[[], List[int]]] = None) -> Callable:  # fmt: skip
-    """`sources()`: the sizes of the input's segments that came from different micro-batches (a routed expert at
-    EP > 1); each is a sample of its own, as it is in one process."""
-
+def _input_hook(store: S.StatStore, key: str, normalise: bool, row: Optional[int] = None) -> Callable:
     def hook(module, args):
-        for x in (args[0],) if sources is None else args[0].split(sources()):
-            if x.numel() == 0:  # a routed expert that got no tokens in this call (from this source): no sample
-                continue
+        x = args[0]
+        if x.numel():  # a routed expert that got no tokens in this call: no sample
             _add(store, key, _normed_channel_statistic(module, x) if normalise else S.channel_sum_sq(x), row)
 
     return hook
 
 
-def _expert_sources(layer: torch.nn.Module, expert: int) -> Optional[Callable[[], List[int]]]:
-    """At expert parallelism the allgather token dispatcher hands each local expert, in one call, the tokens of every
-    EP rank's micro-batch routed to it, in rank order (`local_map`: [ranks x tokens, local experts]). Returns the
-    sizes of those per-rank segments for local expert `expert` in the current call; None at EP = 1."""
-    dispatcher = getattr(layer.mlp, "token_dispatcher", None)
-    group = getattr(dispatcher, "tp_ep_group", None)
-    if group is None or group.size() == 1:
-        return None
+class ExpertTokens:
+    """Which of the tokens a routed expert computes on this rank count for its statistics: each calibration
+    micro-batch's tokens exactly once per expert (per expert-TP shard), as in one process.
 
-    def sizes() -> List[int]:
-        return dispatcher.local_map[:, expert].view(group.size(), -1).sum(dim=1).tolist()
+    The allgather token dispatcher hands each local expert, in one call, the tokens of every rank of its
+    expert-TP x expert-parallel group routed to it, segment by segment in group-rank order (`local_map`:
+    [ranks x tokens, local experts]). Ranks of one attention-TP group hold the same micro-batch (sequence
+    parallelism is off while calibrating), and at TP > expert-TP the replicas of an expert shard see the same
+    tokens: of the copies of one micro-batch, the first segment of the lowest rank holding the shard counts.
+    Each statistic call then takes one segment: one micro-batch, as one process takes it."""
 
-    return sizes
+    def __init__(self, dispatcher, counted: Tuple[bool, ...], ctx: ParallelContext):
+        self.dispatcher, self.counted, self.ctx = dispatcher, counted, ctx
+
+    @property
+    def counts_any(self) -> bool:
+        return any(self.counted)
+
+    @staticmethod
+    def counted_sources(model: torch.nn.Module, ctx: ParallelContext) -> Optional[Tuple[bool, ...]]:
+        """For a model with routed experts: per rank of this rank's dispatcher group, whether its segment counts
+        here (None without MoE layers on this stage). A collective over the world when there is more than one
+        rank (every rank calls it: the model config says whether it has experts)."""
+        if not model.config.num_moe_experts:
+            return None
+        dispatcher = next((layer.mlp.token_dispatcher for _, layer in decoder_layers(model)
+                           if hasattr(getattr(layer, "mlp", None), "token_dispatcher")), None)  # fmt: skip
+        group = getattr(dispatcher, "tp_ep_group", None)
+        members = None
+        if dispatcher is not None:
+            members = dist.get_process_group_ranks(group) if group is not None and group.size() > 1 else [ctx.global_rank]
+        world = ctx.gather_all((ctx.dp_rank, (ctx.pp_rank, ctx.ep_rank, ctx.etp_rank), members))
+        if members is None:
+            return None
+        shard = world[ctx.global_rank][1]  # the experts' weights this rank holds
+        seen = {world[g][0] for rank, (_, other, held) in enumerate(world[: ctx.global_rank])
+                if other == shard and held for g in held}  # fmt: skip  micro-batches a lower replica counts
+        counted = []
+        for g in members:
+            counted.append(world[g][0] not in seen)
+            seen.add(world[g][0])
+        return tuple(counted)
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, counted: Tuple[bool, ...], ctx: ParallelContext) -> "ExpertTokens":
+        return cls(layer.mlp.token_dispatcher, counted, ctx)
+
+    def segments(self, expert: int) -> List[int]:
+        """The lengths of local expert `expert`'s token segments in the current call, per group rank."""
+        return self.dispatcher.local_map[:, expert].view(len(self.counted), -1).sum(dim=1).tolist()
+
+    def counted_segments(self, hook: Callable, expert: int) -> Callable:
+        """A forward pre-hook calling `hook` once per counted segment of local expert `expert`'s input."""
+        if len(self.counted) == 1:
+            return hook
+
+        def per_segment(module, args):
+            for x, counted in zip(args[0].split(self.segments(expert)), self.counted):
+                if counted:
+                    hook(module, (x, *args[1:]))
+
+        return per_segment
+
+    def counted_rows(self, tokens_per_expert: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """For the local experts' outputs [T, H] (grouped by expert): a mask of the counted rows (None: all) and the
+        counted tokens per expert."""
+        if len(self.counted) == 1:
+            return None, tokens_per_expert
+        sizes = torch.tensor([self.segments(e) for e in range(len(tokens_per_expert))])  # [E, ranks]
+        keep = torch.tensor(self.counted).expand_as(sizes)
+        mask = torch.repeat_interleave(keep.flatten(), sizes.flatten())
+        return mask, (sizes * keep).sum(dim=1)
 
 
 def _output_contribution_hook(store: S.StatStore, key: str, d: int, row: Optional[int] = None) -> Callable:
@@ -318,10 +382,13 @@ def _taylor_hook(store: S.StatStore, key: str, d: int) -> Callable:
     return hook
 
 
-def _expert_outputs_hook(store: S.StatStore, key: str) -> Callable:
+def _expert_outputs_hook(store: S.StatStore, key: str, tokens: ExpertTokens) -> Callable:
     def hook(module, args, output):
-        # SequentialMLP(tokens [T, H] sorted by expert, tokens_per_expert [E], probs) -> (outputs [T, H], bias)
-        store.add(key, S.expert_output_norms(output[0], args[1]))
+        # SequentialMLP(tokens [T, H] sorted by expert, tokens_per_expert [E], probs) -> (outputs [T, H], bias);
+        # at expert-TP > 1 each rank's outputs are partial sums over its shard of the experts' channels
+        outputs = tokens.ctx.sum_over_etp(output[0].detach())
+        mask, counts = tokens.counted_rows(torch.as_tensor(args[1]).cpu())
+        store.add(key, S.expert_output_norms(outputs if mask is None else outputs[mask.to(outputs.device)], counts))
 
     return hook
 
@@ -347,7 +414,8 @@ def _block_hook(store: S.StatStore, key: str, count: bool) -> Callable:
 
 
 def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None],
-                       sites: Iterable[str] = FORWARD_SITES, store: Optional[S.StatStore] = None) -> S.StatStore:  # fmt: skip
+                       sites: Iterable[str] = FORWARD_SITES, store: Optional[S.StatStore] = None,
+                       ctx: Optional[ParallelContext] = None) -> S.StatStore:  # fmt: skip
     """Run `forward_loop(model)` in eval mode and return this rank's raw statistics of the named `sites`
     (accumulated into `store` if given, so the loop may read them while it runs, e.g. to checkpoint them).
 
@@ -356,7 +424,7 @@ def collect_statistics(model: torch.nn.Module, forward_loop: Callable[[torch.nn.
     sites = tuple(sites)
     backward = any(SITES[s].needs_backward for s in sites if s in SITES)
     store = S.StatStore() if store is None else store
-    handles = register_hooks(model, store, sites)
+    handles = register_hooks(model, store, sites, ctx)
     modes = {m: m.training for m in model.modules()}  # restored module by module, as the user set them
     grads = {p: p.grad for p in model.parameters()} if backward else {}  # the user's, restored afterwards
     model.eval()

@@ -6,6 +6,7 @@ patched. It does not describe the parallel layout to the rest of the library: th
 """
 
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,12 +19,13 @@ _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def init_distributed(
     tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234,
-    expert_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1, expert_tensor_parallel_size: Optional[int] = None,
 ) -> None:
     """Initialise torch.distributed (if needed), megatron-core's model parallel groups and the RNG seeds.
 
     Without the torchrun environment variables the process is a world of size 1. Calling it again with
-    the same sizes only re-seeds; other sizes need `destroy_distributed()` first.
+    the same sizes only re-seeds; other sizes need `destroy_distributed()` first. `expert_tensor_parallel_size`:
+    how many ranks split each routed expert's linears (megatron-core's default, None: the TP size).
     """
     use_cuda = torch.cuda.is_available()
     under_torchrun = all(name in os.environ for name in _TORCHRUN_ENV)
@@ -55,8 +57,10 @@ def init_distributed(
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
         )
-        ep = parallel_state.get_expert_model_parallel_world_size()
-        if current != (tensor_model_parallel_size, pipeline_model_parallel_size) or ep != expert_model_parallel_size:
+        experts = (parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_tensor_parallel_world_size())
+        if current != (tensor_model_parallel_size, pipeline_model_parallel_size) or experts != (
+            expert_model_parallel_size, expert_tensor_parallel_size or tensor_model_parallel_size
+        ):
             raise RuntimeError(
                 f"model parallel state is already initialised with tensor_model_parallel_size "
                 f"{current[0]}, pipeline_model_parallel_size {current[1]}; call destroy_distributed() "
@@ -67,6 +71,7 @@ def init_distributed(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
         )
 
     # The CPU generator too: `use_cpu_initialization=True` draws weights from it, on a GPU run as well.

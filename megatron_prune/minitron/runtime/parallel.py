@@ -7,8 +7,8 @@ replicas, a broadcast from global rank 0). Nothing else in the package reads Meg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,14 +28,17 @@ class ParallelContext:
     ep_size: int = 1  # expert-parallel size (MoE experts split over ranks)
     ep_rank: int = 0
     expert_dp_size: int = 1  # replicas of each expert (data parallelism of the expert weights)
+    etp_size: int = 1  # expert tensor-parallel size: routed experts' linears are split over this many ranks
+    etp_rank: int = 0
     tp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     pp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
     ep_group: Optional[Any] = field(default=None, compare=False, repr=False)
     expert_dp_group: Optional[Any] = field(default=None, compare=False, repr=False)
+    etp_group: Optional[Any] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        for name in ("tp_size", "pp_size", "dp_size"):
+        for name in ("tp_size", "pp_size", "dp_size", "ep_size", "etp_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.tp_rank < self.tp_size:
@@ -75,12 +78,24 @@ class ParallelContext:
             ep_size=ps.get_expert_model_parallel_world_size(),
             ep_rank=ps.get_expert_model_parallel_rank(),
             expert_dp_size=ps.get_expert_data_parallel_world_size(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
             tp_group=ps.get_tensor_model_parallel_group(),
             pp_group=ps.get_pipeline_model_parallel_group(),
             dp_group=ps.get_data_parallel_group(),
             ep_group=ps.get_expert_model_parallel_group(),
             expert_dp_group=ps.get_expert_data_parallel_group(),
+            etp_group=ps.get_expert_tensor_parallel_group(),
         )
+
+    def for_routed_experts(self) -> "ParallelContext":
+        """The context routed-expert tensors are split in: tensor parallelism over the expert tensor-parallel group
+        (`expert_tensor_parallel_size`, megatron-core's default: the TP size)."""
+        return replace(self, tp_size=self.etp_size, tp_rank=self.etp_rank, tp_group=self.etp_group)
+
+    def sizes(self) -> Dict[str, int]:
+        """The parallel sizes a pruned size must split over, as `config.validate_export_config` takes them."""
+        return {"tp_size": self.tp_size, "pp_size": self.pp_size, "ep_size": self.ep_size, "etp_size": self.etp_size}
 
     @property
     def is_main(self) -> bool:
@@ -93,6 +108,14 @@ class ParallelContext:
     def sum_over_expert_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a CPU float tensor over the replicas of this rank's experts (identity when there is one)."""
         return _sum(t, self.expert_dp_size, self.expert_dp_group)
+
+    def sum_over_etp(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over expert tensor-parallel ranks of a tensor (routed experts' partial outputs), on its device."""
+        if self.etp_size == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.etp_group)
+        return t
 
     def gather_over_tp(self, t: torch.Tensor) -> List[torch.Tensor]:
         """All-gather a tensor (same shape on every rank) over tensor-parallel ranks, in rank order."""

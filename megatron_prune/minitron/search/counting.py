@@ -37,8 +37,9 @@ from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.config import moe_layer_pattern
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.geometry import KINDS
+from megatron_prune.minitron.slicing.tensor_parallel import split_size
 from megatron_prune.minitron.slicing.table import (
-    MAMBA_CHANNELS, MAMBA_CONV_CHANNELS, ROUTED_EXPERTS, Geometry, axes_of, is_tied_output_copy, layer_name,
+    MAMBA_CHANNELS, MAMBA_CONV_CHANNELS, ROUTED_EXPERTS, Geometry, axes_of, is_routed_expert, is_tied_output_copy, layer_name,
     split_expert_name,
 )
 
@@ -104,11 +105,6 @@ class MemorySpec:
         if kind == KV_CACHE:
             return self.batch_size * self.seq_length * elements * (self.kv_cache_dtype_bytes or self.dtype_bytes)
         return self.batch_size * elements * (self.mamba_state_dtype_bytes or self.dtype_bytes)
-
-
-def is_routed_expert(name: str) -> bool:
-    """A tensor of one routed expert (a name inside a layer, the expert number written as ``*``)."""
-    return name.startswith(f"{ROUTED_EXPERTS}.*.")
 
 
 @dataclass(frozen=True)
@@ -218,7 +214,8 @@ def _group(layers: Mapping[int, Mapping[str, Template]]) -> Tuple[Tuple[Mapping[
 def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
     """The inventory of the whole model this rank's stage belongs to (a gather over pipeline stages).
 
-    Shapes are logical: a dim split across TP ranks counts tp_size times its local length.
+    Shapes are logical: a dim split across TP (routed experts: expert-TP) ranks counts their number times its
+    local length.
     """
     parts = {}
     for name, p in model.named_parameters():
@@ -227,7 +224,7 @@ def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
         shape = list(p.shape)
         axes = axes_of(name)[2]
         if axes is not None and axes.tp_dim is not None:
-            shape[axes.tp_dim] *= ctx.tp_size
+            shape[axes.tp_dim] *= split_size(name, ctx)
         parts[name] = tuple(shape)
     numbers = [int(layer.layer_number) for layer in model.decoder.layers]
     local_model, local_layers = {}, {}

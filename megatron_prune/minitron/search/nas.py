@@ -82,15 +82,15 @@ def prepare_search(model: torch.nn.Module, ctx: ParallelContext, shape: ModelSha
         inventory = inventory_of(model, ctx)
     except ValueError as e:
         raise PruneConfigError(f"NAS needs analytic counts: {e}; prune with export_config instead") from e
-    return plan_search(inventory, shape, constraints, config, megatron_problem, ctx.tp_size, ctx.pp_size, ctx.ep_size)
+    return plan_search(inventory, shape, constraints, config, megatron_problem, **ctx.sizes())
 
 
 def plan_search(inventory: Inventory, shape: ModelShape, constraints, search,
-                megatron_problem: Callable[[Dict[str, int]], Optional[str]] = lambda sizes: None, tp_size: int = 1,
-                pp_size: int = 1, ep_size: int = 1, verbose: bool = True) -> SearchPlan:  # fmt: skip
+                megatron_problem: Callable[[Dict[str, int]], Optional[str]] = lambda sizes: None, verbose: bool = True,
+                **parallel: int) -> SearchPlan:  # fmt: skip
     """`prepare_search` on an inventory, e.g. one counted from a config alone (`inventory_of_config`), so that a
     command line checks its budgets before importing the model (`verbose=False`: nothing logged). Percent
-    budgets are resolved against the model's own counts."""
+    budgets are resolved against the model's own counts. `parallel`: the layout's sizes (`ParallelContext.sizes`)."""
     config = SearchConfig.of(search)
     memory = memory_spec(config)
     original = inventory.count(shape.sizes(), memory)
@@ -111,7 +111,7 @@ def plan_search(inventory: Inventory, shape: ModelShape, constraints, search,
             "the search space is empty: every axis is skipped (axes_to_skip) or left with one choice "
             "(a *_divisor larger than the axis, or max_width_pruning/max_depth_pruning too small)"
         )
-    fitting = search_candidates(space, inventory, budgets, config, shape, pp_size=pp_size, tp_size=tp_size, ep_size=ep_size)
+    fitting = search_candidates(space, inventory, budgets, config, shape, **parallel)
     valid = [c for c in fitting.candidates if megatron_problem(_sizes(space, c)) is None]
     if fitting.filtered and verbose:
         log(f"candidate_filter rejected {fitting.filtered} candidates")

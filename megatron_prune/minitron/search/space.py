@@ -135,7 +135,7 @@ class Fitting:
 
 
 def search_candidates(space: SearchSpace, inventory: Inventory, budgets: Mapping[str, float], config: SearchConfig,
-                      shape: ModelShape, pp_size: int = 1, tp_size: int = 1, ep_size: int = 1) -> Fitting:  # fmt: skip
+                      shape: ModelShape, **parallel: int) -> Fitting:  # fmt: skip
     """Every valid combination whose counts are within every budget, sorted by the primary budget's count
     (the first of `budgets`) descending, ties in product order. `smallest` holds, per budget, the smallest
     count any valid combination reaches. When layers differ (dense and MoE layers mixed) a depth-pruned
@@ -147,7 +147,7 @@ def search_candidates(space: SearchSpace, inventory: Inventory, budgets: Mapping
     for index, target in enumerate(space.combinations()):
         export_config = {axis: target[axis] for axis in space.axes}
         try:
-            validate_export_config(export_config, shape, pp_size=pp_size, tp_size=tp_size, ep_size=ep_size)
+            validate_export_config(export_config, shape, **parallel)
         except PruneConfigError:
             out.invalid += 1
             continue

@@ -77,54 +77,57 @@ def sliced_tensors(
         local, inner, axes = axes_of(name)
         number = None if local is None else layer_numbers[local]
         keep = expert = None
+        renumbered = False
         if number is not None:
             if number not in plan.layers:
                 continue  # dropped layer
             keep = plan.layers[number]
             expert, role_name = split_expert_name(inner)
-            if expert is not None and ep > 1:  # routed experts spread over EP ranks: renumbered and re-distributed
-                local_experts = shape.num_moe_experts // ep
-                expert = ctx.ep_rank * local_experts + expert  # the global expert this tensor belongs to
-                if keep.experts is not None:
-                    yield from _exchange_experts(exchanged.setdefault((number, role_name), {}), value, expert, axes,
-                                                 lambda g, e=expert: _index(g, plan, keep, shape, e), keep, shape, ctx,
-                                                 layer_name(new_position[number], role_name))  # fmt: skip
-                    continue
-            if expert is not None and keep.experts is not None:  # kept experts are renumbered in importance order
+            if expert is not None and ep > 1:  # this rank's experts are a slice of the global ones
+                expert += ctx.ep_rank * (shape.num_moe_experts // ep)
+            renumbered = expert is not None and keep.experts is not None  # kept experts, in importance order
+            if renumbered and ep == 1:
                 position = (keep.experts == expert).nonzero()
                 if position.numel() == 0:
                     continue  # dropped routed expert
                 inner = expert_name(int(position), role_name)
-            name = layer_name(new_position[number], inner)
-        if not isinstance(value, torch.Tensor) or name.endswith("._extra_state"):
-            yield name, value
+        is_tensor = isinstance(value, torch.Tensor) and not name.endswith("._extra_state")
+        if is_tensor:
+            if axes is None:
+                raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
+            value = _slice(value, axes, lambda g: _index(g, plan, keep, shape, expert), expert is not None, shape,
+                           before, after, ctx)  # fmt: skip
+        if number is not None and renumbered and ep > 1:  # re-distributed over the EP ranks
+            yield from _exchange_experts(exchanged.setdefault((number, role_name), {}), value, expert, is_tensor,
+                                         keep, shape, ctx, layer_name(new_position[number], role_name))  # fmt: skip
             continue
-        if axes is None:
-            raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
-        index_of = lambda g: _index(g, plan, keep, shape, expert)  # noqa: E731
-        part = partition(axes, shape.gated_linear_unit, before) if ctx is not None and ctx.tp_size > 1 else None
-        if part is not None and part.dim in axes.dims and index_of(axes.dims[part.dim]) is not None:
-            pruned_part = partition(axes, shape.gated_linear_unit, after)  # Mamba segments shrink with the prune
-            yield name, shard(slice_tensor(gather_full(value, part, ctx), axes.dims, index_of), pruned_part, ctx)
-        else:
-            yield name, slice_tensor(value, axes.dims, index_of)
+        yield (name if number is None else layer_name(new_position[number], inner)), value
 
 
-def _exchange_experts(collected: Dict[int, object], value, expert: int, axes, index_of, keep, shape: ModelShape,
+def _slice(value: torch.Tensor, axes, index_of, routed_expert: bool, shape: ModelShape, before, after,
+           ctx: Optional[ParallelContext]) -> torch.Tensor:  # fmt: skip
+    """This rank's shard of the pruned tensor. A tensor split over TP (routed experts: expert-TP) ranks along a
+    sliced dim is gathered to its logical full form, sliced with global indices and re-sharded for the pruned
+    sizes (`before`/`after`: Mamba mixer sizes, whose segments shrink with the prune); others are sliced here."""
+    part = None if ctx is None else partition(axes, shape.gated_linear_unit, before, routed_expert)
+    if part is None or part.ranks(ctx).tp_size == 1 or part.dim not in axes.dims or index_of(axes.dims[part.dim]) is None:
+        return slice_tensor(value, axes.dims, index_of)
+    pruned = slice_tensor(gather_full(value, part, ctx), axes.dims, index_of)
+    return shard(pruned, partition(axes, shape.gated_linear_unit, after, routed_expert), ctx)
+
+
+def _exchange_experts(collected: Dict[int, object], value, expert: int, is_tensor: bool, keep, shape: ModelShape,
                       ctx: ParallelContext, role: str) -> Iterator[Tuple[str, object]]:
-    """One routed-expert tensor at EP > 1: sliced here, gathered from every EP rank (each holds the same local
-    slot of its own experts) into `collected` ({global expert: tensor}); once every expert of the role is in, this
-    rank's experts of the pruned model: slot s holds kept expert `ctx.ep_rank * E'/ep + s` (importance order).
-    One collective per tensor, the same on every EP rank. `role`: the pruned layer's name of the role (a ``*``
-    for the expert number)."""
+    """One sliced routed-expert tensor at EP > 1 (`expert`: its global number), gathered from every EP rank (each
+    holds the same local slot of its own experts) into `collected` ({global expert: tensor}); once every expert of
+    the role is in, this rank's experts of the pruned model: slot s holds kept expert `ctx.ep_rank * E'/ep + s`
+    (importance order). One collective per tensor, the same on every EP rank. `role`: the pruned layer's name of
+    the role (a ``*`` for the expert number)."""
     local_experts, kept_local = shape.num_moe_experts // ctx.ep_size, keep.experts.numel() // ctx.ep_size
     slot = expert % local_experts
-    if isinstance(value, torch.Tensor) and axes is not None:
-        for rank, tensor in enumerate(ctx.gather_over_ep(slice_tensor(value, axes.dims, index_of))):
-            collected[rank * local_experts + slot] = tensor
-    else:  # extra state (no tensor data): every expert's is this rank's
-        for rank in range(ctx.ep_size):
-            collected[rank * local_experts + slot] = value
+    gathered = ctx.gather_over_ep(value) if is_tensor else [value] * ctx.ep_size  # extra state: every expert's is this rank's
+    for rank, tensor in enumerate(gathered):
+        collected[rank * local_experts + slot] = tensor
     if len(collected) == shape.num_moe_experts:
         for s in range(kept_local):
             yield expert_name(s, role), collected[int(keep.experts[ctx.ep_rank * kept_local + s])]

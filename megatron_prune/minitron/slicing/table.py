@@ -172,6 +172,11 @@ def split_expert_name(inner: str) -> Tuple[Optional[int], str]:
     return (int(m[1]), f"{ROUTED_EXPERTS}.*.{m[2]}") if m else (None, inner)
 
 
+def is_routed_expert(inner: str) -> bool:
+    """Whether a name inside a layer belongs to one routed expert (numbered, or ``*`` for the number)."""
+    return inner.startswith(ROUTED_EXPERTS + ".")
+
+
 def expert_name(expert: int, role_name: str) -> str:
     """Inverse of `split_expert_name`: the ``*`` of a routed-expert name replaced by `expert`."""
     return role_name.replace(f"{ROUTED_EXPERTS}.*.", f"{ROUTED_EXPERTS}.{expert}.", 1)

@@ -3,8 +3,9 @@
 A tensor split along `dim` with stride s is s sub-blocks along that dim (a gated `linear_fc1` is
 [gate; up], s = 2), each cut into tp contiguous chunks; rank r stores [sub_0 chunk r; ...; sub_{s-1}
 chunk r] (megatron-core's `partition_dim` / `partition_stride`). A Mamba mixer's `in_proj` and `conv1d` are
-split the same way per segment of unequal length ([z, x, B, C, dt] and [x, B, C]). Slicing works on the logical tensor, so
-a pruned model is re-sharded for the pruned sizes at the same TP.
+split the same way per segment of unequal length ([z, x, B, C, dt] and [x, B, C]). Routed experts' linears are split
+over the expert tensor-parallel group (`expert_tensor_parallel_size`), everything else over the TP group. Slicing
+works on the logical tensor, so a pruned model is re-sharded for the pruned sizes at the same layout.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.slicing.geometry import mamba_segments
-from megatron_prune.minitron.slicing.table import TensorAxes, axes_of
+from megatron_prune.minitron.slicing.table import TensorAxes, axes_of, is_routed_expert
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class Partition:
     dim: int
     stride: int = 1
     segments: Optional[Tuple[int, ...]] = None
+    routed_expert: bool = False  # split over the expert tensor-parallel group instead of the TP group
+
+    def ranks(self, ctx: ParallelContext) -> ParallelContext:
+        """The context whose TP fields are the ranks this tensor is split over."""
+        return ctx.for_routed_experts() if self.routed_expert else ctx
 
     def blocks(self, length: int) -> List[int]:
         """The lengths of the blocks of a dim of `length` (full, or one rank's shard scaled by the same factor)."""
@@ -41,16 +47,36 @@ class Partition:
 MambaSizes = Tuple[int, int, int, int]  # (nheads, head_dim, ngroups, d_state) of a model's Mamba mixers
 
 
-def partition(axes: TensorAxes, gated_linear_unit: bool, mamba: Optional[MambaSizes] = None) -> Optional[Partition]:
+def partition(axes: TensorAxes, gated_linear_unit: bool, mamba: Optional[MambaSizes] = None,
+              routed_expert: bool = False) -> Optional[Partition]:  # fmt: skip
     """The TP split of a tensor described by `axes` (None if replicated); `mamba`: the Mamba mixer sizes the
-    tensor has, for the tensors split per segment."""
+    tensor has, for the tensors split per segment; `routed_expert`: a routed expert's tensor (expert TP group)."""
     if axes.tp_dim is None:
         return None
     if axes.segments is not None:
         if mamba is None:
             raise ValueError(f"the TP split of a {axes.segments} tensor needs the Mamba mixer sizes")
         return Partition(axes.tp_dim, segments=mamba_segments(axes.segments, *mamba))
-    return Partition(axes.tp_dim, 2 if axes.gated and gated_linear_unit else 1)
+    return Partition(axes.tp_dim, 2 if axes.gated and gated_linear_unit else 1, routed_expert=routed_expert)
+
+
+def partition_of(name: str, gated_linear_unit: bool, mamba: Optional[MambaSizes] = None) -> Optional[Partition]:
+    """The TP split of the state-dict tensor `name` (None if replicated or not in the axis table)."""
+    axes = axes_of(name)[2]
+    return None if axes is None else partition(axes, gated_linear_unit, mamba, routed_expert=_routed_expert(name))
+
+
+def split_size(name: str, ctx: ParallelContext) -> int:
+    """How many ranks the state-dict tensor `name` is split over at this layout (1: replicated)."""
+    axes = axes_of(name)[2]
+    if axes is None or axes.tp_dim is None:
+        return 1
+    return ctx.etp_size if _routed_expert(name) else ctx.tp_size
+
+
+def _routed_expert(name: str) -> bool:
+    index, inner, _ = axes_of(name)
+    return index is not None and is_routed_expert(inner)
 
 
 def mamba_sizes(model: torch.nn.Module) -> Optional[MambaSizes]:
@@ -65,18 +91,13 @@ def mamba_sizes(model: torch.nn.Module) -> Optional[MambaSizes]:
 def partitions(model: torch.nn.Module) -> Dict[str, Partition]:
     """{state-dict name: Partition} for the tensors of `model` that are split across TP ranks."""
     gated, mamba = bool(model.config.gated_linear_unit), mamba_sizes(model)
-    out = {}
-    for name in model.state_dict():
-        axes = axes_of(name)[2]
-        part = None if axes is None else partition(axes, gated, mamba)
-        if part is not None:
-            out[name] = part
-    return out
+    parts = {name: partition_of(name, gated, mamba) for name in model.state_dict()}
+    return {name: part for name, part in parts.items() if part is not None}
 
 
 def gather_full(local: torch.Tensor, part: Partition, ctx: ParallelContext) -> torch.Tensor:
-    """The logical full tensor from this rank's shard (a collective over the TP group)."""
-    shards = ctx.gather_over_tp(local)
+    """The logical full tensor from this rank's shard (a collective over the TP or expert-TP group)."""
+    shards = part.ranks(ctx).gather_over_tp(local)
     if len(shards) == 1:
         return local
     sizes = part.blocks(local.shape[part.dim])  # this rank's block lengths
@@ -86,6 +107,7 @@ def gather_full(local: torch.Tensor, part: Partition, ctx: ParallelContext) -> t
 
 def shard(full: torch.Tensor, part: Partition, ctx: ParallelContext) -> torch.Tensor:
     """This rank's shard of a logical full tensor (inverse of `gather_full`)."""
+    ctx = part.ranks(ctx)
     if ctx.tp_size == 1:
         return full
     sizes = part.blocks(full.shape[part.dim])
