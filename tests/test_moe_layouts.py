@@ -107,26 +107,39 @@ def test_alltoall_dispatcher_at_ep_is_refused_with_the_fix():
     assert "calibrate with the 'allgather' dispatcher" in message
 
 
-def test_command_line_prunes_a_qwen3_moe_checkpoint_at_ep2_as_at_ep1(tmp_path):
-    """`--expert-model-parallel-size 2` under torchrun on a tiny Qwen3-MoE Hugging Face model: imported through
-    Megatron-Bridge with its experts split over the two ranks, calibrated, pruned (experts re-distributed) and
-    exported back to Hugging Face with the logits checked both ways: the same files as a run at EP=1."""
-    from safetensors.torch import load_file
+CLI_LAYOUTS = {"ep2": ["--expert-model-parallel-size", "2"], "tp2": ["--tensor-model-parallel-size", "2"],
+               "tp2-etp1": ["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]}  # fmt: skip
+CLI_ARGS = ["--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size", "16", "--target-hidden-size", "48",
+            "--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2", "--save-format", "hf", "--no-report"]  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE Hugging Face model and its prune by one process on the command line."""
     from tests.tiny_hf import make_hf_model
 
-    source = make_hf_model(tmp_path / "qwen3_moe", "qwen3_moe")
-    argv = ["--hf-model", source, "--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size", "16",
-            "--target-hidden-size", "48", "--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2",
-            "--save-format", "hf", "--no-report"]  # fmt: skip
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, *argv, "--output-dir", tmp_path / "ep2",
-                 "--expert-model-parallel-size", "2")  # fmt: skip
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 1, *argv, "--output-dir", tmp_path / "ep1")
-    ep1, ep2 = (load_file(str(tmp_path / o / "hf" / "model.safetensors")) for o in ("ep1", "ep2"))
-    assert ep1.keys() == ep2.keys() and any(".experts.1." in k for k in ep1) and not any(".experts.2." in k for k in ep1)
-    for key in ep1:
-        assert torch.equal(ep1[key], ep2[key]), key
+    out = tmp_path_factory.mktemp("qwen3_moe_cli")
+    source = make_hf_model(out / "qwen3_moe", "qwen3_moe")
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 1, "--hf-model", source, *CLI_ARGS, "--output-dir", out / "one")
+    return source, out
+
+
+@pytest.mark.parametrize("layout", list(CLI_LAYOUTS))
+def test_command_line_prunes_a_qwen3_moe_checkpoint_at_a_layout_as_one_process(qwen3_moe, layout):
+    """The command line under torchrun on a tiny Qwen3-MoE Hugging Face model at EP=2, TP=2 (experts split too) and
+    TP=2 with whole experts: imported through Megatron-Bridge in that layout, calibrated, pruned (experts
+    re-distributed at EP) and exported back to Hugging Face with the logits checked both ways: the same files as
+    one process."""
     import json
 
-    summary = json.loads((tmp_path / "ep2" / "prune_summary.json").read_text())
+    from safetensors.torch import load_file
+
+    source, out = qwen3_moe
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, "--hf-model", source, *CLI_ARGS, "--output-dir",
+                 out / layout, *CLI_LAYOUTS[layout])  # fmt: skip
+    one, here = (load_file(str(out / o / "hf" / "model.safetensors")) for o in ("one", layout))
+    assert one.keys() == here.keys() and any(".experts.1." in k for k in one) and not any(".experts.2." in k for k in one)
+    for key in one:
+        assert torch.equal(one[key], here[key]), key
+    summary = json.loads((out / layout / "prune_summary.json").read_text())
     assert all(c["ok"] for c in summary["roundtrip_checks"]) and len(summary["roundtrip_checks"]) == 2

@@ -164,7 +164,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     from megatron_prune.minitron.runtime.distributed import init_distributed
 
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed,
-                     expert_model_parallel_size=args.expert_model_parallel_size)
+                     expert_model_parallel_size=args.expert_model_parallel_size,
+                     expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     ctx = ParallelContext.from_megatron()
     if flags.default_job:
         goal = _compact(flags.target) if flags.target is not None else "the NAS budget"
@@ -301,7 +302,7 @@ def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ct
     if not ctx.broadcast_object(os.path.exists(scores_path)):
         return
     at_layout = criteria_at_layout(criteria, shape.num_query_groups, ctx.tp_size)[0]
-    config = finalized_provider(provider, ctx.tp_size, ctx.pp_size, dtype, ctx.ep_size)
+    config = finalized_provider(provider, ctx, dtype)
     ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, calibration, args.reuse_scores))
 
 

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are spread over")
     par.add_argument("--expert-model-parallel-size", type=int, default=1,
                      help="EP: ranks the routed experts of a MoE model are spread over (within the data-parallel ranks)")
+    par.add_argument("--expert-tensor-parallel-size", type=int, default=None, metavar="ETP",
+                     help="ranks each routed expert's linears are split over (default: the TP size; 1: whole experts)")
 
 
     nas = add_search_arguments(p)
@@ -149,7 +151,8 @@ def check_world(args: argparse.Namespace) -> int:
             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}"
         )
     ep, dp = args.expert_model_parallel_size, world // (tp * pp)
-    if ep < 1 or dp % ep:
-        raise PruneConfigError(f"--expert-model-parallel-size {ep} must be >= 1 and divide the data-parallel size {dp} "
-                               f"(world size {world} / (TP {tp} x PP {pp}))")  # fmt: skip
+    etp = tp if args.expert_tensor_parallel_size is None else args.expert_tensor_parallel_size
+    if ep < 1 or etp < 1 or (world // pp) % (etp * ep):  # megatron-core's expert grid: ETP x EP x expert-DP x PP
+        raise PruneConfigError(f"--expert-tensor-parallel-size {etp} x --expert-model-parallel-size {ep} must divide the "
+                               f"ranks of a pipeline stage, {world // pp} (world size {world} / PP {pp})")  # fmt: skip
     return dp

@@ -79,11 +79,10 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
 
     start = time.perf_counter()
     ctx = ParallelContext.given(ctx)
-    tp, pp, ep = ctx.tp_size, ctx.pp_size, ctx.ep_size
-    log(f"importing {source} through Megatron-Bridge (TP={tp}, PP={pp}, {str(dtype).replace('torch.', '')})")
+    log(f"importing {source} through Megatron-Bridge (TP={ctx.tp_size}, PP={ctx.pp_size}, {str(dtype).replace('torch.', '')})")
     bridge = AutoBridge.from_hf_pretrained(str(source), torch_dtype=dtype, trust_remote_code=trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=True)
-    saved_spec = _configure(provider, tp, pp, dtype, ep)
+    saved_spec = _configure(provider, ctx, dtype)
     provider.finalize()
     with logged_progress("importing weights"):
         stages = provider.provide_distributed_model(
@@ -109,30 +108,32 @@ def provider_inventory(provider, tp: int):
                                provider.position_embedding_type, provider.seq_length)  # fmt: skip
 
 
-def finalized_provider(provider, tp: int, pp: int, dtype: torch.dtype, ep: int = 1):
-    """A finalized copy of `provider` configured as `import_hf_model` configures it: the TransformerConfig the
-    model will be built from, known before any weight is read."""
+def finalized_provider(provider, ctx: ParallelContext, dtype: torch.dtype):
+    """A finalized copy of `provider` configured as `import_hf_model` configures it at the layout of `ctx`: the
+    TransformerConfig the model will be built from, known before any weight is read."""
     import copy
 
     config = copy.deepcopy(provider)
-    _configure(config, tp, pp, dtype, ep)
+    _configure(config, ctx, dtype)
     config.finalize()
     return config
 
 
-def _configure(provider, tp: int, pp: int, dtype: torch.dtype, ep: int = 1) -> Callable:
-    """Set parallelism and precision on the provider; MoE experts as a SequentialMLP (one MLP per expert, the
-    layout megatron-prune slices; the weights are the grouped-GEMM ones), at EP > 1 through the allgather token
-    dispatcher (what calibration at EP reads; same outputs); on CPU, the local layer spec. Returns the spec to save."""
-    provider.tensor_model_parallel_size = tp
-    provider.pipeline_model_parallel_size = pp
-    provider.expert_model_parallel_size = ep
+def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
+    """Set the layout of `ctx` and the precision on the provider; MoE experts as a SequentialMLP (one MLP per expert,
+    the layout megatron-prune slices; the weights are the grouped-GEMM ones), spread over EP or expert-TP ranks
+    through the allgather token dispatcher (what calibration there reads; same outputs); on CPU, the local layer
+    spec. Returns the spec to save."""
+    provider.tensor_model_parallel_size = ctx.tp_size
+    provider.pipeline_model_parallel_size = ctx.pp_size
+    provider.expert_model_parallel_size = ctx.ep_size
+    provider.expert_tensor_parallel_size = ctx.etp_size
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.sequence_parallel = False  # statistics average over whole sequences
     if getattr(provider, "num_moe_experts", None):
         provider.moe_grouped_gemm = False
-        if ep > 1:
+        if ctx.ep_size * ctx.etp_size > 1:
             provider.moe_token_dispatcher_type = "allgather"
     saved = provider.transformer_layer_spec
     if not torch.cuda.is_available():
