@@ -110,8 +110,10 @@ def model_shape(model: torch.nn.Module, ctx: ParallelContext, pattern: Optional[
 def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     """Why the MoE layers of `cfg` cannot be pruned at this layout (None if they can)."""
     if cfg.moe_grouped_gemm:
-        return ("config.moe_grouped_gemm=True (grouped-GEMM experts) is not supported yet: build the model with "
-                "moe_grouped_gemm=False (SequentialMLP experts; the weights are the same)")  # fmt: skip
+        return ("config.moe_grouped_gemm=True (grouped-GEMM experts, GroupedMLP/TEGroupedMLP) is not supported yet: build "
+                "the model with moe_grouped_gemm=False (SequentialMLP experts; the weights are the same; megatron-core's "
+                "distributed checkpoints share SequentialMLP's keys, plain state dicts convert with "
+                "megatron_prune.minitron.slicing.grouped_experts.to_sequential)")  # fmt: skip
     if ctx.ep_size > 1 and cfg.moe_token_dispatcher_type != "allgather":
         return (f"expert_model_parallel_size={ctx.ep_size} with moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r}: "
                 "calibrate with the 'allgather' dispatcher (same weights, same outputs; megatron-prune reads which "
