@@ -110,8 +110,10 @@ def model_shape(model: torch.nn.Module, ctx: ParallelContext, pattern: Optional[
 def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     """Why the MoE layers of `cfg` cannot be pruned at this layout (None if they can)."""
     if cfg.moe_grouped_gemm:
-        return ("config.moe_grouped_gemm=True (grouped-GEMM experts) is not supported yet: build the model with "
-                "moe_grouped_gemm=False (SequentialMLP experts; the weights are the same)")  # fmt: skip
+        return ("config.moe_grouped_gemm=True (grouped-GEMM experts, GroupedMLP/TEGroupedMLP) is not supported yet: build "
+                "the model with moe_grouped_gemm=False (SequentialMLP experts; the weights are the same; megatron-core's "
+                "distributed checkpoints share SequentialMLP's keys, plain state dicts convert with "
+                "megatron_prune.minitron.slicing.grouped_experts.to_sequential)")  # fmt: skip
     if (cfg.expert_tensor_parallel_size or ctx.tp_size) != ctx.etp_size:
         return (f"config.expert_tensor_parallel_size={cfg.expert_tensor_parallel_size} but megatron-core's parallel state "
                 f"splits experts over {ctx.etp_size} ranks: build the model with the layout it runs in")  # fmt: skip
