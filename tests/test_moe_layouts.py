@@ -1,8 +1,9 @@
-"""MoE layers at parallel layouts of two ranks (torchrun, gloo, the allgather token dispatcher), each from the same
-weights, batches and target as one process:
+"""MoE layers at parallel layouts (torchrun, gloo; the allgather and the alltoall token dispatchers), each from the
+same weights, batches and target as one process:
   EP=2          each rank holds half the routed experts, the dense weights are data-parallel;
   TP=2          every linear split over the two ranks, routed experts' too (expert TP = 2);
-  TP=2, ETP=1   attention, dense MLP and shared expert split, routed experts whole on both ranks.
+  TP=2, ETP=1   attention, dense MLP and shared expert split, routed experts whole on both ranks;
+  TP=2, EP=2    four ranks: experts spread over two EP ranks, each split over two expert-TP ranks.
 Expert statistics are gathered over the expert-TP and EP ranks, each micro-batch counted once per expert (tokens
 that several ranks hold are counted by one); kept experts are renumbered in importance order and re-distributed over
 the EP ranks of the pruned model. Orders, pruned weights, logits and parameter counts equal one process's, and a
@@ -23,7 +24,11 @@ pytestmark = pytest.mark.heavy  # torchrun worlds
 
 EXPORT = {"num_moe_experts": 2, "moe_ffn_hidden_size": 16, "hidden_size": 48, "num_layers": 3,
           "moe_shared_expert_intermediate_size": 32, "ffn_hidden_size": 64}  # fmt: skip
-LAYOUTS = {"ep2": (1, 2, 1), "tp2": (2, 1, 2), "tp2-etp1": (2, 1, 1)}  # (TP, EP, expert TP)
+LAYOUTS = {  # name: (ranks, TP, EP, expert TP, token dispatcher)
+    "ep2": (2, 1, 2, 1, "allgather"), "tp2": (2, 2, 1, 2, "allgather"), "tp2-etp1": (2, 2, 1, 1, "allgather"),
+    "ep2-alltoall": (2, 1, 2, 1, "alltoall"), "tp2-alltoall": (2, 2, 1, 2, "alltoall"),
+    "tp2-ep2": (4, 2, 2, 2, "allgather"), "tp2-ep2-alltoall": (4, 2, 2, 2, "alltoall"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,8 @@ def one(tmp_path_factory):
 def layout(request, one):
     out = one["out"] / request.param
     out.mkdir()
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "moe_layouts.py", 2, one["out"] / "case.pt", out, *LAYOUTS[request.param])
+    ranks, *layout = LAYOUTS[request.param]
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "moe_layouts.py", ranks, one["out"] / "case.pt", out, *layout)
     return request.param, torch.load(out / "layout.pt", weights_only=False), out
 
 
@@ -59,7 +65,7 @@ def test_layout_prunes_moe_layers_exactly_as_one_process(one, layout):
     assert_same_orders_and_weights(record, result, one["pruned"])
     assert_same_orders_and_weights({**record, "weights": record["reused_weights"]}, result, one["pruned"])  # one process's scores
     assert any(not torch.equal(k.experts, torch.arange(2)) for k in result.plan.layers.values() if k.experts is not None)
-    tp, ep, etp = LAYOUTS[name]
+    _, tp, ep, etp, _ = LAYOUTS[name]
     assert record["local_experts"] == 2 // ep  # 2 kept experts over the EP ranks
     assert record["expert_fc1_rows"] == 2 * 32 // etp and record["shared_fc1_rows"] == 2 * 48 // tp  # the layout's split
     torch.testing.assert_close(record["logits"], one["logits"], rtol=1e-5, atol=1e-5)
@@ -87,7 +93,7 @@ def test_layout_statistics_equal_one_process(one, layout):
 
 def test_sizes_a_layout_cannot_split_fail_before_calibration_on_every_rank(layout):
     name, record, _ = layout
-    tp, ep, etp = LAYOUTS[name]
+    _, tp, ep, etp, _ = LAYOUTS[name]
     errors = record["errors"]
     assert "below moe_router_topk=2" in errors["num_moe_experts=1"], errors
     expected = {"num_moe_experts=3": "is not divisible by the expert-parallel size 2",
@@ -98,13 +104,18 @@ def test_sizes_a_layout_cannot_split_fail_before_calibration_on_every_rank(layou
         assert (message in errors[target]) if applies[target] else target not in errors, (target, errors)
 
 
-def test_alltoall_dispatcher_at_ep_is_refused_with_the_fix():
+def test_dispatchers_that_hide_where_tokens_came_from_are_refused_with_the_fix(mcore):
     from megatron_prune.minitron.model_checks import _moe_problem
     from megatron_prune.minitron.runtime.parallel import ParallelContext
     from tests.tiny import tiny_moe_config
 
-    message = _moe_problem(tiny_moe_config(moe_token_dispatcher_type="alltoall"), ParallelContext(ep_size=2, dp_size=2, dp_rank=0))
-    assert "calibrate with the 'allgather' dispatcher" in message
+    ep2 = ParallelContext(ep_size=2, dp_size=2, dp_rank=0)
+    message = _moe_problem(tiny_moe_config(moe_token_dispatcher_type="flex"), ep2)
+    assert "calibrate with the 'allgather' or 'alltoall' dispatcher" in message
+    assert _moe_problem(tiny_moe_config(moe_token_dispatcher_type="alltoall"), ep2) is None
+    one_per_rank = ParallelContext(ep_size=4, etp_size=2, tp_size=2, dp_size=4, dp_rank=0)  # 4 experts over EP=4
+    message = _moe_problem(tiny_moe_config(moe_token_dispatcher_type="alltoall", expert_tensor_parallel_size=2), one_per_rank)
+    assert "one expert per rank" in message and "'allgather'" in message
 
 
 CLI_LAYOUTS = {"ep2": ["--expert-model-parallel-size", "2"], "tp2": ["--tensor-model-parallel-size", "2"],

@@ -107,6 +107,15 @@ def model_shape(model: torch.nn.Module, ctx: ParallelContext, pattern: Optional[
     return dataclasses.replace(shape, mamba_num_heads=heads)
 
 
+def dispatcher_shows_sources(dispatcher: str, num_moe_experts: int, ctx: ParallelContext) -> bool:
+    """Whether the token dispatcher lets calibration tell which rank's micro-batch each routed token came from, as
+    it must when an expert's tokens come from several ranks (EP or expert-TP > 1): allgather always, alltoall
+    unless each rank holds a single expert split over expert-TP ranks (hooks.ExpertTokens)."""
+    if ctx.ep_size * ctx.etp_size == 1 or dispatcher == "allgather":
+        return True
+    return dispatcher == "alltoall" and not (ctx.etp_size > 1 and num_moe_experts == ctx.ep_size)
+
+
 def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     """Why the MoE layers of `cfg` cannot be pruned at this layout (None if they can)."""
     if cfg.moe_grouped_gemm:
@@ -117,11 +126,17 @@ def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     if (cfg.expert_tensor_parallel_size or ctx.tp_size) != ctx.etp_size:
         return (f"config.expert_tensor_parallel_size={cfg.expert_tensor_parallel_size} but megatron-core's parallel state "
                 f"splits experts over {ctx.etp_size} ranks: build the model with the layout it runs in")  # fmt: skip
-    if ctx.ep_size * ctx.etp_size > 1 and cfg.moe_token_dispatcher_type != "allgather":
+    dispatcher = cfg.moe_token_dispatcher_type
+    if not dispatcher_shows_sources(dispatcher, cfg.num_moe_experts, ctx):
+        if dispatcher == "alltoall":
+            return (f"moe_token_dispatcher_type='alltoall' with one expert per rank (num_moe_experts={cfg.num_moe_experts}, "
+                    f"expert_model_parallel_size={ctx.ep_size}) at expert_tensor_parallel_size={ctx.etp_size}: the "
+                    "dispatcher does not keep which rank each token came from there; calibrate with the 'allgather' "
+                    "dispatcher (same weights, same outputs)")  # fmt: skip
         return (f"expert_model_parallel_size={ctx.ep_size}, expert_tensor_parallel_size={ctx.etp_size} with "
-                f"moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r}: calibrate with the 'allgather' dispatcher "
+                f"moe_token_dispatcher_type={dispatcher!r}: calibrate with the 'allgather' or 'alltoall' dispatcher "
                 "(same weights, same outputs; megatron-prune reads which rank's micro-batch each routed token came from "
-                "through it), or prune with one rank per expert (EP=1, expert TP=1)")  # fmt: skip
+                "through them), or prune with one rank per expert (EP=1, expert TP=1)")  # fmt: skip
     if getattr(cfg, "moe_latent_size", None):
         return f"config.moe_latent_size={cfg.moe_latent_size} (latent MoE) is not supported yet"
     return None

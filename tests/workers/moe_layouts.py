@@ -1,10 +1,10 @@
 """Worker: prune a MoE GPT (4 routed experts, top-2, shared expert, allgather dispatcher) at a parallel layout of two
 ranks from the same weights as one process.
 
-    torchrun --nproc-per-node 2 tests/workers/moe_layouts.py CASE.pt OUT_DIR TP EP ETP
-TP=1 EP=2: each rank holds 2 experts, dense weights are data-parallel. TP=2 EP=1 ETP=2: every linear is split over
-the two ranks, routed experts' too. TP=2 EP=1 ETP=1: attention, dense MLP and shared expert split, routed experts whole
-on both ranks. CASE.pt: {"state_dict": the one-process model's, "export_config", "batches", "scores": a scores file
+    torchrun --nproc-per-node N tests/workers/moe_layouts.py CASE.pt OUT_DIR TP EP ETP DISPATCHER
+e.g. N=2 TP=1 EP=2: each rank holds 2 experts, dense weights are data-parallel. N=2 TP=2 EP=1 ETP=2: every linear
+is split over the two ranks, routed experts' too. N=2 TP=2 EP=1 ETP=1: attention, dense MLP and shared expert split,
+routed experts whole on both ranks. DISPATCHER: the token dispatcher (allgather or alltoall). CASE.pt: {"state_dict": the one-process model's, "export_config", "batches", "scores": a scores file
 written by one process}. Rank 0 saves OUT_DIR/layout.pt: orders, the pruned model's weights (global names), logits,
 counts, the errors of bad targets.
 """
@@ -27,11 +27,11 @@ from tests.test_moe import make
 DISPATCHER = {"moe_token_dispatcher_type": "allgather"}
 
 
-def main(case_path: str, out: str, tp: int, ep: int, etp: int) -> None:
+def main(case_path: str, out: str, tp: int, ep: int, etp: int, dispatcher: str) -> None:
     case = torch.load(case_path, weights_only=False)
     init_distributed(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     ctx = ParallelContext.from_megatron()
-    model = make(**DISPATCHER, expert_tensor_parallel_size=etp)
+    model = make(moe_token_dispatcher_type=dispatcher, expert_tensor_parallel_size=etp)
     model.load_state_dict(stage_state_dict(case["state_dict"], model), strict=True)
     loop = mp.make_forward_loop(case["batches"], progress=False)  # data-parallel ranks each forward their share
     bad = [{"num_moe_experts": 1}]  # below the router's top-k; then sizes this layout cannot split
@@ -72,4 +72,4 @@ def main(case_path: str, out: str, tp: int, ep: int, etp: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]))
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6])

@@ -22,6 +22,7 @@ import torch
 
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
+from megatron_prune.minitron.model_checks import dispatcher_shows_sources
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "org/name" or "name": what `from_pretrained` resolves on the hub
@@ -121,9 +122,9 @@ def finalized_provider(provider, ctx: ParallelContext, dtype: torch.dtype):
 
 def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
     """Set the layout of `ctx` and the precision on the provider; MoE experts as a SequentialMLP (one MLP per expert,
-    the layout megatron-prune slices; the weights are the grouped-GEMM ones), spread over EP or expert-TP ranks
-    through the allgather token dispatcher (what calibration there reads; same outputs); on CPU, the local layer
-    spec. Returns the spec to save."""
+    the layout megatron-prune slices; the weights are the grouped-GEMM ones), spread over EP or expert-TP ranks through
+    the model's token dispatcher, or the allgather one where that one does not show calibration where tokens came
+    from (same outputs); on CPU, the local layer spec. Returns the spec to save."""
     provider.tensor_model_parallel_size = ctx.tp_size
     provider.pipeline_model_parallel_size = ctx.pp_size
     provider.expert_model_parallel_size = ctx.ep_size
@@ -133,7 +134,7 @@ def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
     provider.sequence_parallel = False  # statistics average over whole sequences
     if getattr(provider, "num_moe_experts", None):
         provider.moe_grouped_gemm = False
-        if ctx.ep_size * ctx.etp_size > 1:
+        if not dispatcher_shows_sources(provider.moe_token_dispatcher_type, provider.num_moe_experts, ctx):
             provider.moe_token_dispatcher_type = "allgather"
     saved = provider.transformer_layer_spec
     if not torch.cuda.is_available():

@@ -282,9 +282,10 @@ class ExpertTokens:
     """Which of the tokens a routed expert computes on this rank count for its statistics: each calibration
     micro-batch's tokens exactly once per expert (per expert-TP shard), as in one process.
 
-    The allgather token dispatcher hands each local expert, in one call, the tokens of every rank of its
-    expert-TP x expert-parallel group routed to it, segment by segment in group-rank order (`local_map`:
-    [ranks x tokens, local experts]). Ranks of one attention-TP group hold the same micro-batch (sequence
+    The token dispatcher hands each local expert, in one call, the tokens of every rank of its expert-TP x
+    expert-parallel group routed to it, segment by segment: allgather in group-rank order (`local_map`: [ranks x
+    tokens, local experts]), alltoall in (expert-TP rank, EP rank) order (`num_global_tokens_per_local_expert`:
+    [expert-TP x EP ranks, local experts]). Ranks of one attention-TP group hold the same micro-batch (sequence
     parallelism is off while calibrating), and at TP > expert-TP the replicas of an expert shard see the same
     tokens: of the copies of one micro-batch, the first segment of the lowest rank holding the shard counts.
     Each statistic call then takes one segment: one micro-batch, as one process takes it."""
@@ -325,9 +326,14 @@ class ExpertTokens:
     def of(cls, layer: torch.nn.Module, counted: Tuple[bool, ...], ctx: ParallelContext) -> "ExpertTokens":
         return cls(layer.mlp.token_dispatcher, counted, ctx)
 
-    def segments(self, expert: int) -> List[int]:
-        """The lengths of local expert `expert`'s token segments in the current call, per group rank."""
-        return self.dispatcher.local_map[:, expert].view(len(self.counted), -1).sum(dim=1).tolist()
+    def segments(self, expert: int) -> List[Tuple[int, bool]]:
+        """(length, counted) of local expert `expert`'s token segments in the current call, in the order they come."""
+        d, n = self.dispatcher, len(self.counted)
+        if getattr(d, "local_map", None) is not None:  # allgather
+            return list(zip(d.local_map[:, expert].view(n, -1).sum(dim=1).tolist(), self.counted))
+        etp = n // d.ep_size  # alltoall: row j is expert-TP rank j // EP, EP rank j % EP (group rank: ep * ETP + etp)
+        counts = d.num_global_tokens_per_local_expert[:, expert] if d.num_local_experts > 1 else d.output_splits
+        return [(int(c), self.counted[(j % d.ep_size) * etp + j // d.ep_size]) for j, c in enumerate(counts.tolist())]
 
     def counted_segments(self, hook: Callable, expert: int) -> Callable:
         """A forward pre-hook calling `hook` once per counted segment of local expert `expert`'s input."""
@@ -335,7 +341,8 @@ class ExpertTokens:
             return hook
 
         def per_segment(module, args):
-            for x, counted in zip(args[0].split(self.segments(expert)), self.counted):
+            segments = self.segments(expert)
+            for x, (_, counted) in zip(args[0].split([size for size, _ in segments]), segments):
                 if counted:
                     hook(module, (x, *args[1:]))
 
@@ -346,10 +353,10 @@ class ExpertTokens:
         counted tokens per expert."""
         if len(self.counted) == 1:
             return None, tokens_per_expert
-        sizes = torch.tensor([self.segments(e) for e in range(len(tokens_per_expert))])  # [E, ranks]
-        keep = torch.tensor(self.counted).expand_as(sizes)
-        mask = torch.repeat_interleave(keep.flatten(), sizes.flatten())
-        return mask, (sizes * keep).sum(dim=1)
+        segments = [self.segments(e) for e in range(len(tokens_per_expert))]
+        sizes = torch.tensor([[size for size, _ in row] for row in segments])  # [E, segments]
+        keep = torch.tensor([[counted for _, counted in row] for row in segments])
+        return torch.repeat_interleave(keep.flatten(), sizes.flatten()), (sizes * keep).sum(dim=1)
 
 
 def _output_contribution_hook(store: S.StatStore, key: str, d: int, row: Optional[int] = None) -> Callable:

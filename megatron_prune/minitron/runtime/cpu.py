@@ -65,6 +65,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from typing import Callable
 
 import torch
 from megatron.core import tensor_parallel
@@ -113,6 +114,7 @@ def apply_cpu_support() -> bool:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     token_dispatcher.torch = _torch_with_cpu_streams()
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_as_numpy(moe_utils.maybe_move_tensor_to_cpu)
     torch.cuda.get_rng_state = _cpu_rng_state
     FusedScaleMaskSoftmax.is_kernel_available = _no_fused_softmax_kernel
     if not any(isinstance(f, _BridgeWithoutTransformerEngine) for f in sys.meta_path):
@@ -198,6 +200,18 @@ class _CpuStream:
 
 
 _CPU_STREAM = _CpuStream()
+
+
+def _splits_as_numpy(move: Callable) -> Callable:
+    """`maybe_move_tensor_to_cpu` that also turns a CPU tensor into numpy when asked (`as_numpy=True`): megatron-core
+    converts only CUDA tensors, and gloo's `all_to_all_single` takes the split sizes as a sequence, not a tensor."""
+
+    def move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return move_to_cpu
 
 
 def _torch_with_cpu_streams() -> types.ModuleType:
