@@ -3,12 +3,14 @@ peak host memory while pruning against the model's size.
 
     .venv/bin/torchrun --nproc-per-node 2 benchmarks/parallel_layouts.py --layout hybrid-tp2
     .venv/bin/torchrun --nproc-per-node 2 benchmarks/parallel_layouts.py --layout moe-ep2
+    .venv/bin/torchrun --nproc-per-node 2 benchmarks/parallel_layouts.py --layout moe-tp2
 writes benchmarks/results/parallel_layouts_<layout>.json.
 
 hybrid-tp2: a hybrid model ("M*-M*-M-": Mamba, attention, MLP layers; hidden 512, 16 Mamba heads of 64 in 4 groups,
 state 64, megatron-prune's CPU Mamba kernels) split over two TP ranks. moe-ep2: a MoE GPT (8 layers, hidden 512,
 16 routed experts of FFN 512, top-2, the allgather dispatcher) with its experts split over two EP ranks (the dense
-weights data-parallel). Both: vocabulary 8k, fp32, local spec. The model is built twice with the same weights: each
+weights data-parallel). moe-tp2: the same MoE GPT with every linear split over two TP ranks, the routed experts' too
+(expert TP 2, the alltoall dispatcher). All: vocabulary 8k, fp32, local spec. The model is built twice with the same weights: each
 calibration micro-batch is forwarded through the hooked model and through its plain twin (alternating which
 goes first), and the ratio is the
 hooked / plain CPU time of each process summed over all micro-batches of all rounds (pairing cancels the drift of
@@ -36,9 +38,11 @@ from megatron_prune.minitron.runtime.parallel import ParallelContext  # noqa: E4
 
 MB = 2**20
 PATTERN = "M*-M*-M-"
-LAYOUTS = {  # name: (TP, EP, the pruning target)
-    "hybrid-tp2": (2, 1, {"hidden_size": 384, "mamba_num_heads": 8, "mamba_head_dim": 48, "num_layers": 6}),
-    "moe-ep2": (1, 2, {"hidden_size": 384, "num_moe_experts": 8, "moe_ffn_hidden_size": 384, "num_layers": 6}),
+MOE_TARGET = {"hidden_size": 384, "num_moe_experts": 8, "moe_ffn_hidden_size": 384, "num_layers": 6}
+LAYOUTS = {  # name: (TP, EP, token dispatcher, the pruning target)
+    "hybrid-tp2": (2, 1, None, {"hidden_size": 384, "mamba_num_heads": 8, "mamba_head_dim": 48, "num_layers": 6}),
+    "moe-ep2": (1, 2, "allgather", MOE_TARGET),
+    "moe-tp2": (2, 1, "alltoall", MOE_TARGET),
 }
 
 
@@ -55,25 +59,8 @@ def build(layout: str, args):
 
     config = tiny_gpt_config(num_layers=8, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden, num_attention_heads=8,
                              num_query_groups=4, num_moe_experts=16, moe_router_topk=2, moe_ffn_hidden_size=args.hidden,
-                             moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)  # fmt: skip
+                             moe_token_dispatcher_type=LAYOUTS[layout][2], moe_grouped_gemm=False)  # fmt: skip
     return build_tiny_gpt(config, vocab_size=args.vocab).eval()
-
-
-def init_layout(tp: int, ep: int) -> None:
-    """The parallel layout: TP through megatron-prune's init, EP through megatron-core's (with its CPU support)."""
-    if ep == 1:
-        init_distributed(tensor_model_parallel_size=tp, seed=0)
-        return
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_prune.minitron.runtime.cpu import apply_cpu_support
-
-    apply_cpu_support()
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(0)
 
 
 def main():
@@ -88,8 +75,8 @@ def main():
     args = p.parse_args()
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"parallel_layouts_{args.layout.replace('-', '_')}.json")
     torch.set_num_threads(1)
-    tp, ep, target = LAYOUTS[args.layout]
-    init_layout(tp, ep)
+    tp, ep, _, target = LAYOUTS[args.layout]
+    init_distributed(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, seed=0)
     ctx = ParallelContext.from_megatron()
     hooked = build(args.layout, args)
     g = torch.Generator().manual_seed(0)
@@ -124,7 +111,8 @@ def main():
     ranks = ctx.gather_all(rank)
     if torch.distributed.get_rank() == 0:
         record = {"layout": args.layout, "model": {"hidden": args.hidden, "params": result.params_before,
-                                                   "pruned_params": result.params_after, "tp": ctx.tp_size, "ep": ctx.ep_size},
+                                                   "pruned_params": result.params_after, "tp": ctx.tp_size, "ep": ctx.ep_size,
+                                                   "etp": ctx.etp_size},
                   "micro_batches": f"{args.rounds} rounds x {args.batches} x 1 x {args.seq} tokens", "ranks": ranks}  # fmt: skip
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:

@@ -27,6 +27,7 @@ from megatron_prune.minitron.depth import DepthOptions, ResolvedDepth, iterative
 from megatron_prune.minitron.importance.calibration import Statistics, calibrate, obtain_statistics  # noqa: F401  (calibrate: public)
 from megatron_prune.minitron.importance.criteria import criteria_at_layout, describe, resolve_criteria
 from megatron_prune.minitron.importance.hooks import local_layer_numbers
+from megatron_prune.minitron.axes import format_sizes
 from megatron_prune.minitron.importance.statistics import StatStore
 from megatron_prune.minitron.model_checks import check_model, model_shape
 from megatron_prune.minitron.ranking import Importance, Orders, rank_orders, score_importance
@@ -34,7 +35,7 @@ from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.nas import SearchPlan, prepare_search, run_search
 from megatron_prune.minitron.slicing.model import hybrid_pattern_of
 from megatron_prune.minitron.source import (  # noqa: F401  (PruneResult, count_params: public)
-    PruneResult, PruneSource, count_params, dry_run_rebuild, emptied_stages, format_sizes, megatron_problem,
+    PruneResult, PruneSource, count_params, dry_run_rebuild, emptied_stages, megatron_problem,
 )
 
 
@@ -71,7 +72,7 @@ def prune(
 
     Args:
         model: an unwrapped GPTModel stage at any TP/PP/DP layout (sequence parallel off), or a hybrid
-            MambaModel stage (any TP); MoE layers at TP=1 and any EP (allgather dispatcher); not modified.
+            MambaModel stage (any TP); MoE layers at any TP, EP and expert TP (allgather or alltoall dispatcher); not modified.
         export_config: target sizes, any subset of the model's axes (`SUPPORTED_AXES`: hidden_size,
             ffn_hidden_size, num_attention_heads, num_query_groups, num_moe_experts, moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size, num_layers; TransformerConfig field names).

@@ -20,7 +20,7 @@ see docs/developers.md, "Adding an axis".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 # scope: how many sizes the axis has in a pruned model (always one value per config field; what differs is
 # which indices are ranked together)
@@ -151,6 +151,12 @@ def fits_parallel(axis: str, size: int, parallel: str, parallel_size: int, even:
     if not even and rule == AT_LEAST:
         return size >= parallel_size
     return size % parallel_size == 0
+
+
+def format_sizes(sizes: Mapping[str, int], sep: str = ", ") -> str:
+    """``hidden_size=48, num_layers=3``: axis sizes in registry order (other keys after them, as given)."""
+    order = sorted(sizes, key=lambda k: list(AXES).index(k) if k in AXES else len(AXES))
+    return sep.join(f"{k}={sizes[k]}" for k in order)
 
 
 def default_kv_channels(config) -> int:

@@ -21,7 +21,7 @@ import argparse
 import os
 import time
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -37,6 +37,7 @@ from megatron_prune.minitron.bridge.offline_model import smollm2_folder
 from megatron_prune.minitron.cli_args import (  # noqa: F401  (build_parser: the parser of this command)
     DEFAULT_TARGET, REFERENCE_CALIB_SAMPLES, build_parser, check_world, depth_options_from_args, export_config_from_args,
 )
+from megatron_prune.minitron.axes import format_sizes
 from megatron_prune.minitron.config import ModelShape, layer_symbols, validate_export_config
 from megatron_prune.minitron.data.calibration import calibration_tokens, micro_batches
 from megatron_prune.minitron.data.forward import make_forward_loop
@@ -168,7 +169,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
                      expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     ctx = ParallelContext.from_megatron()
     if flags.default_job:
-        goal = _compact(flags.target) if flags.target is not None else "the NAS budget"
+        goal = format_sizes(flags.target) if flags.target is not None else "the NAS budget"
         log(f"no --hf-model: pruning the offline demo model SmolLM2-135M-Instruct to {goal} "
             "(pass --hf-model PATH to prune your model)")  # fmt: skip
     src = open_source(args, ctx, flags)
@@ -353,10 +354,6 @@ def _checked(check):
 
 def _sizes(result) -> str:
     return ", ".join(f"{k} {result.original_sizes[k]}→{v}" for k, v in result.export_config.items() if result.original_sizes[k] != v)
-
-
-def _compact(sizes: Dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sizes.items())
 
 
 def _name(dtype) -> str:

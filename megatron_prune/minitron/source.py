@@ -16,7 +16,8 @@ import torch
 
 from megatron_prune.common.log import log
 from megatron_prune.errors import PruneConfigError
-from megatron_prune.minitron.config import SUPPORTED_AXES, ModelShape
+from megatron_prune.minitron.axes import format_sizes
+from megatron_prune.minitron.config import ModelShape
 from megatron_prune.minitron.depth import ResolvedDepth
 from megatron_prune.minitron.importance.calibration import Statistics
 from megatron_prune.minitron.ranking import Importance, Orders
@@ -201,6 +202,3 @@ def count_params(model: torch.nn.Module, ctx: ParallelContext) -> int:
 
     return sum(parameter_groups(model, ctx).values())
 
-
-def format_sizes(sizes: Mapping[str, int]) -> str:
-    return ", ".join(f"{k}={sizes[k]}" for k in SUPPORTED_AXES if k in sizes)

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Protocol
 import torch
 
 from megatron_prune.errors import PruneConfigError
+from megatron_prune.minitron.axes import format_sizes
 from megatron_prune.minitron.config import ModelShape, SearchConfig, validate_budgets
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
@@ -173,12 +174,12 @@ def run_search(plan: SearchPlan, source: "CandidateSource", score_func: Optional
                 c.score = _score(source.build_candidate(c), score_func, ctx)
                 cache[key] = {"budgets": plan.budgets, "score_func": _score_name(score_func), "candidates": [_record(t) for t in top]}
                 source.save_search(cache)
-                log(f"candidate {i + 1}/{len(top)} {_compact(c.export_config)}: score {c.score:.4f}")
+                log(f"candidate {i + 1}/{len(top)} {format_sizes(c.export_config, sep=' ')}: score {c.score:.4f}")
         winner = max(range(len(top)), key=lambda i: (top[i].score, -i))
         log(f"top {len(top)} candidates with scores")
         log_candidates(top, plan.budgets, winner=winner)
     score = "" if top[winner].score is None else f", score {top[winner].score:.4f}"
-    log(f"winner: {_compact(top[winner].export_config)} ({_counts_text(top[winner].counts, plan.budgets)}){score}")
+    log(f"winner: {format_sizes(top[winner].export_config, sep=' ')} ({_counts_text(top[winner].counts, plan.budgets)}){score}")
     return SearchResult(plan.budgets, plan.space.display(), plan.space.size, len(usable), plan.original, top, winner)
 
 
@@ -285,7 +286,7 @@ def log_candidates(candidates: List[Candidate], budgets: Mapping[str, float], wi
     for i, c in enumerate(candidates):
         mark = " *" if i == winner else ""
         score = "" if c.score is None else f"{c.score:.4f}"
-        rows.append([f"{i + 1}{mark}", _compact(c.export_config), *(_fmt(m, c.counts.get(m)) for m in metrics), score])
+        rows.append([f"{i + 1}{mark}", format_sizes(c.export_config, sep=' '), *(_fmt(m, c.counts.get(m)) for m in metrics), score])
     _log_table(None, ["#", "export_config", *metrics, "score"], rows)
 
 
@@ -303,7 +304,7 @@ def _nothing_fits(budgets: Mapping[str, float], fitting, rejected_by_megatron: i
     for budget, limit in budgets.items():
         smallest = fitting.smallest.get(budget)
         if smallest is not None and smallest[0] > limit:
-            parts.append(f"the smallest reachable is {_fmt(budget, smallest[0])} {_LABELS[budget]} ({_compact(smallest[1])})")
+            parts.append(f"the smallest reachable is {_fmt(budget, smallest[0])} {_LABELS[budget]} ({format_sizes(smallest[1], sep=' ')})")
     if fitting.filtered:
         parts.append(f"candidate_filter rejected {fitting.filtered} candidates")
     if rejected_by_megatron:
@@ -317,10 +318,6 @@ def _budgets_text(budgets: Mapping[str, float]) -> str:
 
 def _counts_text(counts: Counts, budgets: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {_fmt(k, counts.get(k))}" for k in budgets)
-
-
-def _compact(export_config: Mapping[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in export_config.items())
 
 
 def _fmt(metric: str, value: float) -> str:
