@@ -1,6 +1,7 @@
 """The axis registry and the geometry kinds: one record per axis read by every consumer, and each kind's index
 map agreeing with its length (slicing and counting read the same kind). Pure logic, no Megatron model."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -11,7 +12,7 @@ from megatron_prune.minitron.axes import AXES, SUPPORTED_AXES, fits_parallel
 from megatron_prune.minitron.config import ModelShape, PruneConfigError, validate_export_config
 from megatron_prune.minitron.importance.criteria import CRITERIA, DEFAULT_CRITERIA, resolve_criteria
 from megatron_prune.minitron.search.counting import Sizes
-from megatron_prune.minitron.slicing.geometry import KINDS
+from megatron_prune.minitron.slicing.geometry import KINDS, MLADims
 from megatron_prune.minitron.slicing.table import LAYER_ROLES, MODEL_ROLES
 
 
@@ -74,11 +75,14 @@ def _shape():
                       mamba_state_dim=3)  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_kind_index_length_agree(kind):
+MLA = MLADims(qk_head_dim=5, qk_pos_emb_head_dim=3, v_head_dim=7, kv_lora_rank=6, q_lora_rank=None)
+
+
+@pytest.mark.parametrize("kind,mla", [(k, MLA if k.startswith("mla") else None) for k in sorted(KINDS)] + [("head_cols", MLA)])
+def test_kind_index_length_agree(kind, mla):
     """For random kept indices, every kind's index map has exactly the length the counters use, and keeping
-    everything in order gives the original length."""
-    shape, g = _shape(), torch.Generator().manual_seed(0)
+    everything in order gives the original length (MLA kinds, and linear_proj's columns of v per head, at MLA dims)."""
+    shape, g = dataclasses.replace(_shape(), mla=mla), torch.Generator().manual_seed(0)
     axis = {"channels": "ffn_hidden_size", "gated_rows": "ffn_hidden_size"}.get(kind, "num_attention_heads")
     if kind.startswith("mamba"):
         axis = "mamba_num_heads"
@@ -95,9 +99,9 @@ def test_kind_index_length_agree(kind):
         sizes = {"ffn_hidden_size": 5 + trial, "num_query_groups": G2, "num_attention_heads": G2 * q2,
                  "mamba_num_heads": nh2, "mamba_head_dim": 1 + trial}  # fmt: skip
         index = KINDS[kind].index(kept.get, shape, axis)
-        length = KINDS[kind].length(Sizes(sizes, shape.kv_channels, True, 2, 3).size, Sizes(sizes, 4, True, 2, 3), axis)
+        length = KINDS[kind].length(Sizes(sizes, shape.kv_channels, True, 2, 3).size, Sizes(sizes, 4, True, 2, 3, mla=mla), axis)
         assert index.numel() == length and index.unique().numel() == length  # distinct rows, as many as counted
-    full = Sizes({**shape.sizes(), "mamba_num_heads": 8, "mamba_head_dim": 6}, 4, True, 2, 3)
+    full = Sizes({**shape.sizes(), "num_query_groups": 4, "mamba_num_heads": 8, "mamba_head_dim": 6}, 4, True, 2, 3, mla=mla)
     assert KINDS[kind].index(lambda a: None, shape, axis) is None  # nothing kept explicitly: all rows, in order
     everything = {"ffn_hidden_size": torch.arange(24), "num_query_groups": torch.arange(4),
                   "num_attention_heads": torch.arange(2).repeat(4, 1), "mamba_num_heads": torch.arange(8),

@@ -115,3 +115,41 @@ def test_round_trip_reference_streams_one_decoder_layer_at_a_time(tmp_path, fami
     with torch.no_grad():
         assert torch.equal(logits, whole(tokens).logits.float())
     assert torch.equal(hf_logits(str(source), tokens), logits)
+
+
+def test_deepseek_v3_mla_round_trips(tmp_path, mcore):
+    """DeepSeek-V3 (multi-latent attention, a dense first layer, MoE layers with a shared expert and expert bias):
+    import, prune heads, hidden size, dense and expert widths, experts and a layer (the dense first layer protected:
+    a DeepSeek HF config lists its dense layers first), export to HF and to a Megatron checkpoint, logits both ways."""
+    source = make_hf_model(tmp_path / "source", "deepseek_v3", num_hidden_layers=3)
+    tokens = random_tokens(2, 16, VOCAB, seed=7)
+    imported = import_hf_model(str(source))
+    assert type(imported.model.decoder.layers[0].self_attention).__name__ == "MLASelfAttention"
+    check = compare_with_hf(imported.model, str(source), tokens, "import")
+    assert check.ok and check.relative_diff < 1e-5, check
+
+    export_config = {"hidden_size": 48, "num_attention_heads": 2, "ffn_hidden_size": 96, "num_moe_experts": 2,
+                     "moe_ffn_hidden_size": 16, "num_layers": 2}  # fmt: skip
+    batches = [random_tokens(2, 16, VOCAB, seed=s) for s in range(3)]
+    pruned, result = prune(imported.model, export_config, make_forward_loop(batches, progress=False),
+                           depth={"protected_layers": [1]})  # fmt: skip
+    assert result.plan.kept_layers[0] == 1
+
+    save_hf(imported, pruned, result.plan.kept_layers, str(tmp_path / "hf"))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tmp_path / "hf")
+    expected = dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96, n_routed_experts=2,
+                    moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=2,
+                    q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, head_dim=8)  # fmt: skip
+    assert {k: getattr(config, k) for k in expected} == expected  # shared expert 32 = 2 x 16; the MLA dims kept
+    check = compare_with_hf(pruned, str(tmp_path / "hf"), tokens, "export")
+    assert check.ok and check.relative_diff < 1e-5, check
+
+    save_megatron(imported, pruned, str(tmp_path / "megatron"), tokenizer_path=str(tmp_path / "hf"))
+    reloaded = load_megatron_checkpoint(str(tmp_path / "megatron"))
+    assert reloaded.config.multi_latent_attention and reloaded.config.num_attention_heads == 2
+    assert reloaded.state_dict().keys() == pruned.state_dict().keys()
+    for name, tensor in pruned.state_dict().items():
+        if not name.endswith("_extra_state"):
+            assert torch.equal(reloaded.state_dict()[name], tensor), name

@@ -161,3 +161,25 @@ def test_cli_taylor_criteria_calibrate_with_gradients_and_reuse_the_statistics(s
     assert main([*common, "--output-dir", str(tmp_path / "reference"), "--importance", "reference"]) == 0
     record = json.loads((tmp_path / "reference" / "prune_summary.json").read_text())
     assert record["importance_criteria"]["num_attention_heads"] == "minitron" and not record["calibrated"]
+
+
+def test_cli_prunes_a_deepseek_v3_model_and_refuses_query_groups(tmp_path, capsys):
+    """DeepSeek-V3 (multi-latent attention) from Hugging Face through the CLI: heads, hidden size and a layer pruned (the
+    dense first layer protected), exported, checked against transformers; query groups, which MLA does not have, are
+    refused before any weight is read."""
+    from transformers import AutoConfig
+
+    source = make_hf_model(tmp_path / "deepseek", "deepseek_v3", num_hidden_layers=3)
+    AutoConfig.from_pretrained(source).save_pretrained(tmp_path / "config_only")  # the check must not need weights
+    _fails(capsys, "--hf-model", tmp_path / "config_only", "--output-dir", tmp_path / "groups", *CALIB,
+           "--target-num-query-groups", "2", match="export_config['num_query_groups']: this model has multi-latent attention")  # fmt: skip
+    assert not (tmp_path / "groups").exists()
+    out = tmp_path / "out"
+    argv = ["--hf-model", str(source), "--output-dir", str(out), "--save-format", "hf", *CALIB, "--target-hidden-size", "48",
+            "--target-num-attention-heads", "2", "--target-num-layers", "2", "--protect-layers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((out / "prune_summary.json").read_text())
+    assert record["roundtrip_checks"] and all(c["ok"] for c in record["roundtrip_checks"])  # import and export vs transformers
+    config = AutoConfig.from_pretrained(out / "hf")
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.first_k_dense_replace) == (48, 2, 2, 1)
+    assert (config.kv_lora_rank, config.q_lora_rank, config.v_head_dim) == (24, 32, 12)

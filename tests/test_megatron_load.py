@@ -136,7 +136,7 @@ def test_bad_checkpoints_fail_before_any_weight_is_read(mcore, tokenizer, tmp_pa
         (["--load", good, "--save-format", "hf"], "--save-format hf: a Hugging Face export needs the HF architecture"),
         (["--load", good, "--target-ffn-hidden-size", "200"], "ffn_hidden_size']=200 is larger"),
         (["--load", good, "--layers-to-drop", "9"], "layer 9 is out of range 1..4"),
-        (["--load", mla], "multi-latent attention (MLA) (multi_latent_attention=True) is not supported yet"),
+        (["--load", mla], "multi-latent attention in a Megatron-LM checkpoint is not supported yet"),
     ):  # fmt: skip
         target = [] if any(str(a).startswith("--target") or str(a) == "--layers-to-drop" for a in argv) else ["--target-ffn-hidden-size", "96"]
         assert main([*map(str, argv), *target, "--output-dir", str(out), *CALIB]) == 2, argv

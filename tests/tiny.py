@@ -1,13 +1,15 @@
-"""Test helpers (not tests): a tiny GPT (dense or MoE) built from megatron-core's local (non-TE) layer specs."""
+"""Test helpers (not tests): a tiny GPT (dense or MoE, GQA or multi-latent attention) built from megatron-core's
+local (non-TE) layer specs."""
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 
-def tiny_gpt_config(**overrides) -> TransformerConfig:
+def tiny_gpt_config(config_class=TransformerConfig, **overrides) -> TransformerConfig:
     """A 4-layer, 64-wide GQA GPT config in float32, for the parallel layout already initialised."""
     fields = dict(
         num_layers=4,
@@ -30,7 +32,17 @@ def tiny_gpt_config(**overrides) -> TransformerConfig:
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    return config_class(**fields)
+
+
+def tiny_mla_config(**overrides) -> MLATransformerConfig:
+    """`tiny_gpt_config` with DeepSeek-style multi-latent attention: 4 heads of qk 16 + rope 8 query/key dims and
+    value dim 12, q_lora_rank 32 (None: one query projection), kv_lora_rank 24, q/kv layernorms, plain RoPE; 3 layers."""
+    fields = dict(num_layers=3, num_attention_heads=4, num_query_groups=None, q_lora_rank=32, kv_lora_rank=24,
+                  qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12, qk_layernorm=True, rope_type="rope",
+                  apply_rope_fusion=False)  # fmt: skip
+    fields.update(overrides)
+    return tiny_gpt_config(MLATransformerConfig, **fields)
 
 
 def build_tiny_gpt(
@@ -46,7 +58,8 @@ def build_tiny_gpt(
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
                                           pp_rank=parallel_state.get_pipeline_model_parallel_rank())  # fmt: skip
     else:
-        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm,
+                                        multi_latent_attention=config.multi_latent_attention)  # fmt: skip
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

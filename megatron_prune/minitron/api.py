@@ -197,7 +197,7 @@ def _statistics(model, ctx: ParallelContext, m: _Model, criteria: Dict[str, str]
     """The criteria usable at this layout and the statistics they read: calibrated, or from the scores file. The
     pruned config is rebuilt once on the meta device first, so that nothing is calibrated for a model that cannot
     be built."""
-    criteria, note = criteria_at_layout(criteria, m.shape.num_query_groups, ctx.tp_size)
+    criteria, note = criteria_at_layout(criteria, m.shape, ctx.tp_size)
     if note:
         log(note)
     log(f"importance criteria: {describe(criteria, m.shape)}")

@@ -302,7 +302,7 @@ def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ct
     """An existing scores file, checked from the config before the import (architecture, statistics, data)."""
     if not ctx.broadcast_object(os.path.exists(scores_path)):
         return
-    at_layout = criteria_at_layout(criteria, shape.num_query_groups, ctx.tp_size)[0]
+    at_layout = criteria_at_layout(criteria, shape, ctx.tp_size)[0]
     config = finalized_provider(provider, ctx, dtype)
     ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, calibration, args.reuse_scores))
 

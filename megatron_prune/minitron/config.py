@@ -19,6 +19,10 @@ from megatron_prune.minitron.axes import (  # noqa: F401  (SUPPORTED_AXES re-exp
     fits_parallel, parallel_rules,
 )
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError  # noqa: F401  (re-exported)
+from megatron_prune.minitron.slicing.geometry import MLADims
+
+# MLA dims megatron-prune keeps as they are (MLATransformerConfig fields): a target for one is refused by name
+MLA_KEPT_DIMS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 
 HYBRID_SYMBOLS = "M*-E"  # a hybrid model's layers: Mamba, attention, MLP, MoE
 
@@ -59,7 +63,9 @@ class ModelShape:
     """The prunable sizes of a model: N query heads in G groups of q = N/G, head dim d; E routed experts of
     FFN size Fm, a shared expert of size Fs; Mamba mixers of nh heads of hd channels in ng groups (state
     ds). Sizes of modules the model lacks are None, and an axis is one of the model's only if some tensor
-    follows it (`ffn_hidden_size` needs a dense MLP layer, heads an attention layer)."""
+    follows it (`ffn_hidden_size` needs a dense MLP layer, heads an attention layer). With multi-latent attention
+    (`mla`: its fixed dims) there are no query groups: every head has its own K and V, so the N heads are ranked
+    as one group (num_query_groups=1 here, and `num_query_groups` is not an axis of the model)."""
 
     hidden_size: int
     ffn_hidden_size: int
@@ -78,6 +84,7 @@ class ModelShape:
     mamba_head_dim: Optional[int] = None
     mamba_num_groups: int = 0
     mamba_state_dim: int = 0
+    mla: Optional[MLADims] = None
 
     @classmethod
     def from_config(cls, config, hybrid_pattern: Optional[str] = None) -> "ModelShape":
@@ -88,11 +95,12 @@ class ModelShape:
         attention, dense, moe, mamba = "*" in symbols, "-" in symbols, "E" in symbols, "M" in symbols
         experts = config.num_moe_experts if moe else None
         head_dim = config.mamba_head_dim if mamba else None
+        mla = MLADims.of(config)
         return cls(
             hidden_size=config.hidden_size,
             ffn_hidden_size=config.ffn_hidden_size,
             num_attention_heads=heads,
-            num_query_groups=config.num_query_groups or heads,
+            num_query_groups=1 if mla else config.num_query_groups or heads,
             kv_channels=default_kv_channels(config),
             num_layers=config.num_layers,
             gated_linear_unit=bool(config.gated_linear_unit),
@@ -106,6 +114,7 @@ class ModelShape:
             mamba_head_dim=head_dim,
             mamba_num_groups=config.mamba_num_groups if mamba else 0,
             mamba_state_dim=config.mamba_state_dim if mamba else 0,
+            mla=mla,
         )
 
     @property
@@ -116,7 +125,9 @@ class ModelShape:
         """Whether `axis` is an axis of this model (some tensor follows it)."""
         if axis == "ffn_hidden_size":
             return self.dense_mlp
-        if axis in ("num_attention_heads", "num_query_groups"):
+        if axis == "num_query_groups":
+            return self.attention and self.mla is None
+        if axis == "num_attention_heads":
             return self.attention
         return getattr(self, axis, None) is not None
 
@@ -140,6 +151,8 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
     original = shape.sizes()
     if not export_config:
         raise PruneConfigError(f"export_config is empty: give a target for at least one of {', '.join(original)}")
+    if shape.mla is not None:
+        _check_mla_targets(export_config)
     unknown = [k for k in export_config if k not in SUPPORTED_AXES]
     if unknown:
         raise PruneConfigError(
@@ -195,6 +208,21 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
                     message = message.replace("tensor-parallel size", "expert tensor-parallel size")
                 raise PruneConfigError(f"export_config[{axis!r}]={target[axis]} " + message)
     return target
+
+
+def _check_mla_targets(export_config: Mapping[str, int]) -> None:
+    """A multi-latent-attention model has no query groups, and its lora ranks and head dims are kept."""
+    if "num_query_groups" in export_config:
+        raise PruneConfigError(
+            "export_config['num_query_groups']: this model has multi-latent attention (MLA), which has no query groups "
+            "(every head has its own K and V): prune its heads with num_attention_heads alone"
+        )
+    kept = [k for k in export_config if k in MLA_KEPT_DIMS]
+    if kept:
+        raise PruneConfigError(
+            f"export_config[{kept[0]!r}]: megatron-prune keeps the MLA dims {', '.join(MLA_KEPT_DIMS)} as they are; "
+            "prune hidden_size, num_attention_heads, the MLP/experts and num_layers instead"
+        )
 
 
 _PARALLEL_ERRORS = {  # rule -> the end of the message for a kept size that breaks it at parallel size n

@@ -47,9 +47,12 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
         return PruneConfigError, "virtual pipeline parallelism (virtual_pipeline_model_parallel_size) is not supported"
     if getattr(cfg, "use_te_op_fuser", False):
         return PruneConfigError, "config.use_te_op_fuser=True (TEFusedMLP) is not supported: its linears are not called as modules"
-    for flag in ("attention_output_gate", "multi_latent_attention", "heterogeneous_block_specs"):
+    for flag in ("attention_output_gate", "heterogeneous_block_specs"):
         if getattr(cfg, flag, False):
             return PruneConfigError, f"config.{flag}=True is not supported yet by megatron-prune"
+    if getattr(cfg, "multi_latent_attention", False) and getattr(cfg, "cache_mla_latents", False):
+        return PruneConfigError, ("config.cache_mla_latents=True (MLA weight absorption for inference): calibrate with "
+                                  "it off (the same weights; megatron-core absorbs them only when it runs inference)")  # fmt: skip
     if getattr(model, "mtp_process", False):
         return PruneConfigError, "multi-token-prediction layers are not supported: build the model without MTP"
     specs = block_spec_layers(getattr(model, "transformer_layer_spec", None))
@@ -74,8 +77,8 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
             where = "" if index is None else f", layer {model.decoder.layers[index].layer_number}"
             return UnsupportedModelError, (
                 f"unsupported module type {type(model.get_submodule(path)).__name__} at '{path}'{where} (tensor '{name}'): "
-                "megatron-prune handles SelfAttention, MLP, MoE (SequentialMLP experts, optional shared expert) and "
-                "Mamba layers of GPT and hybrid models; MLA is not supported yet"
+                "megatron-prune handles SelfAttention, MLASelfAttention (local spec), MLP, MoE (SequentialMLP experts, "
+                "optional shared expert) and Mamba layers of GPT and hybrid models"
             )
     return None
 

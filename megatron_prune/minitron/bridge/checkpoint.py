@@ -139,8 +139,7 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
     return CheckpointInfo(root, iteration_dir, _iteration_of(iteration_dir), MEGATRON_LM, mlm_config(args, path), args)
 
 
-_UNSUPPORTED = (("multi_latent_attention", "multi-latent attention (MLA)"),
-                ("heterogeneous_layers_config_path", "heterogeneous layers"), ("mtp_num_layers", "multi-token prediction"))  # fmt: skip
+_UNSUPPORTED = (("heterogeneous_layers_config_path", "heterogeneous layers"), ("mtp_num_layers", "multi-token prediction"))
 
 
 def _supported(info: CheckpointInfo, where: str) -> CheckpointInfo:
@@ -152,6 +151,9 @@ def _supported(info: CheckpointInfo, where: str) -> CheckpointInfo:
             value = getattr(source, name, None) if source is not None else None
             if value:
                 raise UnsupportedModelError(f"--load {where!r}: {what} ({name}={value!r}) is not supported yet by megatron-prune")
+    if getattr(info.args, "multi_latent_attention", False):  # its MLA config from Megatron-LM arguments is untested
+        raise UnsupportedModelError(f"--load {where!r}: multi-latent attention in a Megatron-LM checkpoint is not supported "
+                                    "yet by megatron-prune (Megatron-Bridge checkpoints and Hugging Face models with MLA are)")  # fmt: skip
     return info
 
 
@@ -249,6 +251,7 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
     if cpu:
         config.apply_rope_fusion = config.persist_layer_norm = config.gradient_accumulation_fusion = False
         config.masked_softmax_fusion = config.bias_activation_fusion = config.bias_dropout_fusion = False
+        config.moe_shared_expert_overlap = False  # a CUDA stream (DeepSeek's providers); the same outputs
     if args is not None:
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
         args.decoder_first_pipeline_num_layers = config.num_layers_in_first_pipeline_stage
@@ -265,9 +268,9 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
         args.make_vocab_size_divisible_by = saved // ctx.tp_size
         config.params_dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else torch.float32
     elif cpu:
-        from megatron.bridge.models.gpt_provider import local_layer_spec
+        from megatron_prune.minitron.bridge.hf_import import cpu_layer_spec
 
-        config.transformer_layer_spec = local_layer_spec
+        config.transformer_layer_spec = cpu_layer_spec(config)
     log(f"loading the {info.format} checkpoint {info.path} at TP={ctx.tp_size} PP={ctx.pp_size}")
     with _module_cuda_is_a_no_op(cpu):  # Megatron-LM's model builder moves the model with .cuda()
         stages = build_and_load_model(str(info.path), config, model_type=info.model_type, megatron_args=args,

@@ -4,7 +4,12 @@
 plain log lines (`log.Progress`: count, rate, ETA, on global rank 0) instead of a `rich` progress bar, which
 turns into control sequences and one-line-per-refresh noise in log files and under torchrun.
 
-`apply_bridge_compat()` (idempotent) fixes one bug:
+`apply_bridge_compat()` (idempotent) fixes these bugs:
+
+The DeepSeek-V2/V3 bridges map routed experts only under grouped-GEMM names (`...mlp.experts.linear_fc1.weight*`),
+so a DeepSeek model built with SequentialMLP experts (what megatron-prune prunes) imports none of its experts
+("No mapping found", then an AttributeError). Their registries get the two SequentialMLP mappings the Qwen3-MoE
+bridge has (`...mlp.experts.local_experts.*.linear_fc1/fc2.weight`), on the same HF names.
 
 Exporting an MoE model whose experts are a `SequentialMLP` (names `...mlp.experts.local_experts.{e}.linear_fc1
 .weight`, the layout megatron-prune prunes) to Hugging Face crashes in
@@ -93,6 +98,29 @@ def apply_bridge_compat() -> None:
             name = name[: match.start(1)] + str(number) + name[match.end(1) :]
         return name
 
+    _add_sequential_expert_mappings()
     gather_from_ep_ranks._sequential_experts = True
     MegatronParamMapping.gather_from_ep_ranks = gather_from_ep_ranks
     model_bridge._megatron_local_name_to_global = local_name_to_global
+
+
+def _add_sequential_expert_mappings() -> None:
+    """DeepSeek-V2/V3 bridges: SequentialMLP expert mappings next to their grouped-GEMM ones (see the module)."""
+    from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping, GatedMLPMapping
+    from megatron.bridge.models.deepseek.deepseek_v2_bridge import DeepSeekV2Bridge
+    from megatron.bridge.models.deepseek.deepseek_v3_bridge import DeepSeekV3Bridge
+
+    experts, hf = "decoder.layers.*.mlp.experts.local_experts.*", "model.layers.*.mlp.experts.*"
+    for bridge in (DeepSeekV2Bridge, DeepSeekV3Bridge):
+        original = bridge.mapping_registry
+
+        @functools.wraps(original)
+        def mapping_registry(self, original=original):
+            return MegatronMappingRegistry(
+                *original(self).mappings,
+                GatedMLPMapping(megatron_param=f"{experts}.linear_fc1.weight", gate=f"{hf}.gate_proj.weight", up=f"{hf}.up_proj.weight"),
+                AutoMapping(megatron_param=f"{experts}.linear_fc2.weight", hf_param=f"{hf}.down_proj.weight"),
+            )
+
+        bridge.mapping_registry = mapping_registry

@@ -11,6 +11,7 @@ the Transformer Engine model on a GPU (distributed checkpoints do not depend on 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -138,12 +139,24 @@ def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
             provider.moe_token_dispatcher_type = "allgather"
     saved = provider.transformer_layer_spec
     if not torch.cuda.is_available():
-        from megatron.bridge.models.gpt_provider import local_layer_spec
-
-        provider.transformer_layer_spec = local_layer_spec
+        provider.transformer_layer_spec = cpu_layer_spec(provider)
         provider.apply_rope_fusion = provider.persist_layer_norm = provider.gradient_accumulation_fusion = False
         provider.moe_permute_fusion = False  # a Transformer Engine kernel
+        provider.moe_shared_expert_overlap = False  # a CUDA stream (DeepSeek's providers); the same outputs
     return saved
+
+
+def cpu_layer_spec(provider) -> Callable:
+    """The layer spec a model is built with on a machine without CUDA: Megatron-Bridge's `local_layer_spec` (local
+    modules), or for multi-latent attention megatron-core's local block spec (`local_layer_spec` knows neither MLA nor
+    DeepSeek's dense-then-MoE `moe_layer_freq`)."""
+    if getattr(provider, "multi_latent_attention", False):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        return functools.partial(get_gpt_decoder_block_spec, use_transformer_engine=False)
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    return local_layer_spec
 
 
 def _provider_from_config(config, source: str):
@@ -172,7 +185,7 @@ def _check_prunable(provider, config) -> None:
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     if not isinstance(provider, GPTModelProvider):
         raise UnsupportedModelError(f"{arch}: Megatron-Bridge builds a {type(provider).__name__}; megatron-prune prunes GPT models")
-    for field, what in (("multi_latent_attention", "multi-latent attention"), ("mtp_num_layers", "multi-token prediction")):
+    for field, what in (("mtp_num_layers", "multi-token prediction"),):
         value = getattr(provider, field, None)
         if value:
             raise UnsupportedModelError(f"{arch}: {what} ({field}={value}) is not supported yet by megatron-prune")

@@ -109,7 +109,8 @@ def folder_dtype(hf_config) -> torch.dtype:
 
 class StreamedCausalLM:
     """An HF causal LM built on the meta device whose decoder layers load their weights from the folder's
-    safetensors just before they run and drop them after; everything else is loaded once."""
+    safetensors just before they run and drop them after; everything else (and every buffer the folder holds) is
+    loaded once."""
 
     def __init__(self, model: torch.nn.Module, layers: torch.nn.ModuleList, prefix: str, files: Dict[str, Path], dtype: torch.dtype):
         self.model, self.layers, self.prefix, self.files, self.dtype = model, layers, prefix, files, dtype
@@ -118,6 +119,10 @@ class StreamedCausalLM:
             if name not in layer_params and name in files:
                 self._set(name, self._read(name))
         model.tie_weights()  # an output layer tied to the embeddings has no tensor of its own in the files
+        for name, buffer in list(model.named_buffers()):  # persistent buffers saved with the weights (DeepSeek's
+            if name in files:  # routing bias, e_score_correction_bias): small, loaded once, layers' included
+                module, _, leaf = name.rpartition(".")
+                model.get_submodule(module)._buffers[leaf] = self._read(name).to(buffer.dtype)
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(lambda module, args, i=i: self._load(i))
             layer.register_forward_hook(lambda module, args, output, i=i: self._drop(i))

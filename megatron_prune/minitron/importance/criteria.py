@@ -42,6 +42,7 @@ import torch
 
 from megatron_prune.minitron.axes import ALIASES, AXES
 from megatron_prune.errors import PruneConfigError
+from megatron_prune.minitron.slicing.geometry import value_dim
 
 Tensor = torch.Tensor
 Score = Callable[[Tensor, "object"], Tensor]  # (one layer's raw statistic, ModelShape) -> importance
@@ -64,8 +65,8 @@ def _same(v: Tensor, shape) -> Tensor:
     return v
 
 
-def _minitron_heads(v: Tensor, shape) -> Tensor:  # [N*d] -> [N]
-    return v.sqrt().view(shape.num_attention_heads, shape.kv_channels).norm(dim=1)
+def _minitron_heads(v: Tensor, shape) -> Tensor:  # [N*d] -> [N] (MLA: [N*v])
+    return v.sqrt().view(shape.num_attention_heads, value_dim(shape)).norm(dim=1)
 
 
 def _minitron_groups(v: Tensor, shape) -> Tensor:  # [N*d] -> [G]: L2 of the group's head importances
@@ -76,7 +77,7 @@ def _mamba_x(v: Tensor, shape) -> Tensor:  # [nh*hd] -> [nh, hd]
     return v.sqrt().view(shape.mamba_num_heads, shape.mamba_head_dim)
 
 
-_HIDDEN_SITES = ("qkv_in", "fc1_in", "router_in", "mamba_in")
+_HIDDEN_SITES = ("qkv_in", "mla_in", "fc1_in", "router_in", "mamba_in")
 
 
 def _criteria() -> Dict[str, Dict[str, Criterion]]:
@@ -148,10 +149,14 @@ def parse_criteria(text: str) -> Dict[str, str]:
     return out
 
 
-def criteria_at_layout(criteria: Mapping[str, str], num_query_groups: int, tp_size: int) -> Tuple[Dict[str, str], Optional[str]]:
-    """The criteria a layout can serve, and why they changed (None if they did not): with fewer query groups
-    than TP ranks megatron-core replicates K/V heads, no rank holds a whole group, and groups fall back to the
-    reference's statistic."""
+def criteria_at_layout(criteria: Mapping[str, str], shape, tp_size: int) -> Tuple[Dict[str, str], Optional[str]]:
+    """The criteria a model (`shape`, a ModelShape) and layout can serve, and why they changed (None if they did not
+    or the change is not worth a note): with fewer query groups than TP ranks megatron-core replicates K/V heads, no
+    rank holds a whole group, and groups fall back to the reference's statistic. Multi-latent attention has no
+    query groups at all (its heads are ranked as one group): the same statistic orders that one group, silently."""
+    if shape.mla is not None:
+        return {**criteria, "num_query_groups": "minitron"}, None
+    num_query_groups = shape.num_query_groups
     if num_query_groups >= tp_size or criteria["num_query_groups"] == "minitron":
         return dict(criteria), None
     return {**criteria, "num_query_groups": "minitron"}, (

@@ -10,10 +10,12 @@ reference's Minitron activation statistics, `_out` sites the output contribution
 the linear it feeds (statistics.group_output_norms), `_taylor` sites first-order Taylor scores of a mask on it
 (statistics.taylor_groups; collected only when the forward loop runs backward):
   qkv_in             normalised input of `self_attention.linear_qkv`    -> hidden_size                     [H]
+  mla_in             the same for MLA's `linear_kv_down_proj`           -> hidden_size                     [H]
   fc1_in             normalised input of `mlp.linear_fc1`               -> hidden_size                     [H]
   router_in          input of the MoE `mlp.router` (pre_mlp_layernorm)  -> hidden_size                     [H]
   mamba_in           normalised input of a Mamba `mixer.in_proj`        -> hidden_size                     [H]
   proj_in            input of `self_attention.linear_proj`              -> num_attention_heads             [N*d]
+                     (MLA: d is the value head dim v; its heads have no query groups, so no group site is hooked)
   proj_heads_out     each head's contribution after `linear_proj`       -> num_attention_heads             [N]
   proj_groups_out    each query group's contribution after it           -> num_query_groups                [G]
   proj_heads_taylor  Taylor score of a mask on each head at its input   -> num_attention_heads             [N]
@@ -73,6 +75,7 @@ _PROJ, _FC2 = "self_attention.linear_proj", "mlp.linear_fc2"
 _SHARED_FC2, _EXPERT_FC2 = "mlp.shared_experts.linear_fc2", f"{ROUTED_EXPERTS}.*.linear_fc2"
 LAYER_SITES: Tuple[HookSite, ...] = (
     HookSite("qkv_in", "self_attention.linear_qkv", "normed_input", "hidden_size"),
+    HookSite("mla_in", "self_attention.linear_kv_down_proj", "normed_input", "hidden_size"),
     HookSite("fc1_in", "mlp.linear_fc1", "normed_input", "hidden_size"),
     HookSite("router_in", "mlp.router", "normed_input", "hidden_size"),
     HookSite("mamba_in", "mixer.in_proj", "normed_input", "hidden_size"),
@@ -197,9 +200,9 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
                 store.add(key, torch.zeros(D, device=device))
                 handles.append(in_proj.register_forward_hook(_mamba_x_hook(store, key, D)))
                 continue
-            if site.group == "query_group" and _kv_groups_replicated(layer):
-                continue  # a group's heads span TP ranks: its joint contribution is not a per-rank sum
-            if joint and site.name in ("proj_heads_out", "proj_groups_out") and not _kv_groups_replicated(layer):
+            if site.group == "query_group" and (_kv_groups_replicated(layer) or _is_mla(layer)):
+                continue  # a group's heads span TP ranks: its joint contribution is not a per-rank sum; MLA: no groups
+            if joint and site.name in ("proj_heads_out", "proj_groups_out") and not (_kv_groups_replicated(layer) or _is_mla(layer)):
                 if site.name == "proj_heads_out":
                     handles.append(_register_heads_and_groups(layer, modules[0][1], store, number, device))
                 continue
@@ -250,10 +253,15 @@ def _group_width(layer: torch.nn.Module, group: str) -> int:
     if group == "mamba_head":
         return int(layer.mixer.headdim)
     attention = layer.self_attention
-    d = int(attention.hidden_size_per_attention_head)
+    d = int(attention.config.v_head_dim if _is_mla(layer) else attention.hidden_size_per_attention_head)
     if group == "head":
         return d
     return d * (attention.num_attention_heads_per_partition // attention.num_query_groups_per_partition)
+
+
+def _is_mla(layer: torch.nn.Module) -> bool:
+    """Multi-latent attention (MLASelfAttention): v_head_dim channels per head at `linear_proj`, no query groups."""
+    return bool(getattr(layer.self_attention.config, "multi_latent_attention", False))
 
 
 def _kv_groups_replicated(layer: torch.nn.Module) -> bool:

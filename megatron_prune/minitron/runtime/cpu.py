@@ -52,6 +52,14 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
 14. `FusedScaleMaskSoftmax.is_kernel_available` answers False: with bf16/fp16 activations and
    `masked_softmax_fusion` (on by default) it imports the CUDA extension `scaled_masked_softmax_cuda`, which
    does not exist without a GPU; attention then takes its plain torch softmax, as it does in fp32.
+15. Multi-latent attention on the local spec (the only one without Transformer Engine): `MLASelfAttention` builds
+   its core attention with `k_channels=qk_head_dim + qk_pos_emb_head_dim, v_channels=v_head_dim`, which 0.16.1's
+   `DotProductAttention` does not take (a TypeError at build time). Its `__init__` accepts them: the output width
+   per head becomes v_channels and every head has its own K/V (MLA has no query groups); the softmax scale is
+   MLA's own (it passes one). Its forward already handles key/query dims other than the value dim. And
+   `multi_latent_attention.HAVE_TE` is False when Transformer Engine is absent: that module takes the import of
+   megatron-core's TE extension (which stands a MagicMock in for `transformer_engine`) as TE being present, then
+   calls `isinstance(linear_proj, TELinear)` with the mock TELinear (a TypeError).
 
 Not patched, because no run of this package reaches them: `tensor_parallel.broadcast_data` (Megatron-LM's
 batch loader, `.cuda()`), the distributed optimizer, and MoE's all-to-all token dispatcher at expert-parallel
@@ -74,6 +82,9 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer import utils as transformer_utils
+from megatron.core.extensions import transformer_engine as te_extension
+from megatron.core.transformer import multi_latent_attention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
 from megatron_prune.minitron.runtime.mamba_kernels import install_mamba_kernels, modules_in_place
@@ -117,6 +128,8 @@ def apply_cpu_support() -> bool:
     token_dispatcher.maybe_move_tensor_to_cpu = _splits_as_numpy(moe_utils.maybe_move_tensor_to_cpu)
     torch.cuda.get_rng_state = _cpu_rng_state
     FusedScaleMaskSoftmax.is_kernel_available = _no_fused_softmax_kernel
+    DotProductAttention.__init__ = _with_mla_channels(DotProductAttention.__init__)
+    multi_latent_attention.HAVE_TE = te_extension.HAVE_TE
     if not any(isinstance(f, _BridgeWithoutTransformerEngine) for f in sys.meta_path):
         sys.meta_path.insert(0, _BridgeWithoutTransformerEngine())
 
@@ -298,6 +311,20 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
 def _no_fused_softmax_kernel(self, mask, b, np, sq, sk) -> bool:
     """Stands in for `FusedScaleMaskSoftmax.is_kernel_available`: the fused softmax is a CUDA kernel."""
     return False
+
+
+def _with_mla_channels(init):
+    """`DotProductAttention.__init__` that also takes MLA's `k_channels` / `v_channels` (patch 15)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+        init(self, *args, **kwargs)
+        if v_channels is not None:  # [sq, b, np, v] -> [sq, b, np * v]; K and V per head
+            self.hidden_size_per_attention_head = k_channels
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+            self.num_query_groups_per_partition = self.num_attention_heads_per_partition
+
+    return __init__
 
 
 def _cpu_rng_state(device="cuda") -> torch.Tensor:

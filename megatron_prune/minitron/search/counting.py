@@ -19,7 +19,10 @@ or MoE (local or TE spec), for counting a config without building it (hybrid Mam
 
 Memory (MB = 2**20 bytes) = parameters * dtype_bytes + inference state. The state a layer keeps is looked
 up in `INFERENCE_STATE` by a role it holds: attention keeps K and V of every query group per token (KV
-cache, assuming global attention in every layer: an upper bound with sliding windows), stored in
+cache, assuming global attention in every layer: an upper bound with sliding windows; multi-latent attention
+keeps its compressed latent, kv_lora_rank + qk_pos_emb_head_dim values per token, whatever the heads, as
+DeepSeek-style MLA serving and megatron-core's dynamic engine with `cache_mla_latents` do: megatron-core's static
+engine caches the up-projected K and V of every head instead, N (qk + r + v) per token), stored in
 `kv_cache_dtype_bytes`; a Mamba mixer keeps, per sequence, its convolution window ((D + 2 ng ds) x (k - 1))
 and its SSM state (nh x hd x ds), stored in `mamba_state_dtype_bytes`. Both default to `dtype_bytes`, as
 the reference counts them (ModelOpt counts the Mamba state at the weights' dtype).
@@ -36,7 +39,7 @@ import torch
 from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.config import moe_layer_pattern
 from megatron_prune.minitron.runtime.parallel import ParallelContext
-from megatron_prune.minitron.slicing.geometry import KINDS
+from megatron_prune.minitron.slicing.geometry import KINDS, MLADims
 from megatron_prune.minitron.slicing.tensor_parallel import split_size
 from megatron_prune.minitron.slicing.table import (
     MAMBA_CHANNELS, MAMBA_CONV_CHANNELS, ROUTED_EXPERTS, Geometry, axes_of, is_routed_expert, is_tied_output_copy, layer_name,
@@ -52,6 +55,7 @@ MB = 2**20
 KV_CACHE, MAMBA_STATE = "kv_cache", "mamba_state"
 INFERENCE_STATE: Dict[str, Tuple[str, Callable[["Sizes"], int]]] = {
     "self_attention.linear_qkv.weight": (KV_CACHE, lambda s: 2 * s.size("num_query_groups") * s.kv_channels),  # K, V
+    "self_attention.linear_kv_down_proj.weight": (KV_CACHE, lambda s: s.mla.latent),  # MLA: the compressed KV latent
     "mixer.in_proj.weight": (MAMBA_STATE, lambda s: s.length(MAMBA_CONV_CHANNELS) * (s.mamba_conv_kernel - 1)  # conv
                                                     + s.length(MAMBA_CHANNELS) * s.mamba_state_dim),  # SSM state
 }
@@ -67,6 +71,7 @@ class Sizes:
     mamba_num_groups: int = 0
     mamba_state_dim: int = 0
     mamba_conv_kernel: int = 0
+    mla: Optional[MLADims] = None
 
     def size(self, axis: str) -> int:
         return self.sizes[axis]
@@ -122,10 +127,11 @@ class Inventory:
     mamba_num_groups: int = 0
     mamba_state_dim: int = 0
     mamba_conv_kernel: int = 0
+    mla: Optional[MLADims] = None
 
     def sizes(self, target: Mapping[str, int]) -> Sizes:
         return Sizes(dict(target), self.kv_channels, self.gated_linear_unit, self.mamba_num_groups, self.mamba_state_dim,
-                     self.mamba_conv_kernel)  # fmt: skip
+                     self.mamba_conv_kernel, self.mla)  # fmt: skip
 
     @property
     def uniform(self) -> bool:
@@ -248,13 +254,14 @@ def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
     kinds, layer_kinds = _group(layers)
     topk = cfg.moe_router_topk if cfg.num_moe_experts else 0
     mamba = (cfg.mamba_num_groups, cfg.mamba_state_dim, kernel) if any(is_mamba(k) for k in kinds) else (0, 0, 0)
-    return Inventory(whole_model, kinds, layer_kinds, default_kv_channels(cfg), bool(cfg.gated_linear_unit), topk, *mamba)
+    return Inventory(whole_model, kinds, layer_kinds, default_kv_channels(cfg), bool(cfg.gated_linear_unit), topk, *mamba,
+                     mla=MLADims.of(cfg))  # fmt: skip
 
 
 def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_weights: bool = True,
                         position_embedding_type: str = "rope", max_sequence_length: int = 0) -> Inventory:  # fmt: skip
-    """The inventory of the GPTModel Megatron builds from `config` (dense or MoE layers, local or TE layer
-    spec with the default final norm), without building it. The tensor shapes are stated here; tests check
+    """The inventory of the GPTModel Megatron builds from `config` (dense or MoE layers, GQA or multi-latent
+    attention, local or TE layer spec with the default final norm), without building it. The tensor shapes are stated here; tests check
     them against models Megatron builds."""
     H, F, N, d = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads, default_kv_channels(config)
     G = config.num_query_groups or N
@@ -270,13 +277,17 @@ def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_wei
         return out
 
     layer = {f"{m}.{p}": (H,) for m in ("input_layernorm", "pre_mlp_layernorm") for p in norm}
-    layer.update({"self_attention.linear_qkv.weight": (qkv, H), "self_attention.linear_proj.weight": (H, N * d)})
-    if bias or config.add_qkv_bias:
-        layer["self_attention.linear_qkv.bias"] = (qkv,)
+    mla = MLADims.of(config)
+    if mla is None:
+        layer.update({"self_attention.linear_qkv.weight": (qkv, H), "self_attention.linear_proj.weight": (H, N * d)})
+        if bias or config.add_qkv_bias:
+            layer["self_attention.linear_qkv.bias"] = (qkv,)
+        if config.qk_layernorm:
+            layer.update({f"self_attention.{m}.{p}": (d,) for m in ("q_layernorm", "k_layernorm") for p in norm})
+    else:
+        layer.update(_mla_tensors(mla, H, N, norm if config.qk_layernorm else ()))
     if bias:
         layer["self_attention.linear_proj.bias"] = (H,)
-    if config.qk_layernorm:
-        layer.update({f"self_attention.{m}.{p}": (d,) for m in ("q_layernorm", "k_layernorm") for p in norm})
     dense = {**layer, **mlp("mlp", F)}
     moe = dict(layer)
     if config.num_moe_experts:
@@ -306,4 +317,22 @@ def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_wei
         kv_channels=d,
         gated_linear_unit=bool(config.gated_linear_unit),
         moe_router_topk=config.moe_router_topk if config.num_moe_experts else 0,
+        mla=mla,
     )
+
+
+def _mla_tensors(mla: MLADims, H: int, N: int, norm: Tuple[str, ...]) -> Dict[str, Tuple[int, ...]]:
+    """The tensors of megatron-core's MLASelfAttention (local spec; no linear biases: MLA builds its projections
+    without): `norm`, the parameters of q/kv_layernorm (with qk_layernorm, else identities)."""
+    a = "self_attention"
+    out = {f"{a}.linear_kv_down_proj.weight": (mla.kv_lora_rank + mla.qk_pos_emb_head_dim, H),
+           f"{a}.linear_kv_up_proj.weight": (N * mla.kv_rows, mla.kv_lora_rank),
+           f"{a}.linear_proj.weight": (H, N * mla.v_head_dim)}  # fmt: skip
+    out.update({f"{a}.kv_layernorm.{p}": (mla.kv_lora_rank,) for p in norm})
+    if mla.q_lora_rank is None:
+        out[f"{a}.linear_q_proj.weight"] = (N * mla.q_rows, H)
+    else:
+        out[f"{a}.linear_q_down_proj.weight"] = (mla.q_lora_rank, H)
+        out[f"{a}.linear_q_up_proj.weight"] = (N * mla.q_rows, mla.q_lora_rank)
+        out.update({f"{a}.q_layernorm.{p}": (mla.q_lora_rank,) for p in norm})
+    return out

@@ -65,7 +65,7 @@ class SearchSpace:
         """{axis: choices} as sizes of the axis (heads as total heads when the groups are not searched)."""
         out = dict(self.choices)
         if HEADS in out and GROUPS not in out:
-            out[HEADS] = [self.original[GROUPS] * h for h in out[HEADS]]
+            out[HEADS] = [self.original.get(GROUPS, 1) * h for h in out[HEADS]]  # MLA: its heads are one group
         return out
 
     def combinations(self) -> Iterator[Dict[str, int]]:
@@ -91,7 +91,7 @@ def build_space(shape: ModelShape, config: SearchConfig) -> SearchSpace:
     if HEADS in sizes:
         sizes[HEADS] = shape.heads_per_group  # heads are chosen per group
         if not config.search_query_groups:
-            sizes.pop(GROUPS)
+            sizes.pop(GROUPS, None)  # absent with MLA (no query groups)
     choices = {}
     for axis in SUPPORTED_AXES:
         if axis not in sizes or axis in config.axes_to_skip:

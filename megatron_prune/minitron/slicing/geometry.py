@@ -1,7 +1,8 @@
 """Index geometry: which rows/columns of a tensor belong to kept heads, groups and channels.
 
 Pure functions on index tensors, in MCore's notation: N query heads in G groups (q = N/G heads per
-group), head dim d, FFN size F; Mamba nh heads of hd channels in ng groups. Every function returns a 1-D
+group), head dim d, FFN size F; Mamba nh heads of hd channels in ng groups; MLA (multi-latent attention)
+heads of qk (no-rope) + r (rope) query/key dims and v value dims. Every function returns a 1-D
 LongTensor of indices into the original dimension, in the order the pruned tensor stores them. The
 geometry *kinds* at the end pair each index map with its length at given sizes (slicing and counting read
 the same kind).
@@ -78,13 +79,61 @@ def mamba_conv_channels(heads: Tensor, dims: Tensor, nheads: int, head_dim: int,
     return torch.cat([mamba_inner(heads, dims, head_dim), D + torch.arange(bc)])
 
 
+# MLA (megatron-core's MLASelfAttention): no query groups (every head has its own K and V, up-projected from a shared
+# latent), so heads are ranked as one group (G = 1 in `ModelShape`) and each kept head keeps a block of rows:
+#   linear_q_proj / linear_q_up_proj  [N*(qk+r), .]   head h owns rows h*(qk+r) ... (per head [q_nope; q_rope])
+#   linear_kv_up_proj                 [N*(qk+v), c]   head h owns rows h*(qk+v) ... (per head [k_nope; value])
+#   linear_proj                       [H, N*v]        head h owns columns h*v ...  (`head_columns` with d = v)
+# The lora ranks (q_lora_rank, kv_lora_rank c), the shared rope key (r) and the head dims are never pruned.
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """The fixed dims of an MLA model (megatron-core's `MLATransformerConfig` names)."""
+
+    qk_head_dim: int
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+    kv_lora_rank: int
+    q_lora_rank: Optional[int]
+
+    @classmethod
+    def of(cls, config) -> Optional["MLADims"]:
+        """The MLA dims of a config, None when it has no multi-latent attention."""
+        if not getattr(config, "multi_latent_attention", False):
+            return None
+        return cls(config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim, config.kv_lora_rank,
+                   config.q_lora_rank)  # fmt: skip
+
+    @property
+    def q_rows(self) -> int:
+        """Rows of the query projection per head: qk + r."""
+        return self.qk_head_dim + self.qk_pos_emb_head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        """Rows of `linear_kv_up_proj` per head: qk (key, no rope) + v (value)."""
+        return self.qk_head_dim + self.v_head_dim
+
+    @property
+    def latent(self) -> int:
+        """What MLA inference caches per token: the compressed KV c plus the shared rope key r."""
+        return self.kv_lora_rank + self.qk_pos_emb_head_dim
+
+
+def value_dim(facts) -> int:
+    """Channels per head at the input of `linear_proj`: MLA's v_head_dim, else the head dim d (`kv_channels`)."""
+    return facts.mla.v_head_dim if facts.mla is not None else facts.kv_channels
+
+
 # Geometry kinds: each owns the indices a dim keeps (slicing) and their number at given sizes (counting), so
 # the two cannot disagree (tests/test_slicing.py checks len(index) == length on every kind).
 #   index(kept, shape, axis)  kept(axis) -> kept indices of an axis or None (all, in order); shape: the
 #                             original `ModelShape`. Returns the dim's indices, or None (all, in order).
-#   length(size, facts, axis) size(axis) -> a kept size; facts: kv_channels, gated_linear_unit,
-#                             mamba_num_groups, mamba_state_dim (a ModelShape or a counting `Sizes`).
+#   length(size, facts, axis) size(axis) -> a kept size; facts: kv_channels, mla (MLADims or None),
+#                             gated_linear_unit, mamba_num_groups, mamba_state_dim (a ModelShape or a counting `Sizes`).
 CHANNELS, GATED_ROWS, QKV, HEAD_COLUMNS = "channels", "gated_rows", "qkv_rows", "head_cols"
+MLA_Q, MLA_KV = "mla_q_rows", "mla_kv_rows"
 MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV = "mamba_heads", "mamba_inner", "mamba_in_rows", "mamba_conv"
 _N, _G, _NH, _HD = "num_attention_heads", "num_query_groups", "mamba_num_heads", "mamba_head_dim"
 
@@ -106,10 +155,21 @@ def _heads_index(rows: bool):
         groups = kept(_G)
         if groups is None:
             return None
-        fn = qkv_rows if rows else head_columns
-        return fn(groups, kept(_N), shape.heads_per_group, shape.kv_channels)
+        if rows:
+            return qkv_rows(groups, kept(_N), shape.heads_per_group, shape.kv_channels)
+        return head_columns(groups, kept(_N), shape.heads_per_group, value_dim(shape))
 
     return index
+
+
+def _mla_rows(per_head: str):
+    """Index and length of an MLA projection's rows: `per_head` (an `MLADims` property) rows per kept head."""
+
+    def index(kept, shape, axis):
+        groups = kept(_G)  # heads form one group: [0]
+        return None if groups is None else head_columns(groups, kept(_N), shape.heads_per_group, getattr(shape.mla, per_head))
+
+    return index, lambda size, facts, axis: size(_N) * getattr(facts.mla, per_head)
 
 
 def _mamba_index(kind: str):
@@ -144,7 +204,9 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind(CHANNELS, lambda kept, shape, axis: kept(axis), lambda size, facts, axis: size(axis)),
     Kind(GATED_ROWS, _gated_index, lambda size, facts, axis: size(axis) * (2 if facts.gated_linear_unit else 1)),
     Kind(QKV, _heads_index(rows=True), lambda size, facts, axis: (size(_N) + 2 * size(_G)) * facts.kv_channels),
-    Kind(HEAD_COLUMNS, _heads_index(rows=False), lambda size, facts, axis: size(_N) * facts.kv_channels),
+    Kind(HEAD_COLUMNS, _heads_index(rows=False), lambda size, facts, axis: size(_N) * value_dim(facts)),
+    Kind(MLA_Q, *_mla_rows("q_rows")),
+    Kind(MLA_KV, *_mla_rows("kv_rows")),
     *(Kind(k, _mamba_index(k), _mamba_length(k)) for k in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV)),
 )}  # fmt: skip
 

@@ -67,7 +67,8 @@ def per_layer_fields(config) -> Dict[str, list]:
 def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_counts: List[int],
                   original_counts: List[int], kept_layers: List[int], hybrid_pattern: Optional[str] = None):  # fmt: skip
     """A new TransformerConfig with the target sizes; `kv_channels` is pinned to the original head dim (and
-    `mamba_num_heads`, which Megatron otherwise derives from the hidden size, is always written).
+    `mamba_num_heads`, which Megatron otherwise derives from the hidden size, is always written; an MLA model's
+    `num_query_groups` follows its heads, as megatron-core sets it when none is given).
 
     The pipeline layout fields are kept as they are unless depth pruning changed what a stage holds;
     per-layer fields keep the entries of `kept_layers` (global 1-indexed numbers, ascending), and so does a
@@ -75,6 +76,8 @@ def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_co
     """
     changes = dict(target)
     changes["kv_channels"] = shape.kv_channels
+    if shape.mla is not None:  # MLA has one K/V per head: megatron-core's default (and its inference cache's) groups
+        changes["num_query_groups"] = target["num_attention_heads"]
     if list(stage_counts) != list(original_counts):
         changes.update(stage_layout(stage_counts, hybrid=hybrid_pattern is not None))
     if len(kept_layers) != config.num_layers:

@@ -50,7 +50,7 @@ def plan_pruning(orders: Orders, shape: ModelShape, target: Mapping[str, int], r
             if axis in requested and axis in o:
                 keep[axis] = o[axis][..., : target[axis]]  # [E, Fm] orders: every expert keeps Fm'
         if sort_heads and HEADS in o:
-            groups_t, heads_t = target[GROUPS], target[HEADS]
+            groups_t, heads_t = target.get(GROUPS, G), target[HEADS]  # MLA: no groups axis, its heads are one group
             keep[GROUPS] = o[GROUPS][:groups_t] if GROUPS in requested else torch.arange(G)
             keep[HEADS] = o[HEADS][keep[GROUPS]][:, : heads_t // groups_t]
         if MAMBA_HEADS in o:  # the top heads of every group (B and C are per group: all groups stay)

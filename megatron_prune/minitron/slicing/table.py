@@ -12,7 +12,9 @@ kept indices of one axis:
   channels   kept indices of the axis as they are             plan        [n']
   gated_rows kept channels of fc1 ([gate; up] if gated)       geometry.gated_rows   [F' or 2F']
   qkv_rows   kept [Q.., K, V] row blocks of kept groups       geometry.qkv_rows     [(G'(q'+2))d]
-  head_cols  kept query-head columns of linear_proj           geometry.head_columns [N'd]
+  head_cols  kept query-head columns of linear_proj           geometry.head_columns [N'd] (MLA: [N'v])
+  mla_q_rows   kept heads' rows of MLA's query projection     geometry (MLA)        [N'(qk+r)]
+  mla_kv_rows  kept heads' rows of MLA's linear_kv_up_proj    geometry (MLA)        [N'(qk+v)]
   mamba_heads    kept Mamba heads, group by group             plan                  [nh']
   mamba_inner    kept d_inner channels (heads x head dims)    geometry.mamba_inner  [nh'hd']
   mamba_in_rows  kept [z, x, B, C, dt] rows of in_proj        geometry.mamba_in_rows [2nh'hd' + 2ng ds + nh']
@@ -33,7 +35,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 from megatron_prune.minitron.axes import PER_EXPERT_AXES  # noqa: F401  (axes ranked per routed expert)
 from megatron_prune.minitron.slicing.geometry import (  # noqa: F401  (the kinds a Geometry names)
-    CHANNELS, GATED_ROWS, HEAD_COLUMNS, MAMBA_CONV, MAMBA_HEADS, MAMBA_IN, MAMBA_INNER, QKV,
+    CHANNELS, GATED_ROWS, HEAD_COLUMNS, MAMBA_CONV, MAMBA_HEADS, MAMBA_IN, MAMBA_INNER, MLA_KV, MLA_Q, QKV,
 )
 
 
@@ -51,6 +53,8 @@ class Geometry:
 HIDDEN = Geometry(CHANNELS, "hidden_size")
 QKV_ROWS = Geometry(QKV, "num_attention_heads")
 HEAD_COLS = Geometry(HEAD_COLUMNS, "num_attention_heads")
+MLA_Q_ROWS = Geometry(MLA_Q, "num_attention_heads")
+MLA_KV_ROWS = Geometry(MLA_KV, "num_attention_heads")
 FC1_ROWS = Geometry(GATED_ROWS, "ffn_hidden_size")
 FFN = Geometry(CHANNELS, "ffn_hidden_size")
 EXPERTS = Geometry(CHANNELS, "num_moe_experts")
@@ -75,7 +79,8 @@ Role = Mapping[str, TensorAxes]  # parameter name -> axes
 
 _NORM: Role = {"weight": TensorAxes({0: HIDDEN}), "bias": TensorAxes({0: HIDDEN})}
 _FUSED_NORM: Role = {"layer_norm_weight": TensorAxes({0: HIDDEN}), "layer_norm_bias": TensorAxes({0: HIDDEN})}
-_HEAD_DIM_NORM: Role = {"weight": TensorAxes(), "bias": TensorAxes()}  # q/k layernorms act on d: never pruned
+_HEAD_DIM_NORM: Role = {"weight": TensorAxes(), "bias": TensorAxes()}  # q/k layernorms act on d (MLA: a lora rank): never pruned
+_LORA_NORM: Role = {"layer_norm_weight": TensorAxes(), "layer_norm_bias": TensorAxes()}  # MLA up projections' fused norm
 
 
 def _mlp(prefix: str, axis: str) -> Dict[str, Role]:
@@ -110,6 +115,17 @@ LAYER_ROLES: Dict[str, Role] = {
         "weight": TensorAxes({0: HIDDEN, 1: HEAD_COLS}, tp_dim=1),
         "bias": TensorAxes({0: HIDDEN}),
     },
+    # MLA (MLASelfAttention, local spec): the query projection (linear_q_proj, or linear_q_down_proj, q_layernorm and
+    # linear_q_up_proj when q_lora_rank is set), linear_kv_down_proj [c + r, H] -> kv_layernorm over c ->
+    # linear_kv_up_proj, and linear_proj above. The local spec builds every projection column-parallel (the down
+    # projections' outputs are gathered); Transformer Engine's duplicates the down projections on every TP rank and
+    # fuses q/kv_layernorm into the up projections (`layer_norm_weight` over the lora rank: never pruned).
+    "self_attention.linear_q_proj": {"weight": TensorAxes({0: MLA_Q_ROWS, 1: HIDDEN}, tp_dim=0)},
+    "self_attention.linear_q_down_proj": {"weight": TensorAxes({1: HIDDEN}, tp_dim=0)},
+    "self_attention.linear_q_up_proj": {"weight": TensorAxes({0: MLA_Q_ROWS}, tp_dim=0), **_LORA_NORM},
+    "self_attention.linear_kv_down_proj": {"weight": TensorAxes({1: HIDDEN}, tp_dim=0)},
+    "self_attention.kv_layernorm": _HEAD_DIM_NORM,
+    "self_attention.linear_kv_up_proj": {"weight": TensorAxes({0: MLA_KV_ROWS}, tp_dim=0), **_LORA_NORM},
     "pre_mlp_layernorm": _NORM,
     **_mlp("mlp", "ffn_hidden_size"),
     # MoE layer: router [E, H] (+ bias, aux-loss-free expert_bias [E]), routed experts, shared expert
