@@ -120,34 +120,42 @@ def test_dispatchers_that_hide_where_tokens_came_from_are_refused_with_the_fix(m
 
 CLI_LAYOUTS = {"ep2": ["--expert-model-parallel-size", "2"], "tp2": ["--tensor-model-parallel-size", "2"],
                "tp2-etp1": ["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]}  # fmt: skip
-CLI_ARGS = ["--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size", "16", "--target-hidden-size", "48",
-            "--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2", "--save-format", "hf", "--no-report"]  # fmt: skip
+CLI_MODELS = {  # Hugging Face family: (builder overrides, targets, layouts run)
+    "qwen3_moe": ({}, ["--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size", "16", "--target-hidden-size", "48"],
+                  list(CLI_LAYOUTS)),
+    "deepseek_v3": ({"num_hidden_layers": 3}, ["--target-num-moe-experts", "2", "--target-hidden-size", "48",
+                                               "--target-num-attention-heads", "2"], ["ep2", "tp2"]),
+}  # fmt: skip
+CLI_ARGS = ["--calib-samples", "8", "--seq-length", "32", "--micro-batch-size", "2", "--save-format", "hf", "--no-report"]
 
 
 @pytest.fixture(scope="module")
-def qwen3_moe(tmp_path_factory):
-    """A tiny Qwen3-MoE Hugging Face model and its prune by one process on the command line."""
+def hf_moe(request, tmp_path_factory):
+    """A tiny MoE Hugging Face model (Qwen3-MoE; DeepSeek-V3: MLA, a dense first layer, a shared expert) and its prune
+    by one process on the command line."""
     from tests.tiny_hf import make_hf_model
 
-    out = tmp_path_factory.mktemp("qwen3_moe_cli")
-    source = make_hf_model(out / "qwen3_moe", "qwen3_moe")
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 1, "--hf-model", source, *CLI_ARGS, "--output-dir", out / "one")
-    return source, out
+    family = request.param
+    overrides, targets, _ = CLI_MODELS[family]
+    out = tmp_path_factory.mktemp(family)
+    argv = ["--hf-model", make_hf_model(out / family, family, **overrides), *targets, *CLI_ARGS]
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 1, *argv, "--output-dir", out / "one")
+    return family, argv, out
 
 
-@pytest.mark.parametrize("layout", list(CLI_LAYOUTS))
-def test_command_line_prunes_a_qwen3_moe_checkpoint_at_a_layout_as_one_process(qwen3_moe, layout):
-    """The command line under torchrun on a tiny Qwen3-MoE Hugging Face model at EP=2, TP=2 (experts split too) and
-    TP=2 with whole experts: imported through Megatron-Bridge in that layout, calibrated, pruned (experts
-    re-distributed at EP) and exported back to Hugging Face with the logits checked both ways: the same files as
-    one process."""
+@pytest.mark.parametrize("hf_moe, layout", [(f, layout) for f in CLI_MODELS for layout in CLI_MODELS[f][2]],
+                         indirect=["hf_moe"])  # fmt: skip
+def test_command_line_prunes_a_moe_checkpoint_at_a_layout_as_one_process(hf_moe, layout):
+    """The command line under torchrun on tiny MoE Hugging Face models at EP=2, TP=2 (experts split too) and TP=2 with
+    whole experts: imported through Megatron-Bridge in that layout with the model's own token dispatcher (alltoall),
+    calibrated, pruned (experts re-distributed at EP) and exported back to Hugging Face with the logits checked both
+    ways: the same files as one process."""
     import json
 
     from safetensors.torch import load_file
 
-    source, out = qwen3_moe
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, "--hf-model", source, *CLI_ARGS, "--output-dir",
-                 out / layout, *CLI_LAYOUTS[layout])  # fmt: skip
+    family, argv, out = hf_moe
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "cli.py", 2, *argv, "--output-dir", out / layout, *CLI_LAYOUTS[layout])
     one, here = (load_file(str(out / o / "hf" / "model.safetensors")) for o in ("one", layout))
     assert one.keys() == here.keys() and any(".experts.1." in k for k in one) and not any(".experts.2." in k for k in one)
     for key in one:
