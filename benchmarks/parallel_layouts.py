@@ -14,7 +14,8 @@ weights data-parallel). moe-tp2: the same MoE GPT with every linear split over t
 calibration micro-batch is forwarded through the hooked model and through its plain twin (alternating which
 goes first), and the ratio is the
 hooked / plain CPU time of each process summed over all micro-batches of all rounds (pairing cancels the drift of
-a shared machine). The hooks are those of the default criteria (what `prune()` collects). Then the model is pruned
+a shared machine). The hooks are those of the default criteria (what `prune()` collects), registered once as
+calibration registers them. Then the model is pruned
 from the statistics (no calibration) and the peak RSS growth of each rank is compared with its shard's bytes.
 """
 
@@ -32,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import megatron_prune as mp  # noqa: E402
 from megatron_prune.minitron.importance.criteria import resolve_criteria, statistics_needed  # noqa: E402
-from megatron_prune.minitron.importance.hooks import collect_statistics  # noqa: E402
+from megatron_prune.minitron.importance.hooks import register_hooks  # noqa: E402
+from megatron_prune.minitron.importance.statistics import StatStore  # noqa: E402
 from megatron_prune.minitron.runtime.distributed import init_distributed  # noqa: E402
 from megatron_prune.minitron.runtime.parallel import ParallelContext  # noqa: E402
 
@@ -92,20 +94,19 @@ def main():
     del pruned
     plain = build(args.layout, args)
     sites = statistics_needed(resolve_criteria(None), backward=False, everything=False)
+    handles = register_hooks(hooked, StatStore(), sites, ctx)  # once, as calibration registers them
     cpu = {"hooked": 0.0, "plain": 0.0}
     for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
         for tokens in batches:
             pair = (("hooked", hooked), ("plain", plain))
             for name, model in pair if round_ % 2 else pair[::-1]:  # alternate which goes first
                 start = time.process_time()
-                if name == "hooked":
-                    with torch.no_grad():
-                        collect_statistics(model, lambda m: mp.run_forward(m, [tokens], shard_over_dp=False), sites)
-                else:
-                    with torch.no_grad():
-                        mp.run_forward(model, [tokens], shard_over_dp=False)
+                with torch.no_grad():
+                    mp.run_forward(model, [tokens], shard_over_dp=False)
                 if round_:
                     cpu[name] += time.process_time() - start
+    for handle in handles:
+        handle.remove()
     rank = {"cpu_s": cpu, "ratio": cpu["hooked"] / cpu["plain"], "shard_mb": shard_mb, "pruned_shard_mb": pruned_mb,
             "peak_rss_growth_mb": peak - before}  # fmt: skip
     ranks = ctx.gather_all(rank)

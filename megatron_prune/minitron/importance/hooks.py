@@ -300,6 +300,7 @@ class ExpertTokens:
 
     def __init__(self, dispatcher, counted: Tuple[bool, ...], ctx: ParallelContext):
         self.dispatcher, self.counted, self.ctx = dispatcher, counted, ctx
+        self._sizes, self._sizes_of = None, None  # the allgather segment lengths and the routing map they are of
 
     @property
     def counts_any(self) -> bool:
@@ -338,7 +339,9 @@ class ExpertTokens:
         """(length, counted) of local expert `expert`'s token segments in the current call, in the order they come."""
         d, n = self.dispatcher, len(self.counted)
         if getattr(d, "local_map", None) is not None:  # allgather
-            return list(zip(d.local_map[:, expert].view(n, -1).sum(dim=1).tolist(), self.counted))
+            if self._sizes_of is not d.local_map:  # once per call of the layer: [group ranks, local experts]
+                self._sizes, self._sizes_of = d.local_map.view(n, -1, d.local_map.shape[-1]).sum(dim=1).T.tolist(), d.local_map
+            return list(zip(self._sizes[expert], self.counted))
         etp = n // d.ep_size  # alltoall: row j is expert-TP rank j // EP, EP rank j % EP (group rank: ep * ETP + etp)
         counts = d.num_global_tokens_per_local_expert[:, expert] if d.num_local_experts > 1 else d.output_splits
         return [(int(c), self.counted[(j % d.ep_size) * etp + j // d.ep_size]) for j, c in enumerate(counts.tolist())]
@@ -401,9 +404,10 @@ def _expert_outputs_hook(store: S.StatStore, key: str, tokens: ExpertTokens) -> 
     def hook(module, args, output):
         # SequentialMLP(tokens [T, H] sorted by expert, tokens_per_expert [E], probs) -> (outputs [T, H], bias);
         # at expert-TP > 1 each rank's outputs are partial sums over its shard of the experts' channels
-        outputs = tokens.ctx.sum_over_etp(output[0].detach())
+        # (the counted rows only: the ranks of an expert-TP group count the same ones)
         mask, counts = tokens.counted_rows(torch.as_tensor(args[1]).cpu())
-        store.add(key, S.expert_output_norms(outputs if mask is None else outputs[mask.to(outputs.device)], counts))
+        outputs = output[0].detach() if mask is None else output[0].detach()[mask.to(output[0].device)]
+        store.add(key, S.expert_output_norms(tokens.ctx.sum_over_etp(outputs), counts))
 
     return hook
 
