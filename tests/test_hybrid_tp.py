@@ -10,7 +10,7 @@ from megatron_prune.minitron.slicing.tensor_parallel import Partition, gather_fu
 from megatron_prune.minitron.slicing.geometry import MAMBA_IN, mamba_segments
 from tests.test_hybrid import batches, make, logits
 from tests.stages import assert_same_orders_and_weights, prune_here_and_in_a_world
-from tests.workers.hybrid_tp import PATTERN
+from tests.workers.tp2 import HYBRID_PATTERN as PATTERN
 
 pytestmark = pytest.mark.heavy  # a torchrun world
 
@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hybrid_tp")
     model, data = make(PATTERN), batches()
     before = logits(model, data)
-    pruned, result = prune_here_and_in_a_world(model, data, EXPORT, out, "hybrid_tp.py")
+    pruned, result = prune_here_and_in_a_world(model, data, EXPORT, out, "tp2.py", "hybrid")
     return {"unpruned": before, "pruned": pruned, "result": result, "logits": logits(pruned, data),
             "tp2": torch.load(out / "tp2.pt", weights_only=False)}  # fmt: skip
 

@@ -20,7 +20,7 @@ def test_tp2_prunes_an_mla_model_exactly_as_one_process(tmp_path):
     init_distributed(seed=1234)
     model, data = make(), batches()
     before = logits(model, data)
-    pruned, result = prune_here_and_in_a_world(model, data, EXPORT, tmp_path, "mla_tp.py")
+    pruned, result = prune_here_and_in_a_world(model, data, EXPORT, tmp_path, "tp2.py", "mla")
     tp2 = torch.load(tmp_path / "tp2.pt", weights_only=False)
     torch.testing.assert_close(tp2["unpruned_logits"], before, rtol=1e-5, atol=1e-5)  # the shards load
     assert_same_orders_and_weights(tp2, result, pruned)

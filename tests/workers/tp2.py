@@ -1,7 +1,8 @@
-"""Worker: prune a tiny multi-latent-attention GPT (tests/test_mla.py) at TP=2 from the same weights and statistics as
-one process, and save what rank 0 sees: orders, pruned global weights, pruned logits.
+"""Worker: prune a model at TP=2 from the same weights and statistics as one process, and save what rank 0 sees:
+orders, pruned global weights, pruned logits, counts.
 
-    torchrun --nproc-per-node 2 tests/workers/mla_tp.py CASE.pt OUT_DIR
+    torchrun --nproc-per-node 2 tests/workers/tp2.py CASE.pt OUT_DIR MODEL
+MODEL: "hybrid" (a hybrid Mamba model, pattern HYBRID_PATTERN, no MoE) or "mla" (a multi-latent-attention GPT).
 CASE.pt: {"state_dict": the TP=1 model's, "export_config", "batches", "scores": a scores file written at TP=1}.
 """
 
@@ -16,14 +17,24 @@ from megatron_prune.minitron.runtime.distributed import init_distributed
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.counting import inventory_of
 from tests.stages import global_state_dict, stage_state_dict
-from tests.test_mla import make
+
+HYBRID_PATTERN = "M*-M-"
 
 
+def build(name: str) -> torch.nn.Module:
+    if name == "hybrid":
+        from tests.test_hybrid import make
 
-def main(case_path: str, out: str) -> None:
+        return make(HYBRID_PATTERN)
+    from tests.test_mla import make
+
+    return make()
+
+
+def main(case_path: str, out: str, name: str) -> None:
     case = torch.load(case_path, weights_only=False)
     init_distributed(tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
-    model = make()
+    model = build(name)
     model.load_state_dict(stage_state_dict(case["state_dict"], model), strict=True)
     loop = mp.make_forward_loop(case["batches"], progress=False)
     unpruned = mp.run_forward(model, case["batches"], collect=lambda o, t: o.clone(), shard_over_dp=False)
@@ -46,4 +57,4 @@ def main(case_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
