@@ -24,7 +24,7 @@ import torch
 
 from megatron_prune.minitron.data.forward import run_forward
 from megatron_prune.minitron.importance import statistics as S
-from megatron_prune.minitron.importance.criteria import CRITERIA, REFERENCE_CRITERIA
+from megatron_prune.minitron.importance.criteria import CRITERIA, REFERENCE_CRITERIA, resolve_criteria, statistics_needed
 from megatron_prune.minitron.importance.hooks import FORWARD_SITES, collect_statistics
 from megatron_prune.minitron.runtime.distributed import init_distributed
 
@@ -89,14 +89,18 @@ def main():
             run_forward(model, batches)
 
     minitron_sites = sorted({s for axis, name in REFERENCE_CRITERIA.items() for s in CRITERIA[axis][name].statistics})
+    default_sites = statistics_needed(resolve_criteria(None), backward=False, everything=False)
 
     def hooked():
         collect_statistics(model, lambda m: run_forward(m, batches), minitron_sites)
 
+    def hooked_default():
+        collect_statistics(model, lambda m: run_forward(m, batches), default_sites)
+
     def hooked_all():
         collect_statistics(model, lambda m: run_forward(m, batches), FORWARD_SITES)
 
-    runs = (("plain", plain), ("hooked", hooked), ("hooked_all", hooked_all))
+    runs = (("plain", plain), ("hooked", hooked), ("hooked_default", hooked_default), ("hooked_all", hooked_all))
     for _, fn in runs:  # warm-up every path
         fn()
     times = {name: [] for name, _ in runs}
@@ -116,6 +120,12 @@ def main():
         "ratio_fastest": min(times["hooked"]) / min(times["plain"]),
         "ratio_median": statistics.median(times["hooked"]) / statistics.median(times["plain"]),
         "ratio_cpu_time": cpu["hooked"] / cpu["plain"], "ratios_per_repeat": ratios,
+        "default_criteria": {
+            "sites": list(default_sites),
+            "ratio_fastest": min(times["hooked_default"]) / min(times["plain"]),
+            "ratio_median": statistics.median(times["hooked_default"]) / statistics.median(times["plain"]),
+            "ratio_cpu_time": cpu["hooked_default"] / cpu["plain"],
+        },
         "all_forward_statistics": {
             "ratio_fastest": min(times["hooked_all"]) / min(times["plain"]),
             "ratio_median": statistics.median(times["hooked_all"]) / statistics.median(times["plain"]),
@@ -136,6 +146,9 @@ def main():
           f"{result['ratio_predicted_from_statistics_cost']:.3f}")  # fmt: skip
     print(f"ratio hooked/plain: fastest {result['ratio_fastest']:.3f}, median {result['ratio_median']:.3f}, "
           f"CPU time {result['ratio_cpu_time']:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
+    default = result["default_criteria"]
+    print(f"ratio with the default criteria' statistics/plain: fastest {default['ratio_fastest']:.3f}, median "
+          f"{default['ratio_median']:.3f}, CPU time {default['ratio_cpu_time']:.3f}")  # fmt: skip
     every = result["all_forward_statistics"]
     print(f"ratio with every forward statistic/plain: fastest {every['ratio_fastest']:.3f}, median {every['ratio_median']:.3f}, "
           f"CPU time {every['ratio_cpu_time']:.3f}")  # fmt: skip

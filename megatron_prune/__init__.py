@@ -28,6 +28,8 @@ _EXPORTS = {
     "inventory_of": "megatron_prune.minitron.search.counting", "inventory_of_config": "megatron_prune.minitron.search.counting",
     "SearchResult": "megatron_prune.minitron.search.nas", "plot_candidates": "megatron_prune.minitron.search.plot",
     "DepthOptions": "megatron_prune.minitron.depth",
+    "init_distributed": "megatron_prune.minitron.runtime.distributed",
+    "destroy_distributed": "megatron_prune.minitron.runtime.distributed",
     "load_megatron_model": "megatron_prune.minitron.bridge.checkpoint", "find_checkpoint": "megatron_prune.minitron.bridge.checkpoint",
 }
 __all__ = list(_EXPORTS)
