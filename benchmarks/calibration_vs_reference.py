@@ -10,6 +10,7 @@ timed the same way). Ratios are each side's CPU time over the plain forward's, b
     .venv/bin/python benchmarks/calibration_vs_reference.py [--size small|medium] [--rounds 3]
 small: 8 layers, hidden 512, FFN 1536, 8 heads in 2 groups, 8 x 256 tokens (compare.py's timing model).
 medium: 12 layers, hidden 768, FFN 2048, 12 heads in 4 groups, 4 x 512 tokens (~100M parameters with vocab 32k).
+smollm2: SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 heads in 3 groups, vocab 49k), 2 x 512 tokens.
 Writes benchmarks/results/calibration_vs_reference_<size>.json.
 """
 
@@ -31,6 +32,7 @@ import megatron_prune as mp  # noqa: E402
 SIZES = {  # L, H, F, N, G, vocab, seq, micro-batches
     "small": (8, 512, 1536, 8, 2, 1024, 256, 8),
     "medium": (12, 768, 2048, 12, 4, 32000, 512, 4),
+    "smollm2": (30, 576, 1536, 9, 3, 49152, 512, 2),
 }
 
 
