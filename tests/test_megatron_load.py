@@ -64,6 +64,28 @@ def test_megatron_lm_checkpoint_saved_at_tp2_pruned_at_pp2_equals_pruning_in_mem
     assert torch.equal(logits(reloaded, tokens), logits(expected, tokens))
 
 
+@pytest.mark.parametrize("layout", [["--expert-model-parallel-size", "2"], ["--tensor-model-parallel-size", "2"]],
+                         ids=["ep2", "tp2"])  # fmt: skip
+def test_megatron_lm_moe_checkpoint_pruned_at_ep2_and_tp2_equals_one_process(mcore, tokenizer, tmp_path, layout):
+    """A Megatron-LM checkpoint of a MoE GPT (alltoall dispatcher) loaded at EP=2 or TP=2 (experts spread over the ranks
+    or split), calibrated, pruned (experts renumbered and re-distributed) and saved: the checkpoint one process writes."""
+    from megatron_prune.minitron.bridge.checkpoint import load_megatron_model
+
+    source = tmp_path / "mlm"
+    run_torchrun(WORKERS / "megatron_ckpt.py", 1, 1, 1, source, tokenizer, 10, "moe")
+    argv = ["--load", source, "--target-num-moe-experts", "2", "--target-hidden-size", "48", *CALIB, "--no-report"]
+    run_torchrun(WORKERS / "cli.py", 1, *argv, "--output-dir", tmp_path / "one")
+    run_torchrun(WORKERS / "cli.py", 2, *argv, "--output-dir", tmp_path / "layout", *layout)
+    one, here = (load_megatron_model(str(tmp_path / o / "megatron")).model for o in ("one", "layout"))
+    assert one.config.num_moe_experts == here.config.num_moe_experts == 2
+    weights = {k: v for k, v in one.state_dict().items() if not k.endswith("_extra_state")}
+    assert weights.keys() == {k for k in here.state_dict() if not k.endswith("_extra_state")}
+    for key, value in weights.items():
+        assert torch.equal(here.state_dict()[key], value), key
+    summary = json.loads((tmp_path / "layout" / "prune_summary.json").read_text())
+    assert summary["source_format"] == "megatron-lm" and all(c["ok"] for c in summary["roundtrip_checks"])
+
+
 def test_bridge_checkpoint_in_and_out_and_a_chosen_iteration(mcore, tokenizer, tmp_path):
     from megatron_prune.minitron.bridge.checkpoint import find_checkpoint, load_megatron_model, save_bridge_checkpoint
 

@@ -33,6 +33,7 @@ import torch
 from megatron_prune.minitron.axes import SUPPORTED_AXES, mlm_arg_names
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.common.log import log
+from megatron_prune.minitron.model_checks import dispatcher_shows_sources
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -239,7 +240,11 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
     ctx = ParallelContext.given(ctx)
     cpu = not torch.cuda.is_available()
     config, args = copy.copy(info.config), cpu_args(info.args) if info.args is not None else None
-    config.tensor_model_parallel_size, config.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
+    _set_layout(config, ctx)
+    if getattr(config, "num_moe_experts", None) and not dispatcher_shows_sources(
+        config.moe_token_dispatcher_type, config.num_moe_experts, ctx
+    ):
+        config.moe_token_dispatcher_type = "allgather"  # same outputs; calibration reads where tokens came from
     from megatron_prune.minitron.slicing.model import _LAYOUT_FIELDS
 
     for name in _LAYOUT_FIELDS:  # the saved run's pipeline split is not this run's
@@ -253,7 +258,9 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
         config.masked_softmax_fusion = config.bias_activation_fusion = config.bias_dropout_fusion = False
         config.moe_shared_expert_overlap = False  # a CUDA stream (DeepSeek's providers); the same outputs
     if args is not None:
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
+        _set_layout(args, ctx)
+        if getattr(args, "num_experts", None):
+            args.moe_token_dispatcher_type = config.moe_token_dispatcher_type
         args.decoder_first_pipeline_num_layers = config.num_layers_in_first_pipeline_stage
         args.decoder_last_pipeline_num_layers = config.num_layers_in_last_pipeline_stage
         args.virtual_pipeline_model_parallel_size = None
@@ -372,6 +379,12 @@ def save_megatron_lm(model: torch.nn.Module, args: argparse.Namespace, out_dir: 
     log(f"wrote Megatron-LM checkpoint to {out} (release/: weights and args; no optimizer or iteration state)")
 
 
+def _set_layout(config_or_args, ctx: ParallelContext) -> None:
+    """The parallel sizes of this run on a TransformerConfig or Megatron-LM args (the saved run's are not this one's)."""
+    config_or_args.tensor_model_parallel_size, config_or_args.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
+    config_or_args.expert_model_parallel_size, config_or_args.expert_tensor_parallel_size = ctx.ep_size, ctx.etp_size
+
+
 def save_checkpoint_like(info: CheckpointInfo, original: torch.nn.Module, pruned: torch.nn.Module, out_dir: str,
                          tokenizer_path: Optional[str], ctx: Optional[ParallelContext] = None) -> dict:  # fmt: skip
     """Write `pruned` in the format `info` was read in; returns what the summary records (for Megatron-LM: the
@@ -381,7 +394,7 @@ def save_checkpoint_like(info: CheckpointInfo, original: torch.nn.Module, pruned
         return {}
     args = pruned_megatron_lm_args(info.args, original.config, pruned.config)
     ctx = ParallelContext.given(ctx)
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size  # as saved
+    _set_layout(args, ctx)  # as saved
     save_megatron_lm(pruned, args, out_dir, ctx=ctx)
     flags = megatron_lm_flags(info.args, args)
     log("Megatron-LM loads it with the pruned model flags: " + " ".join(flags) + " (and --finetune: no optimizer state)")
