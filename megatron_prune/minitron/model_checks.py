@@ -119,6 +119,15 @@ def dispatcher_shows_sources(dispatcher: str, num_moe_experts: int, ctx: Paralle
     return dispatcher == "alltoall" and not (ctx.etp_size > 1 and num_moe_experts == ctx.ep_size)
 
 
+def calibration_dispatcher(cfg, ctx: ParallelContext) -> str:
+    """The token dispatcher to build `cfg`'s MoE layers with at the layout of `ctx`: their own where it shows where
+    tokens came from (`dispatcher_shows_sources`), else allgather (the same outputs)."""
+    dispatcher = cfg.moe_token_dispatcher_type
+    if not getattr(cfg, "num_moe_experts", None) or dispatcher_shows_sources(dispatcher, cfg.num_moe_experts, ctx):
+        return dispatcher
+    return "allgather"
+
+
 def _moe_problem(cfg, ctx: ParallelContext) -> Optional[str]:
     """Why the MoE layers of `cfg` cannot be pruned at this layout (None if they can)."""
     if cfg.moe_grouped_gemm:

@@ -35,16 +35,14 @@ def parameter_groups(model: torch.nn.Module, ctx) -> Dict[str, int]:
     Each rank counts its shards, and its replicated tensors on the first rank of the group they are replicated
     over; summed over the world, every tensor is then counted once per data-parallel replica of what holds it
     (dense weights: `dp_size`, routed experts: `expert_dp_size`)."""
-    from megatron_prune.minitron.slicing.table import ROUTED_EXPERTS, is_tied_output_copy
-    from megatron_prune.minitron.slicing.tensor_parallel import split_size
+    from megatron_prune.minitron.slicing.table import is_tied_output_copy
+    from megatron_prune.minitron.slicing.tensor_parallel import is_routed_expert_tensor, ranks_of, split_size
 
     dense = torch.zeros(len(_COMPONENTS), dtype=torch.float64)
     experts = torch.zeros_like(dense)
     for name, p in model.named_parameters():
-        routed = ROUTED_EXPERTS + "." in name
-        first = (ctx.etp_rank if routed else ctx.tp_rank) == 0
-        if not is_tied_output_copy(model, name) and (split_size(name, ctx) > 1 or first):
-            (experts if routed else dense)[_COMPONENTS.index(component_of(name))] += p.numel()
+        if not is_tied_output_copy(model, name) and (split_size(name, ctx) > 1 or ranks_of(name, ctx).tp_rank == 0):
+            (experts if is_routed_expert_tensor(name) else dense)[_COMPONENTS.index(component_of(name))] += p.numel()
     world = ctx.gather_all(torch.stack([dense, experts]))
     total = sum(w[0] for w in world) / ctx.dp_size + sum(w[1] for w in world) / ctx.expert_dp_size
     return {c: int(round(v)) for c, v in zip(_COMPONENTS, total.tolist()) if v or c != "output_layer"}

@@ -33,7 +33,7 @@ import torch
 from megatron_prune.minitron.axes import SUPPORTED_AXES, mlm_arg_names
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.common.log import log
-from megatron_prune.minitron.model_checks import dispatcher_shows_sources
+from megatron_prune.minitron.model_checks import calibration_dispatcher
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -241,10 +241,7 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
     cpu = not torch.cuda.is_available()
     config, args = copy.copy(info.config), cpu_args(info.args) if info.args is not None else None
     _set_layout(config, ctx)
-    if getattr(config, "num_moe_experts", None) and not dispatcher_shows_sources(
-        config.moe_token_dispatcher_type, config.num_moe_experts, ctx
-    ):
-        config.moe_token_dispatcher_type = "allgather"  # same outputs; calibration reads where tokens came from
+    config.moe_token_dispatcher_type = calibration_dispatcher(config, ctx)
     from megatron_prune.minitron.slicing.model import _LAYOUT_FIELDS
 
     for name in _LAYOUT_FIELDS:  # the saved run's pipeline split is not this run's

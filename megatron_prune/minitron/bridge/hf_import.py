@@ -23,7 +23,7 @@ import torch
 
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
-from megatron_prune.minitron.model_checks import dispatcher_shows_sources
+from megatron_prune.minitron.model_checks import calibration_dispatcher
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "org/name" or "name": what `from_pretrained` resolves on the hub
@@ -135,8 +135,7 @@ def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
     provider.sequence_parallel = False  # statistics average over whole sequences
     if getattr(provider, "num_moe_experts", None):
         provider.moe_grouped_gemm = False
-        if not dispatcher_shows_sources(provider.moe_token_dispatcher_type, provider.num_moe_experts, ctx):
-            provider.moe_token_dispatcher_type = "allgather"
+        provider.moe_token_dispatcher_type = calibration_dispatcher(provider, ctx)
     saved = provider.transformer_layer_spec
     if not torch.cuda.is_available():
         provider.transformer_layer_spec = cpu_layer_spec(provider)

@@ -178,6 +178,7 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
     first = True
     for number, layer in decoder_layers(model):
         device = next(layer.parameters()).device  # accumulate where activations live: no sync per call
+        layer_tokens = None  # the layer's ExpertTokens, shared by its routed-expert sites
         for site in chosen:
             key = stat_key(number, site.name)
             if site.kind == "block":
@@ -187,7 +188,9 @@ def register_hooks(model: torch.nn.Module, store: S.StatStore, sites: Iterable[s
             modules = site_modules(layer, site.module)
             if not modules:
                 continue
-            tokens = ExpertTokens.of(layer, counted, ctx) if site.kind == "expert_outputs" or "*" in site.module else None
+            tokens = None
+            if site.kind == "expert_outputs" or "*" in site.module:
+                tokens = layer_tokens = layer_tokens or ExpertTokens.of(layer, counted, ctx)
             if site.kind == "expert_outputs":
                 (_, experts), = modules
                 store.add(key, torch.zeros(2, experts.num_local_experts, device=device))

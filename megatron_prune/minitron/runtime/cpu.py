@@ -46,7 +46,9 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
    Qwen3-MoE): the class creates a CUDA stream for its device-to-host copies of the split sizes, even at
    expert-parallel size 1. The name `torch` inside `megatron.core.transformer.moe.token_dispatcher` is
    rebound to a copy whose `cuda.Stream`, `cuda.current_stream` and `cuda.stream` are a CPU stand-in: one
-   stream whose work is complete when issued (its events are already synchronised).
+   stream whose work is complete when issued (its events are already synchronised). At EP or expert-TP > 1 its
+   split sizes go to gloo's `all_to_all_single`, which takes a sequence: `maybe_move_tensor_to_cpu(as_numpy=True)`
+   converts only CUDA tensors, so the dispatcher's copy also turns CPU tensors into numpy.
 13. Training (`apply_training_cpu_support()`, called by the distillation loop only): the literal "cuda" tensors
    of `megatron.core.utils`, the optimizers, gradient clipping and `param_and_grad_buffer` (see its docstring).
 14. `FusedScaleMaskSoftmax.is_kernel_available` answers False: with bf16/fp16 activations and
@@ -62,8 +64,7 @@ parameter lives on the CPU. `apply_cpu_support()` neutralises exactly those, and
    calls `isinstance(linear_proj, TELinear)` with the mock TELinear (a TypeError).
 
 Not patched, because no run of this package reaches them: `tensor_parallel.broadcast_data` (Megatron-LM's
-batch loader, `.cuda()`), the distributed optimizer, and MoE's all-to-all token dispatcher at expert-parallel
-size > 1 (CUDA streams and events; at EP > 1 megatron-prune calibrates through the allgather dispatcher).
+batch loader, `.cuda()`) and the distributed optimizer.
 """
 
 import contextlib

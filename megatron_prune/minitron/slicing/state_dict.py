@@ -97,7 +97,7 @@ def sliced_tensors(
                 raise UnsupportedModelError(f"no axis-table entry for tensor '{name}'")
             value = _slice(value, axes, lambda g: _index(g, plan, keep, shape, expert), expert is not None, shape,
                            before, after, ctx)  # fmt: skip
-        if number is not None and renumbered and ep > 1:  # re-distributed over the EP ranks
+        if renumbered and ep > 1:  # re-distributed over the EP ranks
             yield from _exchange_experts(exchanged.setdefault((number, role_name), {}), value, expert, is_tensor,
                                          keep, shape, ctx, layer_name(new_position[number], role_name))  # fmt: skip
             continue

@@ -63,18 +63,23 @@ def partition(axes: TensorAxes, gated_linear_unit: bool, mamba: Optional[MambaSi
 def partition_of(name: str, gated_linear_unit: bool, mamba: Optional[MambaSizes] = None) -> Optional[Partition]:
     """The TP split of the state-dict tensor `name` (None if replicated or not in the axis table)."""
     axes = axes_of(name)[2]
-    return None if axes is None else partition(axes, gated_linear_unit, mamba, routed_expert=_routed_expert(name))
+    return None if axes is None else partition(axes, gated_linear_unit, mamba, routed_expert=is_routed_expert_tensor(name))
+
+
+def ranks_of(name: str, ctx: ParallelContext) -> ParallelContext:
+    """The context whose TP fields are the ranks the state-dict tensor `name` is split (or replicated) over: the
+    expert-TP group for a routed expert's tensor, the TP group for any other."""
+    return ctx.for_routed_experts() if is_routed_expert_tensor(name) else ctx
 
 
 def split_size(name: str, ctx: ParallelContext) -> int:
     """How many ranks the state-dict tensor `name` is split over at this layout (1: replicated)."""
     axes = axes_of(name)[2]
-    if axes is None or axes.tp_dim is None:
-        return 1
-    return ctx.etp_size if _routed_expert(name) else ctx.tp_size
+    return 1 if axes is None or axes.tp_dim is None else ranks_of(name, ctx).tp_size
 
 
-def _routed_expert(name: str) -> bool:
+def is_routed_expert_tensor(name: str) -> bool:
+    """Whether the state-dict tensor `name` belongs to one routed expert."""
     index, inner, _ = axes_of(name)
     return index is not None and is_routed_expert(inner)
 
