@@ -7,7 +7,7 @@ plain model; Model Optimizer's `mtp.prune` (its hooks installed; the forward loo
 megatron-prune's `prune()` with the reference's Minitron statistics and with the default criteria (its forward loop
 timed the same way). Ratios are each side's CPU time over the plain forward's, best round and summed over rounds.
 
-    .venv/bin/python benchmarks/calibration_vs_reference.py [--size small|medium] [--rounds 3]
+    .venv/bin/python benchmarks/calibration_vs_reference.py [--size small|medium|smollm2] [--rounds 3] [--micro-batches N]
 small: 8 layers, hidden 512, FFN 1536, 8 heads in 2 groups, 8 x 256 tokens (compare.py's timing model).
 medium: 12 layers, hidden 768, FFN 2048, 12 heads in 4 groups, 4 x 512 tokens (~100M parameters with vocab 32k).
 smollm2: SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 heads in 3 groups, vocab 49k), 2 x 512 tokens.
@@ -40,8 +40,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="calibration micro-batches (default: the size's); more of them amortise the one-time cost "
+                        "per layer (the Gram blocks of linear_proj) as a real calibration does")
     args = p.parse_args()
     L, H, F_, N, G, V, S, n = SIZES[args.size]
+    n = args.micro_batches or n
     base = compare.build("RMSNorm", L, H, F_, N, G, V, S, seed=3)
     calib = compare.batches_of(n, 1, S, V, seed=11)
     export = {"hidden_size": H * 3 // 4}
@@ -61,7 +65,7 @@ def main():
         "ratio_summed": {k: sum(v) / sum(cpu["plain"]) for k, v in cpu.items() if k != "plain"},
     }  # fmt: skip
     print(json.dumps({k: out[k] for k in ("model", "ratio_best_round", "ratio_summed")}, indent=1))
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"calibration_vs_reference_{args.size}.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"calibration_vs_reference_{args.size}{'' if args.micro_batches is None else f'_{n}mb'}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
 

@@ -226,8 +226,8 @@ def test_calibration_computes_each_gram_once(mcore, monkeypatch):
     from megatron_prune.minitron.importance import statistics as S
 
     calls = []
-    gram = S.column_gram
-    monkeypatch.setattr(S, "column_gram", lambda w, d: calls.append(d) or gram(w, d))
+    gram = S.gram_blocks
+    monkeypatch.setattr(S, "gram_blocks", lambda w, q, d: calls.append(d) or gram(w, q, d))
     model = build_tiny_gpt(tiny_gpt_config())
     mp.prune(model, {"num_attention_heads": 4}, mp.make_forward_loop([random_tokens(2, 16, 128, seed=i) for i in range(5)], progress=False))
     assert len(calls) == 4  # one per layer (heads and groups share it), for 5 micro-batches

@@ -81,13 +81,14 @@ def group_output_norms(x: Tensor, gram: Tensor) -> Tensor:
 def gram_blocks(weight: Tensor, heads_per_group: int, d: int) -> Tuple[Tensor, List[Tensor]]:
     """What `head_and_group_output_norms` multiplies by, from the weight [H, N*d] of `linear_proj` (N = G*q heads
     of width d, q = `heads_per_group`): each head's Gram block W_h^T W_h [G*q, d, d] and, for heads h < q-1, its
-    blocks with the later heads of its group W_h^T W_h' [G, d, (q-1-h)*d]. Sliced from the query groups' whole
-    Gram matrices [G, q*d, q*d]: one large batched product is faster on CPU than the blocks on their own."""
-    q = heads_per_group
-    G = weight.shape[1] // (q * d)
-    blocks = column_gram(weight, q * d).view(G, q, d, q, d)  # [G, h, d, h', d]
-    diagonal = blocks.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(G * q, d, d).contiguous()
-    rows = [blocks[:, h, :, h + 1 :, :].reshape(G, d, (q - 1 - h) * d).contiguous() for h in range(q - 1)]
+    blocks with the later heads of its group W_h^T W_h' [G, d, (q-1-h)*d]. Only these q(q+1)/2 of a group's q^2
+    blocks are computed (a third less than the whole Gram matrix at q = 3: it is paid once per layer and
+    calibration, as much as one micro-batch's statistics on a short calibration)."""
+    q, H = heads_per_group, weight.shape[0]
+    w = weight.detach().float().reshape(H, -1, q, d)  # [H, G, q, d]
+    heads = w.reshape(H, -1, d).permute(1, 2, 0)  # [G*q, d, H]
+    diagonal = torch.bmm(heads, heads.transpose(1, 2))
+    rows = [torch.bmm(w[:, :, h].permute(1, 2, 0), w[:, :, h + 1 :].flatten(2).transpose(0, 1)) for h in range(q - 1)]
     return diagonal, rows
 
 
@@ -108,7 +109,7 @@ def head_and_group_output_norms(x: Tensor, blocks: Tuple[Tensor, List[Tensor]]) 
     for h, row in enumerate(rows):  # cross terms of head h with the heads after it
         left = xv[:, :, h * d : (h + 1) * d].transpose(0, 1)  # [G, T, d]
         right = xv[:, :, (h + 1) * d :].transpose(0, 1)  # [G, T, (q-1-h)*d]
-        quad = quad + 2 * torch.linalg.vecdot(torch.bmm(left, row), right)
+        quad.add_(torch.linalg.vecdot(torch.bmm(left, row), right), alpha=2)
     return own.clamp_min(0).sqrt().sum(1), quad.clamp_min(0).sqrt().sum(1)
 
 
