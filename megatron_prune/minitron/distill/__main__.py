@@ -83,11 +83,9 @@ def run(args: argparse.Namespace) -> dict:
     recipe = override_recipe(card.recipe, **{k: getattr(args, k) for k in _OVERRIDES})
     student_path = card.student.hf_checkpoint or card.student.megatron_checkpoint  # HF first, else Megatron in and out
     teacher_path = card.teacher.hf_checkpoint or card.teacher.megatron_checkpoint
-    for name in ("log_interval", "eval_samples"):
-        if getattr(args, name) < 1:
-            raise PruneConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.save_interval < 0:
-        raise PruneConfigError("--save-interval must be >= 0")
+    for name, least in (("log_interval", 1), ("eval_samples", 1), ("save_interval", 0)):
+        if getattr(args, name) < least:
+            raise PruneConfigError(f"--{name.replace('_', '-')} must be >= {least}")
     out = check_output_dir(args.output_dir, args.overwrite)
     field = lambda model: "hf_checkpoint" if model.hf_checkpoint else "megatron_checkpoint"  # noqa: E731
     _check_apart(out, {"--run-card": args.run_card, f"student.{field(card.student)}": student_path,
@@ -102,10 +100,8 @@ def run(args: argparse.Namespace) -> dict:
     epochs = recipe.train_iters * recipe.global_batch_size / rows.shape[0]
     log(f"training data: {rows.shape[0]} sequences of {recipe.seq_length} tokens from {args.data!r} "
         f"({epochs:.2f} epochs over {recipe.train_iters} steps of {recipe.global_batch_size} sequences)")  # fmt: skip
-    evals = None
-    if args.eval_data:
-        evals = heldout_batches(args.eval_data, tokenizer, args.eval_samples, args.eval_seq_length or recipe.seq_length,
-                                text_field=args.text_field)  # fmt: skip
+    evals = heldout_batches(args.eval_data, tokenizer, args.eval_samples, args.eval_seq_length or recipe.seq_length,
+                            text_field=args.text_field) if args.eval_data else None  # fmt: skip
 
     teacher = import_hf_model(teacher_path).model if card.teacher.hf_checkpoint else load_megatron_model(teacher_path).model
     # a Megatron checkpoint (Megatron-LM or Megatron-Bridge) is distilled and written back in its format

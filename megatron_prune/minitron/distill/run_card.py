@@ -283,8 +283,7 @@ def _check_teacher(teacher: Checkpoint) -> None:
         value = getattr(teacher, name)
         if value and _looks_local(value) and not Path(value).exists():
             raise RunCardError(f"teacher.{name} {value!r}: no such file or directory")
-    if teacher.hf_checkpoint and Path(teacher.hf_checkpoint).exists():
-        _hf_config(teacher.hf_checkpoint, "teacher.hf_checkpoint", required=True)
+    _hf_config(teacher.hf_checkpoint, "teacher.hf_checkpoint", required=True)  # a local folder must hold config.json
 
 
 def _check_vocabulary(card: RunCard) -> None:
@@ -363,12 +362,11 @@ def _from_dict(cls, data: Any, where: str):
         raise RunCardError(f"run card: unknown field(s) {', '.join(f'{where}{k}' for k in unknown)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RunCardError(f"run card: missing field {where}{f.name}")
-            continue
-        value = data[f.name]
-        kwargs[f.name] = _from_dict(hints[f.name], value, f"{where}{f.name}.") if dataclasses.is_dataclass(hints[f.name]) else value
+        if f.name in data:
+            nested = dataclasses.is_dataclass(hints[f.name])
+            kwargs[f.name] = _from_dict(hints[f.name], data[f.name], f"{where}{f.name}.") if nested else data[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RunCardError(f"run card: missing field {where}{f.name}")
     return cls(**kwargs)
 
 
