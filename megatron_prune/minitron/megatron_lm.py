@@ -58,7 +58,7 @@ def prune_megatron_lm_model(model, args: argparse.Namespace, forward_loop: Optio
     `--calib-data` tokenised with `tokenizer`, default the HF tokenizer of `--tokenizer-model`). Returns (pruned
     stage, PruneResult, a copy of `args` with the pruned sizes). Collective."""
     from megatron_prune.minitron.api import prune
-    from megatron_prune.minitron.bridge.checkpoint import megatron_lm_flags, pruned_megatron_lm_args
+    from megatron_prune.minitron.bridge.checkpoint import megatron_lm_flags, pruned_megatron_lm_args, save_megatron_lm
     from megatron_prune.minitron.depth import DepthOptions, parse_layer_list
 
     stage = _unwrap(model)
@@ -77,8 +77,6 @@ def prune_megatron_lm_model(model, args: argparse.Namespace, forward_loop: Optio
     pruned_args = pruned_megatron_lm_args(args, stage.config, pruned.config)
     log("pruned model flags for Megatron-LM: " + " ".join(megatron_lm_flags(args, pruned_args)))
     if save and getattr(args, "save", None):
-        from megatron_prune.minitron.bridge.checkpoint import save_megatron_lm
-
         save_megatron_lm(pruned, pruned_args, args.save)
     return pruned, result, pruned_args
 

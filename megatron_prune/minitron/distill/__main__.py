@@ -44,10 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--verbose", action="store_true", help="also show third-party warnings (Apex / Transformer Engine fallbacks, deprecations) and library logging")
     r = p.add_argument_group("recipe overrides (default: the card's)")
-    r.add_argument("--train-iters", type=int)
-    r.add_argument("--train-tokens", type=lambda s: int(count_arg(s)))
-    for name, kind in (("seq_length", int), ("micro_batch_size", int), ("global_batch_size", int), ("lr", float),
-                       ("min_lr", float), ("lr_warmup_iters", int), ("temperature", float), ("seed", int)):  # fmt: skip
+    kinds = {"train_iters": int, "train_tokens": lambda s: int(count_arg(s)), "seq_length": int, "micro_batch_size": int,
+             "global_batch_size": int, "lr": float, "min_lr": float, "lr_warmup_iters": int, "temperature": float, "seed": int}
+    for name, kind in kinds.items():  # the flags of _OVERRIDES
         r.add_argument(f"--{name.replace('_', '-')}", type=kind)
     d = p.add_argument_group("data (the card's data_blend is Megatron-tokenized data for GPU runs)")
     d.add_argument("--data", default="default", help="training text: 'default' (packaged), files, a directory, a glob, a dataset")
@@ -68,6 +67,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from megatron_prune.minitron.bridge import import_hf_model, save_hf
     from megatron_prune.minitron.bridge.checkpoint import load_megatron_model, save_checkpoint_like
+    from megatron_prune.common.checkpoint import atomic_save
     from megatron_prune.minitron.cli import _check_apart
     from megatron_prune.minitron.data.calibration import token_rows
     from megatron_prune.minitron.distill.evaluate import heldout_batches, perplexity
@@ -83,11 +83,9 @@ def run(args: argparse.Namespace) -> dict:
     recipe = override_recipe(card.recipe, **{k: getattr(args, k) for k in _OVERRIDES})
     student_path = card.student.hf_checkpoint or card.student.megatron_checkpoint  # HF first, else Megatron in and out
     teacher_path = card.teacher.hf_checkpoint or card.teacher.megatron_checkpoint
-    for name in ("log_interval", "eval_samples"):
-        if getattr(args, name) < 1:
-            raise PruneConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.save_interval < 0:
-        raise PruneConfigError("--save-interval must be >= 0")
+    for name, least in (("log_interval", 1), ("eval_samples", 1), ("save_interval", 0)):
+        if getattr(args, name) < least:
+            raise PruneConfigError(f"--{name.replace('_', '-')} must be >= {least}")
     out = check_output_dir(args.output_dir, args.overwrite)
     field = lambda model: "hf_checkpoint" if model.hf_checkpoint else "megatron_checkpoint"  # noqa: E731
     _check_apart(out, {"--run-card": args.run_card, f"student.{field(card.student)}": student_path,
@@ -102,29 +100,24 @@ def run(args: argparse.Namespace) -> dict:
     epochs = recipe.train_iters * recipe.global_batch_size / rows.shape[0]
     log(f"training data: {rows.shape[0]} sequences of {recipe.seq_length} tokens from {args.data!r} "
         f"({epochs:.2f} epochs over {recipe.train_iters} steps of {recipe.global_batch_size} sequences)")  # fmt: skip
-    evals = None
-    if args.eval_data:
-        evals = heldout_batches(args.eval_data, tokenizer, args.eval_samples, args.eval_seq_length or recipe.seq_length,
-                                text_field=args.text_field)  # fmt: skip
+    evals = heldout_batches(args.eval_data, tokenizer, args.eval_samples, args.eval_seq_length or recipe.seq_length,
+                            text_field=args.text_field) if args.eval_data else None  # fmt: skip
 
     teacher = import_hf_model(teacher_path).model if card.teacher.hf_checkpoint else load_megatron_model(teacher_path).model
-    if card.student.hf_checkpoint:
-        student = import_hf_model(student_path)
-        student_model = student.model
-    else:  # a Megatron checkpoint (Megatron-LM or Megatron-Bridge): distilled and written back in its format
-        student = load_megatron_model(student_path)
-        student_model = student.model
-        original_config = copy.deepcopy(student_model.config)
+    # a Megatron checkpoint (Megatron-LM or Megatron-Bridge) is distilled and written back in its format
+    student = import_hf_model(student_path) if card.student.hf_checkpoint else load_megatron_model(student_path)
+    original_config = None if card.student.hf_checkpoint else copy.deepcopy(student.model.config)
     eval_record = {}
     if evals:
-        eval_record = {"teacher": perplexity(teacher, evals), "student_before": perplexity(student_model, evals)}
+        eval_record = {"teacher": perplexity(teacher, evals), "student_before": perplexity(student.model, evals)}
         log(f"held-out perplexity: teacher {eval_record['teacher']:.2f}, student before {eval_record['student_before']:.2f}")
-    distiller = Distiller(student_model, teacher, schedule, card.tokenizer.vocab_size)
+    distiller = Distiller(student.model, teacher, schedule, card.tokenizer.vocab_size)
     saved = out.parent / f".{out.name}.checkpoints"  # outside the temporary directory: kept if the run fails
 
     def save_checkpoint(iteration: int, record: dict) -> None:
         if args.save_interval and iteration % args.save_interval == 0:
-            ctx.on_main(lambda: _save_state(distiller.student, saved / f"iter_{iteration:07d}.pt", iteration))
+            state = {k: v for k, v in distiller.student.state_dict().items() if not k.endswith("_extra_state")}
+            ctx.on_main(lambda: atomic_save({"iteration": iteration, "model": state}, saved / f"iter_{iteration:07d}.pt"))
 
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         history = run_steps(distiller, replica_batches(rows, schedule, ctx, recipe.seed), args.log_interval, save_checkpoint)
@@ -158,14 +151,6 @@ def run(args: argparse.Namespace) -> dict:
     log(f"done in {time.perf_counter() - started:.0f}s: kd loss {history[0]['kd_loss']:.4f} -> {history[-1]['kd_loss']:.4f}, "
         f"written to {out}")  # fmt: skip
     return summary
-
-
-def _save_state(model, path: Path, iteration: int) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    torch.save({"iteration": iteration, "model": state}, path)
 
 
 def _write_curve(history: List[dict], out: Path, plot: bool) -> None:

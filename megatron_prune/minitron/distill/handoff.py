@@ -6,15 +6,12 @@ validated against the folders just written (under the temporary directory) and w
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Dict, Optional
 
-from megatron_prune.minitron.axes import fits_parallel
 from megatron_prune.minitron.distill.run_card import (
-    FILE_NAME, PARALLEL_RULES, Checkpoint, Parallelism, Pruning, RunCard, Tokenizer, build_run_card, fitting_size,
-    write_run_card,
+    FILE_NAME, Checkpoint, Parallelism, Pruning, Tokenizer, build_run_card, fitting_size, misfits, write_run_card,
 )  # fmt: skip
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
@@ -24,12 +21,14 @@ def write_prune_run_card(result, written: str, final: str, source: str, vocab_si
                          pruned_with: ParallelContext, layout: Dict[str, int], dtypes=(None, None),
                          megatron_source: bool = False, tokenizer: Optional[str] = None, **recipe) -> Path:  # fmt: skip
     """Write `written`/distillation_run_card.yaml for `result` (a `PruneResult`) whose checkpoints `hf/` and/or
-    `megatron/` (per `save_format`: hf, megatron or both) lie under `written`, to be published as `final`.
+    `megatron/` (per `save_format`: hf, megatron or both) lie under `written`, to be published as `final`: the card
+    is validated against them, with their paths as they will be under `final`.
 
-    `layout`: parallel sizes asked for ({Parallelism field: size}; kept, and checked); TP and PP not asked for are
-    the pruning run's (`pruned_with`) or, if that does not divide both models, the largest smaller size that does
-    (logged, with the reason). `dtypes`: (student, teacher) weight dtypes. `megatron_source`: `source` is a Megatron
-    checkpoint (`--load`), whose tokenizer is `tokenizer`."""
+    `source`: the HF folder or hub id pruned (the teacher). `layout`: parallel sizes asked for ({Parallelism field:
+    size}; kept, and checked); TP and PP not asked for are the pruning run's (`pruned_with`) or, if that does not
+    divide both models, the largest smaller size that does (logged, with the reason). `dtypes`: (student, teacher)
+    weight dtypes. `megatron_source`: `source` is a Megatron checkpoint (`--load`), whose tokenizer is `tokenizer`.
+    `recipe`: overrides of the recipe defaults (e.g. seq_length, global_batch_size, train_tokens)."""
     hf_dir = os.path.join(written, "hf") if save_format in ("hf", "both") else None
     megatron_dir = os.path.join(written, "megatron") if save_format in ("megatron", "both") else None
     configs = {"student": result.export_config, "teacher": result.original_sizes}
@@ -37,26 +36,9 @@ def write_prune_run_card(result, written: str, final: str, source: str, vocab_si
     sizes = {name: layout.get(name) or fitting_size(name, size, configs) for name, size in pruned_at.items()}
     for name, size in pruned_at.items():
         if sizes[name] != size and not layout.get(name):
-            log(f"run card: {name} {sizes[name]}, not the prune's {size}: {_why(name, size, configs)}; "
-                f"--distill-{name.replace('_', '-')} sets it")  # fmt: skip
-    card = prune_run_card(result, written, final, source, vocab_size, hf_dir, megatron_dir, Parallelism(**sizes), dtypes,
-                          megatron_source, tokenizer, **recipe)  # fmt: skip
-    return write_run_card(Path(written) / FILE_NAME, card)
-
-
-def _why(name: str, size: int, configs: Dict[str, Dict[str, int]]) -> str:
-    """Which sizes `size` does not divide (Megatron splits them evenly over that parallel dimension)."""
-    bad = [f"{model} {k}={c[k]}" for model, c in configs.items() for k in PARALLEL_RULES.get(name, ())
-           if c.get(k) and not fits_parallel(k, c[k], name, size)]  # fmt: skip
-    return f"{size} does not divide {', '.join(bad)} (Megatron splits them evenly)"
-
-
-def prune_run_card(result, written: str, final: str, source: str, vocab_size: int, hf_dir: Optional[str],
-                   megatron_dir: Optional[str], parallelism: Parallelism, dtypes=(None, None), megatron_source: bool = False,
-                   tokenizer: Optional[str] = None, **recipe) -> RunCard:  # fmt: skip
-    """The card of `result` whose checkpoints `hf_dir` / `megatron_dir` (either may be None) lie under `written`,
-    validated against them and then relocated to `final`. `source`: the HF folder or hub id pruned (the teacher).
-    `recipe`: overrides of the recipe defaults (e.g. seq_length, global_batch_size, train_tokens)."""
+            bad = ", ".join(f"{model} {k}={v}" for model, k, v in misfits(name, size, configs))
+            log(f"run card: {name} {sizes[name]}, not the prune's {size}: {size} does not divide {bad} (Megatron "
+                f"splits them evenly); --distill-{name.replace('_', '-')} sets it")  # fmt: skip
     head_dim = {"kv_channels": result.config.kv_channels} if getattr(result.config, "kv_channels", None) else {}
     local = os.path.exists(os.path.expanduser(str(source)))
     where = str(Path(os.path.expanduser(str(source))).absolute()) if local else str(source)
@@ -68,22 +50,15 @@ def prune_run_card(result, written: str, final: str, source: str, vocab_size: in
     pruning = Pruning(export_config={k: v for k, v in result.export_config.items() if result.original_sizes.get(k) != v},
                       params_before=int(result.params_before), params_after=int(result.params_after),
                       compression=round(1 - result.params_after / result.params_before, 4))  # fmt: skip
-    card = build_run_card(student, teacher, tokenizer, pruning, parallelism, **recipe)
-    return relocate(card, written, final)
-
-
-def relocate(card: RunCard, old: str, new: str) -> RunCard:
-    """A copy of `card` whose paths under `old` lie under `new` instead (e.g. a temporary directory's final name)."""
-    old_root, new_root = str(Path(old).absolute()), str(Path(new).absolute())
+    card = build_run_card(student, teacher, tokenizer, pruning, Parallelism(**sizes), **recipe)
+    old_root, new_root = str(Path(written).absolute()), str(Path(final).absolute())
 
     def moved(path: Optional[str]) -> Optional[str]:
+        """`path`, under `final` instead if it lies under `written`."""
         if not path or os.path.commonpath([str(Path(path).absolute()), old_root]) != old_root:
             return path
         return new_root + str(Path(path).absolute())[len(old_root):]
 
-    return dataclasses.replace(
-        card,
-        student=dataclasses.replace(card.student, hf_checkpoint=moved(card.student.hf_checkpoint),
-                                    megatron_checkpoint=moved(card.student.megatron_checkpoint)),
-        tokenizer=dataclasses.replace(card.tokenizer, path=moved(card.tokenizer.path)),
-    )  # fmt: skip
+    student.hf_checkpoint, student.megatron_checkpoint = moved(hf_dir), moved(megatron_dir)  # the card's own objects
+    tokenizer.path = moved(tokenizer.path)
+    return write_run_card(Path(written) / FILE_NAME, card)

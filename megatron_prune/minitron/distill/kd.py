@@ -54,11 +54,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * temperature**2
 
 
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits [B, S, V] for tokens [B, S] (logged, not optimised)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
-
-
 class Distiller:
     """The student (wrapped in Megatron's DDP), its optimizer and LR schedule, and the frozen teacher.
 
@@ -98,11 +93,10 @@ class Distiller:
                             params_dtype=config.params_dtype),
             [self.model],
         )  # fmt: skip
-        decay_steps = schedule.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=schedule.lr, min_lr=schedule.min_lr,
-            lr_warmup_steps=schedule.lr_warmup_iters, lr_decay_steps=decay_steps, lr_decay_style=schedule.lr_decay_style,
-            start_wd=schedule.weight_decay, end_wd=schedule.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+            lr_warmup_steps=schedule.lr_warmup_iters, lr_decay_steps=schedule.train_iters, lr_decay_style=schedule.lr_decay_style,
+            start_wd=schedule.weight_decay, end_wd=schedule.weight_decay, wd_incr_steps=schedule.train_iters, wd_incr_style="constant",
         )  # fmt: skip
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
@@ -139,7 +133,7 @@ class Distiller:
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
             num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs, forward_only=False,
         )  # fmt: skip
-        lr = self._lr()  # the LR of this step (the scheduler sets the next one below)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the LR of this step (the scheduler sets the next one below)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError("the optimizer step failed (non-finite gradients)")
@@ -154,11 +148,9 @@ class Distiller:
             raise PruneConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                                    f"{tuple(teacher_logits.shape)} differ: they must share one vocabulary")  # fmt: skip
         loss = kd_loss(student_logits, teacher_logits, self.schedule.temperature).mean()
-        lm = next_token_loss(student_logits.detach(), tokens)
+        # the student's mean next-token cross-entropy (logged, not optimised)
+        lm = F.cross_entropy(student_logits[:, :-1].detach().float().flatten(0, 1), tokens[:, 1:].flatten())
         return loss, {"kd_loss": loss.item(), "lm_loss": lm.item()}
-
-    def _lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
 
 def replica_batches(rows: torch.Tensor, schedule: Schedule, ctx: ParallelContext, seed: int) -> Iterator[List[torch.Tensor]]:

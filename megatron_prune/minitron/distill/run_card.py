@@ -54,7 +54,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, Tuple, get_type_hints
 
 from megatron_prune.minitron.axes import fits_parallel, hf_name_of, parallel_rules
 from megatron_prune.errors import RunCardError  # noqa: F401  (raised here; importable from here too)
@@ -231,8 +231,14 @@ def override_recipe(recipe: Recipe, **changes: Any) -> Recipe:
 
 def fitting_size(name: str, at_most: int, configs: Dict[str, Dict[str, int]]) -> int:
     """The largest parallel size <= `at_most` for `name` (a `Parallelism` field) that divides every model's sizes."""
-    sizes = [(k, c[k]) for c in configs.values() for k in PARALLEL_RULES.get(name, ()) if c.get(k)]
-    return next(d for d in range(max(at_most, 1), 0, -1) if all(fits_parallel(k, v, name, d) for k, v in sizes))
+    return next(d for d in range(max(at_most, 1), 0, -1) if not misfits(name, d, configs))
+
+
+def misfits(name: str, size: int, configs: Dict[str, Dict[str, int]]) -> List[Tuple[str, str, int]]:
+    """(model, config key, value) of every size in `configs` ({model: sizes}) that parallel size `size` of `name`
+    (a `Parallelism` field) does not divide: Megatron splits them evenly over that parallel dimension."""
+    return [(model, k, c[k]) for model, c in configs.items() for k in PARALLEL_RULES.get(name, ())
+            if c.get(k) and not fits_parallel(k, c[k], name, size)]  # fmt: skip
 
 
 def data_paths(recipe: Recipe) -> List[str]:
@@ -277,8 +283,7 @@ def _check_teacher(teacher: Checkpoint) -> None:
         value = getattr(teacher, name)
         if value and _looks_local(value) and not Path(value).exists():
             raise RunCardError(f"teacher.{name} {value!r}: no such file or directory")
-    if teacher.hf_checkpoint and Path(teacher.hf_checkpoint).exists():
-        _hf_config(teacher.hf_checkpoint, "teacher.hf_checkpoint", required=True)
+    _hf_config(teacher.hf_checkpoint, "teacher.hf_checkpoint", required=True)  # a local folder must hold config.json
 
 
 def _check_vocabulary(card: RunCard) -> None:
@@ -291,12 +296,9 @@ def _check_vocabulary(card: RunCard) -> None:
     if len(set(sizes.values())) > 1:
         raise RunCardError("student and teacher must share one vocabulary (KD compares logits token by token): "
                            + ", ".join(f"{k}={v}" for k, v in sizes.items()))  # fmt: skip
-    vocabs = {}
-    for name, folder in (("student", card.student.hf_checkpoint), ("teacher", card.teacher.hf_checkpoint),
-                         ("tokenizer", card.tokenizer.path)):  # fmt: skip
-        vocab = _tokenizer_vocab(folder)
-        if vocab is not None:
-            vocabs[name] = vocab
+    folders = {"student": card.student.hf_checkpoint, "teacher": card.teacher.hf_checkpoint, "tokenizer": card.tokenizer.path}
+    vocabs = {name: _tokenizer_vocab(folder) for name, folder in folders.items()}
+    vocabs = {name: vocab for name, vocab in vocabs.items() if vocab is not None}
     if len({json.dumps(v, sort_keys=True) for v in vocabs.values()}) > 1:
         raise RunCardError(f"the tokenizers of {', '.join(vocabs)} differ (tokenizer.json vocabularies): "
                            "the student must be distilled from a teacher with its own tokenizer")  # fmt: skip
@@ -307,13 +309,13 @@ def check_parallelism(par: Parallelism, configs: Dict[str, Dict[str, int]], reci
     for name, value in dataclasses.asdict(par).items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RunCardError(f"parallelism.{name}={value!r} must be an integer >= 1")
-    for par_name, keys in PARALLEL_RULES.items():
+    for par_name in PARALLEL_RULES:
         size = getattr(par, par_name)
-        for model, config in configs.items():
-            for key in keys:
-                if config.get(key) and not fits_parallel(key, config[key], par_name, size):
-                    raise RunCardError(f"parallelism.{par_name}={size} does not divide {model}.config.{key}="
-                                       f"{config[key]}: choose a divisor of {config[key]}")  # fmt: skip
+        bad = misfits(par_name, size, configs)
+        if bad:
+            model, key, value = bad[0]
+            raise RunCardError(f"parallelism.{par_name}={size} does not divide {model}.config.{key}={value}: "
+                               f"choose a divisor of {value}")  # fmt: skip
     cp = par.context_parallel_size
     if cp > 1 and recipe is not None and recipe.seq_length % (2 * cp):
         raise RunCardError(f"parallelism.context_parallel_size={cp} needs recipe.seq_length ({recipe.seq_length}) "
@@ -360,12 +362,11 @@ def _from_dict(cls, data: Any, where: str):
         raise RunCardError(f"run card: unknown field(s) {', '.join(f'{where}{k}' for k in unknown)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RunCardError(f"run card: missing field {where}{f.name}")
-            continue
-        value = data[f.name]
-        kwargs[f.name] = _from_dict(hints[f.name], value, f"{where}{f.name}.") if dataclasses.is_dataclass(hints[f.name]) else value
+        if f.name in data:
+            nested = dataclasses.is_dataclass(hints[f.name])
+            kwargs[f.name] = _from_dict(hints[f.name], data[f.name], f"{where}{f.name}.") if nested else data[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RunCardError(f"run card: missing field {where}{f.name}")
     return cls(**kwargs)
 
 
