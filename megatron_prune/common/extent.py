@@ -69,10 +69,6 @@ class Extent:
         raise KeyError(group)
 
 
-def fixed(length: int) -> Extent:
-    return Extent((Segment(None, length),))
-
-
 def slice_tensor(tensor: torch.Tensor, dims: Mapping[int, Extent], kept: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """`tensor` with every dim in `dims` reduced to its kept positions (a new, contiguous tensor)."""
     out = tensor

@@ -30,7 +30,8 @@ def _over(c: Mapping[str, float], limits: Mapping[str, float]) -> float:
     return sum(max(0.0, c[m] - limits[m]) / limits[m] for m in limits)
 
 
-def _best_step(choices: Choices, cost: Cost, widths: Widths, groups, step: int, rate) -> Optional[Tuple[Widths, Mapping[str, float]]]:
+def _best_step(choices: Choices, cost: Cost, widths: Widths, groups: List[str], step: int,
+               rate: Callable[..., Optional[tuple]]) -> Optional[Tuple[Widths, Mapping[str, float]]]:
     """The best move of one group in `groups` by one choice (`step` -1: narrower, +1: wider): `rate(g, old, new,
     trial_cost)` is its sort key (lower is better; ties go to the earlier group) or None to rule it out. Returns
     (widths, their cost), or None if no move is allowed."""
@@ -54,7 +55,7 @@ def _descend(choices: Choices, penalty: Penalty, cost: Cost, limits: Mapping[str
     groups = [g for g in choices if g != frozen]
     widths, current = dict(widths), cost(widths)
 
-    def rate(g: str, old: int, new: int, c: Mapping[str, float]):
+    def rate(g: str, old: int, new: int, c: Mapping[str, float]):  # `current`: the cost of `widths` as the loop stands
         saved = _over(current, limits) - _over(c, limits)
         return None if saved <= 0 else ((penalty[g][new] - penalty[g][old]) / saved, -saved)
 
@@ -110,7 +111,7 @@ def _widen(choices: Choices, penalty: Penalty, cost: Cost, limits: Mapping[str, 
     """Widen one choice at a time while every limit holds: most penalty recovered per unit of budget first."""
     widths, current = dict(widths), cost(widths)
 
-    def rate(g: str, old: int, new: int, c: Mapping[str, float]):
+    def rate(g: str, old: int, new: int, c: Mapping[str, float]):  # `current`: the cost of `widths` as the loop stands
         if any(c[m] > limits[m] for m in limits):
             return None
         used = max(sum((c[m] - current[m]) / limits[m] for m in limits), 1e-12)

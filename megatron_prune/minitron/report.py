@@ -134,9 +134,8 @@ def plot(result, path: str, title: str = "") -> None:
     L = result.original_sizes["num_layers"]
     numbers = list(range(1, L + 1))
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
-    influence = [imp.layers[n] for n in numbers]
     colors = ["tab:blue" if masks["layers"][n - 1] else "tab:red" for n in numbers]
-    ax[0, 0].bar(numbers, influence, color=colors)
+    ax[0, 0].bar(numbers, [imp.layers[n] for n in numbers], color=colors)
     ax[0, 0].set(title="block influence per layer (red: dropped)", xlabel="layer", ylabel="1 - cos(in, out)")
 
     order = torch.argsort(imp.hidden, descending=True, stable=True)
