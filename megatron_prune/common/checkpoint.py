@@ -36,8 +36,7 @@ def atomic_save(obj, path: os.PathLike) -> None:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def fingerprint(model: torch.nn.Module) -> str:

@@ -67,7 +67,6 @@ class ChoiceSpace:
 
 _MO_FIELDS = {"channels_ratio": "ratios", "features_ratio": "ratios", "channel_divisor": "divisor",
               "feature_divisor": "divisor", "ratios": "ratios", "divisor": "divisor"}
-_MO_IGNORED = {"kernel_size"}
 
 
 @dataclass(frozen=True)
@@ -88,9 +87,8 @@ class Rules:
             if not isinstance(key, str):
                 raise PruneConfigError(f"{name}: key {key!r} must be a module-name pattern (a string)")
             if key.startswith("nn.") or key.startswith("hf."):  # Model Optimizer's {type: {pattern: rule}}
-                if value is None:
-                    entries.append((key[3:], "*", None))
-                    continue
+                if value is None:  # the whole type is frozen
+                    value = {"*": None}
                 if not isinstance(value, Mapping):
                     raise PruneConfigError(f"{name}[{key!r}] must be a dict of pattern -> rule")
                 if not any(isinstance(v, Mapping) or v is None for v in value.values()):
@@ -122,7 +120,7 @@ def _fields(rule, where: str) -> Optional[Dict[str, object]]:
         raise PruneConfigError(f"{where} must be a dict like {{'ratios': [0.25, 0.5, 1.0], 'divisor': 16}} or None")
     out = {}
     for k, v in rule.items():
-        if k in _MO_IGNORED:
+        if k == "kernel_size":  # Model Optimizer's, nothing to do with widths
             continue
         if k not in _MO_FIELDS:
             raise PruneConfigError(f"{where}: unknown field {k!r}; a rule has 'ratios' and 'divisor'")
@@ -131,10 +129,9 @@ def _fields(rule, where: str) -> Optional[Dict[str, object]]:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise PruneConfigError(f"{where}[{k!r}]={v!r} must be a positive integer")
             out[field] = int(v)
+        elif v is None:  # Model Optimizer's spelling of "every width"
+            out[field] = None
         else:
-            if v is None:  # Model Optimizer's spelling of "every width"
-                out[field] = None
-                continue
             try:
                 ratios = tuple(float(r) for r in v)
             except TypeError:

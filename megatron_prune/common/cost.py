@@ -13,10 +13,11 @@ them (tested on every model family).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
-from megatron_prune.common.extent import Extent, count_elements
+from megatron_prune.common.extent import Extent
 
 METRICS = ("params", "flops")
 
@@ -30,7 +31,8 @@ class Term:
     flops: float = 0.0              # FLOPs per element (2 * positions, summed over every use)
 
     def elements(self, widths: Mapping[str, int]) -> int:
-        return count_elements(self.shape, self.dims, widths)
+        """Elements of this tensor when its pruned dims keep `widths`."""
+        return math.prod(self.dims[d].length(widths) if d in self.dims else size for d, size in enumerate(self.shape))
 
 
 @dataclass
@@ -60,16 +62,15 @@ class CostModel:
         for t, o in zip(self.terms, owners):
             if o:
                 by_group.setdefault(next(iter(o)), []).append(t)
-        shares: Dict[Tuple[str, int], Tuple[float, float]] = {}
+        shares: Dict[Tuple[str, int], Dict[str, float]] = {}
 
         def count(widths: Mapping[str, int]) -> Dict[str, float]:
             params, flops = fixed["params"], fixed["flops"]
             for g, terms in by_group.items():
                 key = (g, widths.get(g, self.full[g]))
                 if key not in shares:
-                    c = CostModel(terms, self.full).count({g: key[1]})
-                    shares[key] = (c["params"], c["flops"])
-                params, flops = params + shares[key][0], flops + shares[key][1]
+                    shares[key] = CostModel(terms, self.full).count({g: key[1]})
+                params, flops = params + shares[key]["params"], flops + shares[key]["flops"]
             return {"params": params, "flops": flops}
 
         return count

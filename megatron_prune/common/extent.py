@@ -16,7 +16,7 @@ slicing both use them, so a predicted count always equals the count of the slice
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -26,9 +26,6 @@ class Segment:
     group: Optional[str]  # None: a fixed run of `units * repeat` elements
     units: int
     repeat: int = 1
-
-    def kept_length(self, widths: Mapping[str, int]) -> int:
-        return self.units * self.repeat if self.group is None else widths[self.group] * self.repeat
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class Extent:
 
     def length(self, widths: Mapping[str, int]) -> int:
         """Elements kept when each group keeps `widths[group]` units."""
-        return sum(s.kept_length(widths) for s in self.segments)
+        return sum((s.units if s.group is None else widths[s.group]) * s.repeat for s in self.segments)
 
     def indices(self, kept: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Positions along this dim that survive, given each group's kept unit indices (in the order they are
@@ -72,26 +69,9 @@ class Extent:
         raise KeyError(group)
 
 
-def fixed(length: int) -> Extent:
-    return Extent((Segment(None, length),))
-
-
-def count_elements(shape: Sequence[int], dims: Mapping[int, Extent], widths: Mapping[str, int]) -> int:
-    """Elements of a tensor of `shape` whose dims `dims` are pruned to `widths`."""
-    total = 1
-    for d, size in enumerate(shape):
-        total *= dims[d].length(widths) if d in dims else size
-    return total
-
-
 def slice_tensor(tensor: torch.Tensor, dims: Mapping[int, Extent], kept: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """`tensor` with every dim in `dims` reduced to its kept positions (a new, contiguous tensor)."""
     out = tensor
     for d, extent in sorted(dims.items()):
         out = out.index_select(d, extent.indices(kept).to(out.device))
     return out.contiguous()
-
-
-def full_widths(extents: Sequence[Extent]) -> Dict[str, int]:
-    """Each group's unit count, read off the segments that mention it."""
-    return {s.group: s.units for e in extents for s in e.segments if s.group is not None}

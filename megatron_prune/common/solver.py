@@ -13,7 +13,7 @@ budget, and under it by less than one width step of one group.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 Widths = Dict[str, int]
 Choices = Mapping[str, List[int]]
@@ -30,31 +30,40 @@ def _over(c: Mapping[str, float], limits: Mapping[str, float]) -> float:
     return sum(max(0.0, c[m] - limits[m]) / limits[m] for m in limits)
 
 
+def _best_step(choices: Choices, cost: Cost, widths: Widths, groups: List[str], step: int,
+               rate: Callable[..., Optional[tuple]]) -> Optional[Tuple[Widths, Mapping[str, float]]]:
+    """The best move of one group in `groups` by one choice (`step` -1: narrower, +1: wider): `rate(g, old, new,
+    trial_cost)` is its sort key (lower is better; ties go to the earlier group) or None to rule it out. Returns
+    (widths, their cost), or None if no move is allowed."""
+    best = None
+    for rank, g in enumerate(groups):
+        i = choices[g].index(widths[g]) + step
+        if not 0 <= i < len(choices[g]):
+            continue
+        trial = {**widths, g: choices[g][i]}
+        c = cost(trial)
+        key = rate(g, widths[g], choices[g][i], c)
+        if key is not None and (best is None or (*key, rank) < best[0]):
+            best = ((*key, rank), trial, c)
+    return None if best is None else best[1:]
+
+
 def _descend(choices: Choices, penalty: Penalty, cost: Cost, limits: Mapping[str, float], widths: Mapping[str, int],
              frozen: str = "") -> Widths:
     """Narrow, one choice at a time, the group (other than `frozen`) whose step loses the least penalty per
     unit of (relative) over-budget cost it saves, until every limit holds. Raises ValueError if it cannot."""
-    order = [g for g in choices if g != frozen]
-    widths = dict(widths)
-    current = cost(widths)
+    groups = [g for g in choices if g != frozen]
+    widths, current = dict(widths), cost(widths)
+
+    def rate(g: str, old: int, new: int, c: Mapping[str, float]):  # `current`: the cost of `widths` as the loop stands
+        saved = _over(current, limits) - _over(c, limits)
+        return None if saved <= 0 else ((penalty[g][new] - penalty[g][old]) / saved, -saved)
+
     while _over(current, limits) > 0:
-        best = None
-        for rank, g in enumerate(order):
-            i = choices[g].index(widths[g])
-            if i == 0:
-                continue
-            trial = {**widths, g: choices[g][i - 1]}
-            c = cost(trial)
-            saved = _over(current, limits) - _over(c, limits)
-            if saved <= 0:
-                continue
-            loss = penalty[g][choices[g][i - 1]] - penalty[g][widths[g]]
-            key = (loss / saved, -saved, rank)
-            if best is None or key < best[0]:
-                best = (key, trial, c)
-        if best is None:
+        step = _best_step(choices, cost, widths, groups, -1, rate)
+        if step is None:
             raise ValueError("no group can be narrowed further and the limits still do not hold")
-        _, widths, current = best
+        widths, current = step
     return widths
 
 
@@ -100,26 +109,19 @@ def _used(c: Mapping[str, float], limits: Mapping[str, float]) -> float:
 
 def _widen(choices: Choices, penalty: Penalty, cost: Cost, limits: Mapping[str, float], widths: Mapping[str, int]) -> Widths:
     """Widen one choice at a time while every limit holds: most penalty recovered per unit of budget first."""
-    widths = dict(widths)
-    current = cost(widths)
+    widths, current = dict(widths), cost(widths)
+
+    def rate(g: str, old: int, new: int, c: Mapping[str, float]):  # `current`: the cost of `widths` as the loop stands
+        if any(c[m] > limits[m] for m in limits):
+            return None
+        used = max(sum((c[m] - current[m]) / limits[m] for m in limits), 1e-12)
+        return (-((penalty[g][old] - penalty[g][new]) / used), -used)
+
     while True:
-        best = None
-        for rank, g in enumerate(choices):
-            i = choices[g].index(widths[g])
-            if i + 1 == len(choices[g]):
-                continue
-            trial = {**widths, g: choices[g][i + 1]}
-            c = cost(trial)
-            if any(c[m] > limits[m] for m in limits):
-                continue
-            used = max(sum((c[m] - current[m]) / limits[m] for m in limits), 1e-12)
-            gain = penalty[g][widths[g]] - penalty[g][choices[g][i + 1]]
-            key = (-(gain / used), -used, rank)
-            if best is None or key < best[0]:
-                best = (key, trial, c)
-        if best is None:
+        step = _best_step(choices, cost, widths, list(choices), +1, rate)
+        if step is None:
             return widths
-        _, widths, current = best
+        widths, current = step
 
 
 def threshold(choices: Choices, penalty: Penalty, cost: Cost, limits: Mapping[str, float]) -> Widths:

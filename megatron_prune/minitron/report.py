@@ -7,6 +7,7 @@ any rank; the CLI writes it from global rank 0. Layer numbers are global and 1-i
 from __future__ import annotations
 
 import json
+import os
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -58,11 +59,7 @@ def keep_masks(result) -> Dict[str, torch.Tensor]:
     ffn, heads = torch.zeros(L, F, dtype=torch.bool), torch.zeros(L, N, dtype=torch.bool)
     for n, keep in plan.layers.items():
         ffn[n - 1] = True if keep.ffn is None else _mask(F, keep.ffn)
-        if keep.groups is None:
-            heads[n - 1] = True
-        else:
-            global_heads = (keep.groups.view(-1, 1) * q + keep.heads).flatten()
-            heads[n - 1] = _mask(N, global_heads)
+        heads[n - 1] = True if keep.groups is None else _mask(N, (keep.groups.view(-1, 1) * q + keep.heads).flatten())
     layers = torch.tensor([n in plan.layers for n in range(1, L + 1)])
     return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers}
 
@@ -116,12 +113,9 @@ def format_tables(result, groups_before: Optional[Mapping[str, int]] = None,
         rows.append(("total", f"{result.params_before:,}", f"{result.params_after:,}",
                      f"{100 * result.params_after / result.params_before:.1f}%"))  # fmt: skip
         out.append(format_table(["parameters", "before", "after", "kept"], rows))
-    record = summary(result)
-    rows = []
-    for layer in record["layers"]:
-        rows.append((layer["layer"], f"{layer['block_influence']:.4f}", "kept" if layer["kept"] else "DROPPED",
-                     "-" if layer["ffn_importance_kept_share"] is None else f"{100 * layer['ffn_importance_kept_share']:.0f}%",
-                     _heads(layer["heads_kept"], len(layer["head_importance"]))))  # fmt: skip
+    rows = [(layer["layer"], f"{layer['block_influence']:.4f}", "kept" if layer["kept"] else "DROPPED",
+             "-" if layer["ffn_importance_kept_share"] is None else f"{100 * layer['ffn_importance_kept_share']:.0f}%",
+             _heads(layer["heads_kept"], len(layer["head_importance"]))) for layer in summary(result)["layers"]]  # fmt: skip
     out.append(format_table(["layer", "block influence", "status", "FFN importance kept", "heads kept"], rows))
     if result.plan.dropped_layers:
         out.append(f"layers dropped (lowest block influence): {result.plan.dropped_layers}")
@@ -140,9 +134,8 @@ def plot(result, path: str, title: str = "") -> None:
     L = result.original_sizes["num_layers"]
     numbers = list(range(1, L + 1))
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
-    influence = [imp.layers[n] for n in numbers]
     colors = ["tab:blue" if masks["layers"][n - 1] else "tab:red" for n in numbers]
-    ax[0, 0].bar(numbers, influence, color=colors)
+    ax[0, 0].bar(numbers, [imp.layers[n] for n in numbers], color=colors)
     ax[0, 0].set(title="block influence per layer (red: dropped)", xlabel="layer", ylabel="1 - cos(in, out)")
 
     order = torch.argsort(imp.hidden, descending=True, stable=True)
@@ -152,8 +145,8 @@ def plot(result, path: str, title: str = "") -> None:
     ax[0, 1].set(title=f"hidden channels by importance ({int(kept.sum())}/{len(kept)} kept)", xlabel="rank", ylabel="importance")
     ax[0, 1].legend(loc="upper right")
 
-    for a, name, values in ((ax[1, 0], "FFN channels", imp.ffn), (ax[1, 1], "attention heads", imp.heads)):
-        key = "ffn" if name.startswith("FFN") else "heads"
+    for a, name, key in ((ax[1, 0], "FFN channels", "ffn"), (ax[1, 1], "attention heads", "heads")):
+        values = getattr(imp, key)
         if not values:
             a.set_axis_off()
             continue
@@ -175,8 +168,6 @@ def write_report(result, out_dir: str, groups_before=None, groups_after=None, ex
                  plot_png: bool = True) -> List[str]:  # fmt: skip
     """Write `prune_summary.json` (and `prune_report.png` unless `plot_png` is False) into `out_dir`; returns
     the paths written."""
-    import os
-
     paths = [os.path.join(out_dir, "prune_summary.json")]
     with open(paths[0], "w") as f:
         json.dump(summary(result, groups_before, groups_after, extra), f, indent=2)

@@ -157,12 +157,9 @@ class Inventory:
         """Counts of the model pruned to `target` (complete sizes), keeping `kept_layers` (see `surviving`)."""
         s = self.sizes(target)
         per_kind = [self._layer(kind, s, memory) for kind in self.kinds]
-        base = sum(_numel(t, s) for t in self.model.values())
-        params, active, state = base, base, 0
-        for n in self.surviving(s.size("num_layers"), kept_layers):
-            p, a, st = per_kind[self.layer_kinds[n - 1]]
-            params, active, state = params + p, active + a, state + st
-        return Counts(params, active, (params * memory.dtype_bytes + state) / MB)
+        rows = [per_kind[self.layer_kinds[n - 1]] for n in self.surviving(s.size("num_layers"), kept_layers)]
+        params, active = (self._base(s) + sum(r[i] for r in rows) for i in range(2))
+        return Counts(params, active, (params * memory.dtype_bytes + sum(r[2] for r in rows)) / MB)
 
     def smallest(self, target: Mapping[str, int], memory: MemorySpec = MemorySpec()) -> Counts:
         """A lower bound of `count(target, ...)` over every choice of surviving layers: each count with its
@@ -171,10 +168,14 @@ class Inventory:
             return self.count(target, memory)
         s, n = self.sizes(target), target["num_layers"]
         rows = [self._layer(self.kinds[k], s, memory) for k in self.layer_kinds]
-        base = sum(_numel(t, s) for t in self.model.values())
+        base = self._base(s)
         params, active = (base + sum(sorted(r[i] for r in rows)[:n]) for i in range(2))
         layer_bytes = sum(sorted(r[0] * memory.dtype_bytes + r[2] for r in rows)[:n])
         return Counts(params, active, (base * memory.dtype_bytes + layer_bytes) / MB)
+
+    def _base(self, s: Sizes) -> int:
+        """Parameters outside the decoder layers at sizes `s`."""
+        return sum(_numel(t, s) for t in self.model.values())
 
     def _layer(self, kind: Mapping[str, Template], s: Sizes, memory: MemorySpec) -> Tuple[int, int, int]:
         """(parameters, active parameters, inference-state bytes) of one layer of `kind` at sizes `s`."""
@@ -187,10 +188,6 @@ class Inventory:
             active += n * (min(self.moe_router_topk, experts) if routed else 1)
         state = sum(memory.state_bytes(what, elements(s)) for role, (what, elements) in INFERENCE_STATE.items() if role in kind)
         return params, active, state
-
-
-def is_mamba(kind: Mapping[str, Template]) -> bool:
-    return "mixer.in_proj.weight" in kind
 
 
 def _numel(template: Template, sizes: Sizes) -> int:
@@ -223,19 +220,15 @@ def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
     Shapes are logical: a dim split across TP (routed experts: expert-TP) ranks counts their number times its
     local length.
     """
-    parts = {}
+    numbers = [int(layer.layer_number) for layer in model.decoder.layers]
+    local_model, local_layers = {}, {}
     for name, p in model.named_parameters():
         if is_tied_output_copy(model, name):
             continue
         shape = list(p.shape)
-        axes = axes_of(name)[2]
+        index, inner, axes = axes_of(name)
         if axes is not None and axes.tp_dim is not None:
             shape[axes.tp_dim] *= split_size(name, ctx)
-        parts[name] = tuple(shape)
-    numbers = [int(layer.layer_number) for layer in model.decoder.layers]
-    local_model, local_layers = {}, {}
-    for name, shape in parts.items():
-        index, inner, _ = axes_of(name)
         if index is None:
             local_model[name] = template(name, shape)
             continue
@@ -253,7 +246,7 @@ def inventory_of(model: torch.nn.Module, ctx: ParallelContext) -> Inventory:
     cfg = model.config
     kinds, layer_kinds = _group(layers)
     topk = cfg.moe_router_topk if cfg.num_moe_experts else 0
-    mamba = (cfg.mamba_num_groups, cfg.mamba_state_dim, kernel) if any(is_mamba(k) for k in kinds) else (0, 0, 0)
+    mamba = (cfg.mamba_num_groups, cfg.mamba_state_dim, kernel) if any("mixer.in_proj.weight" in k for k in kinds) else (0, 0, 0)
     return Inventory(whole_model, kinds, layer_kinds, default_kv_channels(cfg), bool(cfg.gated_linear_unit), topk, *mamba,
                      mla=MLADims.of(cfg))  # fmt: skip
 
@@ -306,19 +299,11 @@ def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_wei
     model.update({f"decoder.final_layernorm.{p}": (H,) for p in norm})
     if not share_embeddings_and_output_weights:
         model["output_layer.weight"] = (vocab_size, H)
-    kinds = {False: dense, True: moe}
-    layers = {n: {k: template(layer_name(0, k), s) for k, s in kinds[is_moe].items()}
+    layers = {n: {k: template(layer_name(0, k), s) for k, s in (moe if is_moe else dense).items()}
               for n, is_moe in enumerate(moe_layer_pattern(config), start=1)}  # fmt: skip
-    grouped, layer_kinds = _group(layers)
-    return Inventory(
-        model={n: template(n, s) for n, s in model.items()},
-        kinds=grouped,
-        layer_kinds=layer_kinds,
-        kv_channels=d,
-        gated_linear_unit=bool(config.gated_linear_unit),
-        moe_router_topk=config.moe_router_topk if config.num_moe_experts else 0,
-        mla=mla,
-    )
+    topk = config.moe_router_topk if config.num_moe_experts else 0
+    return Inventory({n: template(n, s) for n, s in model.items()}, *_group(layers), d, bool(config.gated_linear_unit), topk,
+                     mla=mla)  # fmt: skip
 
 
 def _mla_tensors(mla: MLADims, H: int, N: int, norm: Tuple[str, ...]) -> Dict[str, Tuple[int, ...]]:

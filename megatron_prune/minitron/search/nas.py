@@ -25,7 +25,7 @@ import torch
 from megatron_prune.errors import PruneConfigError
 from megatron_prune.minitron.axes import format_sizes
 from megatron_prune.minitron.config import ModelShape, SearchConfig, validate_budgets
-from megatron_prune.common.log import log
+from megatron_prune.common.log import format_table, log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.counting import Counts, Inventory, inventory_of
 from megatron_prune.minitron.search.space import Candidate, SearchSpace, build_space, memory_spec, search_candidates
@@ -160,7 +160,7 @@ def run_search(plan: SearchPlan, source: "CandidateSource", score_func: Optional
         usable = _recount(plan, usable, source.kept_layers)
     top = usable[: plan.config.top_k]
     key = cache_key(plan.budgets, score_func, criteria)
-    cached = {_key(c["export_config"]): c["score"] for c in cache.get(key, {}).get("candidates", [])}
+    cached = {tuple(sorted(c["export_config"].items())): c["score"] for c in cache.get(key, {}).get("candidates", [])}
     for c in top:
         c.score = cached.get(c.key)
     reused = sum(c.score is not None for c in top)
@@ -251,10 +251,6 @@ def _score_name(score_func: Optional[ScoreFunc]) -> str:
     return getattr(score_func, "score_name", None) or getattr(score_func, "__qualname__", type(score_func).__name__)
 
 
-def _key(export_config: Mapping[str, int]):
-    return tuple(sorted(export_config.items()))
-
-
 def search_record(search: SearchResult) -> dict:
     """A JSON-serialisable record of a search: budgets, space, candidates with counts and scores, the winner."""
     return {"budgets": dict(search.budgets), "space": {k: list(v) for k, v in search.space.items()},
@@ -291,8 +287,6 @@ def log_candidates(candidates: List[Candidate], budgets: Mapping[str, float], wi
 
 
 def _log_table(title: Optional[str], header: List[str], rows: List[List[str]]) -> None:
-    from megatron_prune.common.log import format_table
-
     if title:
         log(title)
     for text in format_table(header, rows).splitlines():

@@ -13,6 +13,7 @@ multiples of G, {G, 2G, ..., N}, as in the reference.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
@@ -56,10 +57,7 @@ class SearchSpace:
 
     @property
     def size(self) -> int:
-        n = 1
-        for c in self.choices.values():
-            n *= len(c)
-        return n
+        return math.prod(len(c) for c in self.choices.values())
 
     def display(self) -> Dict[str, List[int]]:
         """{axis: choices} as sizes of the axis (heads as total heads when the groups are not searched)."""
