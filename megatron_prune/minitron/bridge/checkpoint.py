@@ -78,10 +78,7 @@ class CheckpointInfo:
             if getattr(self.args, "tokenizer_type", None) == "HuggingFaceTokenizer" and getattr(self.args, "tokenizer_model", None):
                 return str(self.args.tokenizer_model)
             return None
-        for folder in (self.path / "tokenizer", self.root / "tokenizer"):
-            if folder.is_dir():
-                return str(folder)
-        return None
+        return next((str(folder) for folder in (self.path / "tokenizer", self.root / "tokenizer") if folder.is_dir()), None)
 
     def hf_model(self) -> Optional[str]:
         """The Hugging Face model a Megatron-Bridge checkpoint was converted from (its provider's `hf_model_id`), when
