@@ -31,10 +31,13 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_prune.minitron.axes import SUPPORTED_AXES, mlm_arg_names
-from megatron_prune.errors import PruneConfigError
+from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
+from megatron_prune.minitron.bridge.hf_import import ImportedModel, auto_bridge, cpu_layer_spec, provider_inventory, set_layout
+from megatron_prune.minitron.bridge.roundtrip import compare_models
 from megatron_prune.minitron.model_checks import calibration_dispatcher
 from megatron_prune.minitron.runtime.parallel import ParallelContext
+from megatron_prune.minitron.slicing.model import _LAYOUT_FIELDS
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.yaml"
@@ -47,6 +50,9 @@ _REQUIRED_MLM_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "max_p
                       "position_embedding_type")  # fmt: skip
 # Fields Megatron-LM derives when unset and that must stay the original's in a pruned model
 _KEPT_DERIVED = ("kv_channels",)
+# TransformerConfig field -> Megatron-LM argument of every field a prune may change (num_layers first: the flags' order)
+_PRUNED_FIELDS = {field: MLM_ARG_NAMES.get(field, field) for field in
+                  ("num_layers", *(a for a in SUPPORTED_AXES if a != "num_layers"), *_KEPT_DERIVED, "hybrid_override_pattern")}
 
 
 @dataclass
@@ -62,8 +68,8 @@ class CheckpointInfo:
 
     @property
     def model_type(self) -> str:
-        hybrid = getattr(self.args, "hybrid_override_pattern", None) if self.args is not None else None
-        return "mamba" if hybrid or getattr(self.args, "is_hybrid_model", False) else "gpt"
+        hybrid = getattr(self.args, "hybrid_override_pattern", None) or getattr(self.args, "is_hybrid_model", False)
+        return "mamba" if hybrid else "gpt"
 
     def tokenizer_path(self) -> Optional[str]:
         """An HF tokenizer that ships with the checkpoint: Megatron-LM's `--tokenizer-model` for an HF tokenizer, or
@@ -72,10 +78,7 @@ class CheckpointInfo:
             if getattr(self.args, "tokenizer_type", None) == "HuggingFaceTokenizer" and getattr(self.args, "tokenizer_model", None):
                 return str(self.args.tokenizer_model)
             return None
-        for folder in (self.path / "tokenizer", self.root / "tokenizer"):
-            if folder.is_dir():
-                return str(folder)
-        return None
+        return next((str(folder) for folder in (self.path / "tokenizer", self.root / "tokenizer") if folder.is_dir()), None)
 
     def hf_model(self) -> Optional[str]:
         """The Hugging Face model a Megatron-Bridge checkpoint was converted from (its provider's `hf_model_id`), when
@@ -96,8 +99,6 @@ class CheckpointInfo:
     def inventory(self, tp: int):
         """The analytic inventory (`search.counting`) of the model at TP=`tp`, from the configs alone (Megatron-LM:
         the saved padded vocabulary, padded again for `tp`)."""
-        from megatron_prune.minitron.bridge.hf_import import provider_inventory
-
         if self.args is None:
             return provider_inventory(self.config, tp)
         from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
@@ -145,11 +146,9 @@ _UNSUPPORTED = (("heterogeneous_layers_config_path", "heterogeneous layers"), ("
 
 def _supported(info: CheckpointInfo, where: str) -> CheckpointInfo:
     """Refuse, from the configs, architectures megatron-prune does not prune yet (UnsupportedModelError)."""
-    from megatron_prune.errors import UnsupportedModelError
-
     for source in (info.args, info.config):
         for name, what in _UNSUPPORTED:
-            value = getattr(source, name, None) if source is not None else None
+            value = getattr(source, name, None)
             if value:
                 raise UnsupportedModelError(f"--load {where!r}: {what} ({name}={value!r}) is not supported yet by megatron-prune")
     if getattr(info.args, "multi_latent_attention", False):  # its MLA config from Megatron-LM arguments is untested
@@ -240,10 +239,8 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
     ctx = ParallelContext.given(ctx)
     cpu = not torch.cuda.is_available()
     config, args = copy.copy(info.config), cpu_args(info.args) if info.args is not None else None
-    _set_layout(config, ctx)
+    set_layout(config, ctx)
     config.moe_token_dispatcher_type = calibration_dispatcher(config, ctx)
-    from megatron_prune.minitron.slicing.model import _LAYOUT_FIELDS
-
     for name in _LAYOUT_FIELDS:  # the saved run's pipeline split is not this run's
         setattr(config, name, getattr(layout_of, name, None) if layout_of is not None else
                 (False if name.startswith("account_for") else None))  # fmt: skip
@@ -255,7 +252,7 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
         config.masked_softmax_fusion = config.bias_activation_fusion = config.bias_dropout_fusion = False
         config.moe_shared_expert_overlap = False  # a CUDA stream (DeepSeek's providers); the same outputs
     if args is not None:
-        _set_layout(args, ctx)
+        set_layout(args, ctx)
         if getattr(args, "num_experts", None):
             args.moe_token_dispatcher_type = config.moe_token_dispatcher_type
         args.decoder_first_pipeline_num_layers = config.num_layers_in_first_pipeline_stage
@@ -270,10 +267,8 @@ def load_megatron_model(path: str, step: Optional[int] = None, tokenizer_model: 
             raise PruneConfigError(f"--load {path!r}: the checkpoint's padded vocabulary ({saved} rows) does not divide over "
                                    f"TP={ctx.tp_size}")  # fmt: skip
         args.make_vocab_size_divisible_by = saved // ctx.tp_size
-        config.params_dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else torch.float32
+        config.params_dtype = info.dtype()
     elif cpu:
-        from megatron_prune.minitron.bridge.hf_import import cpu_layer_spec
-
         config.transformer_layer_spec = cpu_layer_spec(config)
     log(f"loading the {info.format} checkpoint {info.path} at TP={ctx.tp_size} PP={ctx.pp_size}")
     with _module_cuda_is_a_no_op(cpu):  # Megatron-LM's model builder moves the model with .cuda()
@@ -299,9 +294,8 @@ def pruned_megatron_lm_args(args: argparse.Namespace, original_config, pruned_co
     """A copy of Megatron-LM's `args` with the pruned sizes: every TransformerConfig field the prune changed (under
     its Megatron-LM name), the head dim kept explicit, no pipeline layout, no iteration."""
     new = copy.deepcopy(args)
-    for field in (*SUPPORTED_AXES, "hybrid_override_pattern", *_KEPT_DERIVED):
+    for field, name in _PRUNED_FIELDS.items():
         before, after = getattr(original_config, field, None), getattr(pruned_config, field, None)
-        name = MLM_ARG_NAMES.get(field, field)
         if after is not None and (before != after or field in _KEPT_DERIVED) and (hasattr(new, name) or field in _KEPT_DERIVED):
             setattr(new, name, after)
     if getattr(pruned_config, "num_query_groups", None) and pruned_config.num_query_groups != pruned_config.num_attention_heads:
@@ -315,10 +309,8 @@ def pruned_megatron_lm_args(args: argparse.Namespace, original_config, pruned_co
 
 def megatron_lm_flags(args: argparse.Namespace, pruned: argparse.Namespace) -> List[str]:
     """["--num-layers", "26", "--ffn-hidden-size", "1024", ...]: the model flags a user changes to load `pruned`."""
-    fields = ("num_layers", *(a for a in SUPPORTED_AXES if a != "num_layers"), *_KEPT_DERIVED, "hybrid_override_pattern")
-    names = [MLM_ARG_NAMES.get(f, f) for f in fields]
     flags: List[str] = []
-    for name in names:
+    for name in _PRUNED_FIELDS.values():
         after = getattr(pruned, name, None)
         if after is not None and (getattr(args, name, None) != after or name == "kv_channels"):
             flags += [f"--{name.replace('_', '-')}", str(after)]
@@ -376,12 +368,6 @@ def save_megatron_lm(model: torch.nn.Module, args: argparse.Namespace, out_dir: 
     log(f"wrote Megatron-LM checkpoint to {out} (release/: weights and args; no optimizer or iteration state)")
 
 
-def _set_layout(config_or_args, ctx: ParallelContext) -> None:
-    """The parallel sizes of this run on a TransformerConfig or Megatron-LM args (the saved run's are not this one's)."""
-    config_or_args.tensor_model_parallel_size, config_or_args.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
-    config_or_args.expert_model_parallel_size, config_or_args.expert_tensor_parallel_size = ctx.ep_size, ctx.etp_size
-
-
 def save_checkpoint_like(info: CheckpointInfo, original: torch.nn.Module, pruned: torch.nn.Module, out_dir: str,
                          tokenizer_path: Optional[str], ctx: Optional[ParallelContext] = None) -> dict:  # fmt: skip
     """Write `pruned` in the format `info` was read in; returns what the summary records (for Megatron-LM: the
@@ -391,7 +377,7 @@ def save_checkpoint_like(info: CheckpointInfo, original: torch.nn.Module, pruned
         return {}
     args = pruned_megatron_lm_args(info.args, original.config, pruned.config)
     ctx = ParallelContext.given(ctx)
-    _set_layout(args, ctx)  # as saved
+    set_layout(args, ctx)  # as saved
     save_megatron_lm(pruned, args, out_dir, ctx=ctx)
     flags = megatron_lm_flags(info.args, args)
     log("Megatron-LM loads it with the pruned model flags: " + " ".join(flags) + " (and --finetune: no optimizer state)")
@@ -401,8 +387,6 @@ def save_checkpoint_like(info: CheckpointInfo, original: torch.nn.Module, pruned
 def compare_with_reload(pruned: torch.nn.Module, out_dir: str, tokens: torch.Tensor, name: str, tokenizer_model: Optional[str] = None,
                         ctx: Optional[ParallelContext] = None):
     """The saved checkpoint loaded back (at this layout) against `pruned`: equal logits. Collective."""
-    from megatron_prune.minitron.bridge.roundtrip import compare_models
-
     reloaded = load_megatron_model(out_dir, tokenizer_model=tokenizer_model, layout_of=pruned.config, ctx=ctx).model
     return compare_models(pruned, reloaded, tokens, name, ctx=ctx)
 
@@ -411,17 +395,11 @@ def hf_exporter(info: CheckpointInfo, model: torch.nn.Module):
     """What `export.save_hf` needs to write a model of `info`'s checkpoint as an HF folder: the bridge of the HF model
     the checkpoint names (`hf_model`; its config, tokenizer and name mapping; no HF weights are read). Raises
     PruneConfigError when the checkpoint names none, or holds another number of layers than that model."""
-    from megatron.bridge import AutoBridge
-
-    from megatron_prune.minitron.bridge.compat import apply_bridge_compat
-    from megatron_prune.minitron.bridge.hf_import import ImportedModel
-
     hf = info.hf_model()
     if hf is None:
         raise PruneConfigError(f"--save-format hf: {info.path} names no local Hugging Face model (a Megatron-Bridge "
                                "checkpoint's hf_model_id) whose architecture the export could use; save as megatron")  # fmt: skip
-    apply_bridge_compat()
-    bridge = AutoBridge.from_hf_pretrained(hf)
+    bridge = auto_bridge().from_hf_pretrained(hf)
     layers = getattr(bridge.hf_pretrained.config, "num_hidden_layers", None)
     if layers != info.config.num_layers:
         raise PruneConfigError(f"--save-format hf: the checkpoint has {info.config.num_layers} layers, its Hugging Face "

@@ -11,6 +11,7 @@ the Transformer Engine model on a GPU (distributed checkpoints do not depend on 
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -23,6 +24,7 @@ import torch
 
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
+from megatron_prune.minitron.bridge.compat import apply_bridge_compat, logged_progress
 from megatron_prune.minitron.model_checks import calibration_dispatcher
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
@@ -72,17 +74,10 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
     """
     from megatron.core.utils import unwrap_model
 
-    from megatron_prune.minitron.bridge.compat import apply_bridge_compat, logged_progress
-    from megatron_prune.minitron.runtime.cpu import apply_bridge_cpu_support
-
-    apply_bridge_cpu_support()
-    apply_bridge_compat()
-    from megatron.bridge import AutoBridge
-
     start = time.perf_counter()
     ctx = ParallelContext.given(ctx)
     log(f"importing {source} through Megatron-Bridge (TP={ctx.tp_size}, PP={ctx.pp_size}, {str(dtype).replace('torch.', '')})")
-    bridge = AutoBridge.from_hf_pretrained(str(source), torch_dtype=dtype, trust_remote_code=trust_remote_code)
+    bridge = auto_bridge().from_hf_pretrained(str(source), torch_dtype=dtype, trust_remote_code=trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=True)
     saved_spec = _configure(provider, ctx, dtype)
     provider.finalize()
@@ -113,8 +108,6 @@ def provider_inventory(provider, tp: int):
 def finalized_provider(provider, ctx: ParallelContext, dtype: torch.dtype):
     """A finalized copy of `provider` configured as `import_hf_model` configures it at the layout of `ctx`: the
     TransformerConfig the model will be built from, known before any weight is read."""
-    import copy
-
     config = copy.deepcopy(provider)
     _configure(config, ctx, dtype)
     config.finalize()
@@ -126,10 +119,7 @@ def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
     the layout megatron-prune slices; the weights are the grouped-GEMM ones), spread over EP or expert-TP ranks through
     the model's token dispatcher, or the allgather one where that one does not show calibration where tokens came
     from (same outputs); on CPU, the local layer spec. Returns the spec to save."""
-    provider.tensor_model_parallel_size = ctx.tp_size
-    provider.pipeline_model_parallel_size = ctx.pp_size
-    provider.expert_model_parallel_size = ctx.ep_size
-    provider.expert_tensor_parallel_size = ctx.etp_size
+    set_layout(provider, ctx)
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.sequence_parallel = False  # statistics average over whole sequences
@@ -143,6 +133,24 @@ def _configure(provider, ctx: ParallelContext, dtype: torch.dtype) -> Callable:
         provider.moe_permute_fusion = False  # a Transformer Engine kernel
         provider.moe_shared_expert_overlap = False  # a CUDA stream (DeepSeek's providers); the same outputs
     return saved
+
+
+def set_layout(config, ctx: ParallelContext) -> None:
+    """The parallel sizes of this run on a provider, TransformerConfig or Megatron-LM args (a saved run's are not
+    this one's)."""
+    config.tensor_model_parallel_size, config.pipeline_model_parallel_size = ctx.tp_size, ctx.pp_size
+    config.expert_model_parallel_size, config.expert_tensor_parallel_size = ctx.ep_size, ctx.etp_size
+
+
+def auto_bridge():
+    """Megatron-Bridge's `AutoBridge`, with the CPU support (`runtime.cpu`) and the bridge fixes (`compat`) applied."""
+    from megatron_prune.minitron.runtime.cpu import apply_bridge_cpu_support
+
+    apply_bridge_cpu_support()
+    apply_bridge_compat()
+    from megatron.bridge import AutoBridge
+
+    return AutoBridge
 
 
 def cpu_layer_spec(provider) -> Callable:
@@ -160,11 +168,7 @@ def cpu_layer_spec(provider) -> Callable:
 
 def _provider_from_config(config, source: str):
     """The bridge's provider for `config` without weights; architecture problems become UnsupportedModelError."""
-    from megatron_prune.minitron.runtime.cpu import apply_bridge_cpu_support
-
-    apply_bridge_cpu_support()
-    from megatron.bridge import AutoBridge
-
+    AutoBridge = auto_bridge()
     architectures = list(getattr(config, "architectures", None) or [])
     try:
         AutoBridge._validate_config(config, str(source))
@@ -184,10 +188,9 @@ def _check_prunable(provider, config) -> None:
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     if not isinstance(provider, GPTModelProvider):
         raise UnsupportedModelError(f"{arch}: Megatron-Bridge builds a {type(provider).__name__}; megatron-prune prunes GPT models")
-    for field, what in (("mtp_num_layers", "multi-token prediction"),):
-        value = getattr(provider, field, None)
-        if value:
-            raise UnsupportedModelError(f"{arch}: {what} ({field}={value}) is not supported yet by megatron-prune")
+    mtp = getattr(provider, "mtp_num_layers", None)
+    if mtp:
+        raise UnsupportedModelError(f"{arch}: multi-token prediction (mtp_num_layers={mtp}) is not supported yet by megatron-prune")
 
 
 def _bridge_version() -> str:

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -47,41 +47,42 @@ def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, 
     """Forward `tokens` [B, S] through `model` (collective) and through the HF model at `hf_path` (on one rank:
     the last pipeline stage's first TP rank of the first replica). Every rank gets the same RoundTrip, or the
     same error."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    ctx = ParallelContext.given(ctx)
-    log(f"checking logits ({name})")
-    outputs = run_forward(model, [tokens], collect=lambda logits, _: gather_from_tensor_model_parallel_region(logits),
-                          shard_over_dp=False)  # fmt: skip
-    result, problem = None, None
-    if outputs and ctx.tp_rank == 0 and ctx.dp_rank == 0:
-        try:
-            mcore = outputs[0].float().cpu()
-            hf = hf_logits(hf_path, tokens, trust_remote_code)
-            diff = (mcore[..., : hf.shape[-1]] - hf).abs().max().item()
-            result = RoundTrip(name, diff, diff / max(hf.abs().max().item(), 1e-30), tolerance)
-        except Exception as e:  # noqa: BLE001 - shared with every rank below
-            problem = as_problem(e)
-    ctx.raise_first(problem)
-    return next(r for r in ctx.gather_all(result) if r is not None)
+    return _compared(model, tokens, name, lambda: hf_logits(hf_path, tokens, trust_remote_code), tolerance, ctx)
 
 
 def compare_models(model: torch.nn.Module, other: torch.nn.Module, tokens: torch.Tensor, name: str,
                    tolerance: float = 1e-6, ctx: Optional[ParallelContext] = None) -> RoundTrip:  # fmt: skip
     """Logits of two MCore models (stages of the same layout) on `tokens`, e.g. a model and its saved-and-reloaded
     copy. Collective; every rank gets the same RoundTrip."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    reference = _mcore_logits(model, tokens)
+    return _compared(other, tokens, name, lambda: reference[0], tolerance, ctx)
 
+
+def _compared(model: torch.nn.Module, tokens: torch.Tensor, name: str, reference: Callable[[], torch.Tensor],
+              tolerance: float, ctx: Optional[ParallelContext]) -> RoundTrip:  # fmt: skip
+    """`model`'s logits against `reference()`, compared on one rank (the last pipeline stage's first TP rank of the
+    first replica): max |Δ| relative to max |reference|. Every rank gets the same RoundTrip, or the same error."""
     ctx = ParallelContext.given(ctx)
     log(f"checking logits ({name})")
-    collect = lambda logits, _: gather_from_tensor_model_parallel_region(logits).float().cpu()  # noqa: E731
-    first = run_forward(model, [tokens], collect=collect, shard_over_dp=False)
-    second = run_forward(other, [tokens], collect=collect, shard_over_dp=False)
-    result = None
-    if first and ctx.tp_rank == 0 and ctx.dp_rank == 0:
-        diff = (first[0] - second[0]).abs().max().item()
-        result = RoundTrip(name, diff, diff / max(first[0].abs().max().item(), 1e-30), tolerance)
+    outputs = _mcore_logits(model, tokens)
+    result, problem = None, None
+    if outputs and ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        try:
+            expected = reference()
+            diff = (outputs[0][..., : expected.shape[-1]] - expected).abs().max().item()
+            result = RoundTrip(name, diff, diff / max(expected.abs().max().item(), 1e-30), tolerance)
+        except Exception as e:  # noqa: BLE001 - shared with every rank below
+            problem = as_problem(e)
+    ctx.raise_first(problem)
     return next(r for r in ctx.gather_all(result) if r is not None)
+
+
+def _mcore_logits(model: torch.nn.Module, tokens: torch.Tensor) -> List[torch.Tensor]:
+    """[logits [B, S, V] gathered over TP, float32 on the CPU] on the last pipeline stage; [] on the others."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    collect = lambda logits, _: gather_from_tensor_model_parallel_region(logits).float().cpu()  # noqa: E731
+    return run_forward(model, [tokens], collect=collect, shard_over_dp=False)
 
 
 def hf_logits(hf_path: str, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
