@@ -151,8 +151,18 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
     original = shape.sizes()
     if not export_config:
         raise PruneConfigError(f"export_config is empty: give a target for at least one of {', '.join(original)}")
-    if shape.mla is not None:
-        _check_mla_targets(export_config)
+    # multi-latent attention has no query groups, and its lora ranks and head dims are kept
+    if shape.mla is not None and "num_query_groups" in export_config:
+        raise PruneConfigError(
+            "export_config['num_query_groups']: this model has multi-latent attention (MLA), which has no query groups "
+            "(every head has its own K and V): prune its heads with num_attention_heads alone"
+        )
+    mla_kept = [k for k in export_config if k in MLA_KEPT_DIMS]
+    if shape.mla is not None and mla_kept:
+        raise PruneConfigError(
+            f"export_config[{mla_kept[0]!r}]: megatron-prune keeps the MLA dims {', '.join(MLA_KEPT_DIMS)} as they are; "
+            "prune hidden_size, num_attention_heads, the MLP/experts and num_layers instead"
+        )
     unknown = [k for k in export_config if k not in SUPPORTED_AXES]
     if unknown:
         raise PruneConfigError(
@@ -210,21 +220,6 @@ def validate_export_config(export_config, shape: ModelShape, pp_size: int = 1, t
     return target
 
 
-def _check_mla_targets(export_config: Mapping[str, int]) -> None:
-    """A multi-latent-attention model has no query groups, and its lora ranks and head dims are kept."""
-    if "num_query_groups" in export_config:
-        raise PruneConfigError(
-            "export_config['num_query_groups']: this model has multi-latent attention (MLA), which has no query groups "
-            "(every head has its own K and V): prune its heads with num_attention_heads alone"
-        )
-    kept = [k for k in export_config if k in MLA_KEPT_DIMS]
-    if kept:
-        raise PruneConfigError(
-            f"export_config[{kept[0]!r}]: megatron-prune keeps the MLA dims {', '.join(MLA_KEPT_DIMS)} as they are; "
-            "prune hidden_size, num_attention_heads, the MLP/experts and num_layers instead"
-        )
-
-
 _PARALLEL_ERRORS = {  # rule -> the end of the message for a kept size that breaks it at parallel size n
     MULTIPLE: lambda n: (f"is not divisible by the tensor-parallel size {n}: choose a multiple of {n} (or prune at a "
                          "smaller TP: scores are reusable there)"),
@@ -272,13 +267,13 @@ class SearchConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("_divisor") or f.name in ("top_k", "seq_length", "batch_size", "dtype_bytes"):
-                _positive_int(f"search.{f.name}", value)
+            if value is None and f.default is None:  # an optional field left unset
+                continue
+            if f.name.endswith(("_divisor", "dtype_bytes")) or f.name in ("top_k", "seq_length", "batch_size"):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                    raise PruneConfigError(f"search.{f.name}={value!r} must be a positive integer")
             elif f.name.startswith("max_") and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1):
                 raise PruneConfigError(f"search.{f.name}={value!r} must be a fraction in [0, 1)")
-        for name in ("kv_cache_dtype_bytes", "mamba_state_dtype_bytes"):
-            if getattr(self, name) is not None:
-                _positive_int(f"search.{name}", getattr(self, name))
         if isinstance(self.axes_to_skip, str) or not all(isinstance(a, str) for a in self.axes_to_skip):
             raise PruneConfigError(f"search.axes_to_skip={self.axes_to_skip!r} must be a list of axis names")
         object.__setattr__(self, "axes_to_skip", tuple(self.axes_to_skip))
@@ -291,11 +286,6 @@ class SearchConfig:
         from megatron_prune.common.options import dataclass_of
 
         return dataclass_of(cls, search, "search")
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise PruneConfigError(f"{name}={value!r} must be a positive integer")
 
 
 def validate_budgets(constraints, originals: Optional[Mapping[str, float]] = None) -> Dict[str, float]:

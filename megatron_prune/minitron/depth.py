@@ -49,10 +49,6 @@ class DepthOptions:
             value = {k: v if k == "iterative" else listed(v) for k, v in value.items()}
         return dataclass_of(cls, value, "depth")
 
-    @property
-    def active(self) -> bool:
-        return bool(self.layers_to_drop or self.protected_layers or self.iterative)
-
     def resolve(self, num_layers: int, symbols: Sequence[str]) -> "ResolvedDepth":
         """Check the fields against a model of `num_layers` layers (`symbols[n-1]`: what layer n holds in hybrid
         pattern symbols, "*" attention) and resolve protected words to numbers. Raises PruneConfigError."""
@@ -118,11 +114,8 @@ def _numbers(name: str, values: Sequence[Layer], num_layers: int, allow_words: b
             word = v.strip().lower()
             if word not in _WORDS and not word.lstrip("-").isdigit():
                 raise PruneConfigError(f"{name}: {v!r} is not a layer number or one of {', '.join(_WORDS)}")
-            if word == "first":
-                out.append(1)
-                continue
-            if word == "last":
-                out.append(num_layers)
+            if word in ("first", "last"):
+                out.append(1 if word == "first" else num_layers)
                 continue
             if word == "attention":
                 found = [n for n in range(1, num_layers + 1) if "*" in symbols[n - 1]]

@@ -9,7 +9,7 @@ not describe) and none is left waiting in a collective.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -66,10 +66,8 @@ def _model_problem(model: torch.nn.Module, ctx: ParallelContext, has_builder: bo
         if problem:
             return PruneConfigError, problem
     mixers = [layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer")]
-    if mixers:
-        problem = _mamba_problem(mixers, ctx)
-        if problem:
-            return PruneConfigError, problem
+    if mixers and mixers[0].D_has_hdim:
+        return PruneConfigError, "Mamba mixers with D_has_hdim=True (a D per channel) are not supported yet"
     for name in model.state_dict():
         index, _, axes = axes_of(name)
         if not name.endswith("._extra_state") and axes is None:
@@ -89,13 +87,6 @@ def _is_mamba_model(model: torch.nn.Module) -> bool:
     from megatron.core.models.mamba import MambaModel
 
     return isinstance(model, MambaModel)
-
-
-def _mamba_problem(mixers: List[torch.nn.Module], ctx: ParallelContext) -> Optional[str]:
-    """Why this stage's Mamba mixers cannot be pruned (None if they can)."""
-    if mixers[0].D_has_hdim:
-        return "Mamba mixers with D_has_hdim=True (a D per channel) are not supported yet"
-    return None
 
 
 def model_shape(model: torch.nn.Module, ctx: ParallelContext, pattern: Optional[str] = None) -> ModelShape:

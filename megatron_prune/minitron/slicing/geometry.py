@@ -150,26 +150,20 @@ def _gated_index(kept, shape, axis):
     return None if channels is None else gated_rows(channels, getattr(shape, axis), shape.gated_linear_unit)
 
 
-def _heads_index(rows: bool):
-    def index(kept, shape, axis):
-        groups = kept(_G)
-        if groups is None:
-            return None
-        if rows:
-            return qkv_rows(groups, kept(_N), shape.heads_per_group, shape.kv_channels)
-        return head_columns(groups, kept(_N), shape.heads_per_group, value_dim(shape))
-
-    return index
+def _qkv_index(kept, shape, axis):
+    groups = kept(_G)
+    return None if groups is None else qkv_rows(groups, kept(_N), shape.heads_per_group, shape.kv_channels)
 
 
-def _mla_rows(per_head: str):
-    """Index and length of an MLA projection's rows: `per_head` (an `MLADims` property) rows per kept head."""
+def _per_head(per_head: Callable[[object], int]):
+    """Index and length of a dim holding `per_head(facts)` entries per kept query head, head by head: the columns
+    of `linear_proj` (`value_dim`), the rows of MLA's projections (an `MLADims` property)."""
 
     def index(kept, shape, axis):
-        groups = kept(_G)  # heads form one group: [0]
-        return None if groups is None else head_columns(groups, kept(_N), shape.heads_per_group, getattr(shape.mla, per_head))
+        groups = kept(_G)  # MLA: the heads form one group, [0]
+        return None if groups is None else head_columns(groups, kept(_N), shape.heads_per_group, per_head(shape))
 
-    return index, lambda size, facts, axis: size(_N) * getattr(facts.mla, per_head)
+    return index, lambda size, facts, axis: size(_N) * per_head(facts)
 
 
 def _mamba_index(kind: str):
@@ -203,10 +197,10 @@ def _mamba_length(kind: str):
 KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind(CHANNELS, lambda kept, shape, axis: kept(axis), lambda size, facts, axis: size(axis)),
     Kind(GATED_ROWS, _gated_index, lambda size, facts, axis: size(axis) * (2 if facts.gated_linear_unit else 1)),
-    Kind(QKV, _heads_index(rows=True), lambda size, facts, axis: (size(_N) + 2 * size(_G)) * facts.kv_channels),
-    Kind(HEAD_COLUMNS, _heads_index(rows=False), lambda size, facts, axis: size(_N) * value_dim(facts)),
-    Kind(MLA_Q, *_mla_rows("q_rows")),
-    Kind(MLA_KV, *_mla_rows("kv_rows")),
+    Kind(QKV, _qkv_index, lambda size, facts, axis: (size(_N) + 2 * size(_G)) * facts.kv_channels),
+    Kind(HEAD_COLUMNS, *_per_head(value_dim)),
+    Kind(MLA_Q, *_per_head(lambda facts: facts.mla.q_rows)),
+    Kind(MLA_KV, *_per_head(lambda facts: facts.mla.kv_rows)),
     *(Kind(k, _mamba_index(k), _mamba_length(k)) for k in (MAMBA_HEADS, MAMBA_INNER, MAMBA_IN, MAMBA_CONV)),
 )}  # fmt: skip
 

@@ -74,6 +74,7 @@ def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_co
     per-layer fields keep the entries of `kept_layers` (global 1-indexed numbers, ascending), and so does a
     hybrid layer pattern the config carries (Megatron-Bridge's Mamba providers do).
     """
+    fields = {f.name for f in dataclasses.fields(config)}
     changes = dict(target)
     changes["kv_channels"] = shape.kv_channels
     if shape.mla is not None:  # MLA has one K/V per head: megatron-core's default (and its inference cache's) groups
@@ -82,52 +83,20 @@ def pruned_config(config, shape: ModelShape, target: Mapping[str, int], stage_co
         changes.update(stage_layout(stage_counts, hybrid=hybrid_pattern is not None))
     if len(kept_layers) != config.num_layers:
         changes.update({f: [v[n - 1] for n in kept_layers] for f, v in per_layer_fields(config).items()})
-    if getattr(config, "hybrid_override_pattern", None) and "hybrid_override_pattern" in {f.name for f in dataclasses.fields(config)}:
+    if getattr(config, "hybrid_override_pattern", None) and "hybrid_override_pattern" in fields:
         changes["hybrid_override_pattern"] = slice_hybrid_pattern(config.hybrid_override_pattern, kept_layers)
     with warnings.catch_warnings():  # __post_init__ re-runs and repeats deprecation notes the user has seen
         warnings.simplefilter("ignore")
         new = dataclasses.replace(config, **changes)
-        _carry_instance_attributes(config, new)
+        # attributes set on the instance, not dataclass fields (e.g. `yarn_rotary_scaling_factor`, which GPTModel reads
+        # for YaRN rope and model builders set after construction): `replace` drops them; copy each one `new` lacks
+        # (those __post_init__ derives are recomputed, not copied)
+        for name, value in vars(config).items():
+            if name not in fields and not hasattr(new, name):
+                setattr(new, name, value)
         if callable(getattr(new, "finalize", None)):  # Megatron-Bridge providers defer __post_init__ to finalize()
             new.finalize()
         return new
-
-
-def _carry_instance_attributes(config, new) -> None:
-    """Attributes set on the `config` instance that are not dataclass fields (e.g. `yarn_rotary_scaling_factor`,
-    which GPTModel reads for YaRN rope and model builders set after construction): `dataclasses.replace` drops
-    them; copy each one `new` lacks (those __post_init__ derives are recomputed, not copied)."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    for name, value in vars(config).items():
-        if name not in fields and not hasattr(new, name):
-            setattr(new, name, value)
-
-
-def rebuild_gpt(model: torch.nn.Module, config, kept_local: List[int], on_meta: bool = False) -> torch.nn.Module:
-    """Build this stage of a GPTModel like `model` (same spec, vocab, embeddings, rope) from `config`.
-
-    `kept_local`: positions in `model.decoder.layers` of the layers this stage keeps, in order. A block spec
-    (per-layer specs plus the final norm, e.g. dense and MoE layers mixed) is rebuilt with the specs of
-    those layers and the same final norm. The rotary frequencies are copied from `model`, as they depend on
-    constructor arguments (e.g. the rope scaling factor) that the model does not keep. Weights are
-    allocated without initialisation: the caller loads the sliced state dict (`on_meta`: not allocated at all,
-    a dry run of the build).
-    """
-    spec = _block_spec(model.transformer_layer_spec, kept_local)
-    kwargs = dict(
-        transformer_layer_spec=spec,
-        **_language_model_kwargs(model),
-        rotary_percent=model.rotary_percent,
-        rotary_base=model.rotary_base,
-        rope_scaling=model.rotary_scaling,
-        mtp_block_spec=model.mtp_block_spec,
-        pg_collection=model.pg_collection,
-        vp_stage=model.vp_stage,
-    )
-    rope = getattr(model, "rotary_pos_emb", None)
-    if rope is not None:
-        kwargs["seq_len_interpolation_factor"] = rope.seq_len_interpolation_factor
-    return _build_uninitialised(model, config, kwargs, on_meta)
 
 
 def slice_hybrid_pattern(pattern: str, kept_layers: Sequence[int]) -> str:
@@ -161,48 +130,38 @@ def hybrid_pattern_of(model: torch.nn.Module) -> Optional[str]:
 
 
 def rebuild(model: torch.nn.Module, config, kept_local: List[int], kept_layers: List[int], on_meta: bool = False) -> torch.nn.Module:
-    """This stage of `model` rebuilt from the pruned `config`, keeping the layers at `kept_local` of this stage
-    (`kept_layers`: the global numbers of every surviving layer). `on_meta`: a dry run, nothing allocated."""
-    pattern = hybrid_pattern_of(model)
-    if pattern is None:
-        return rebuild_gpt(model, config, kept_local, on_meta)
-    return rebuild_hybrid(model, config, slice_hybrid_pattern(pattern, kept_layers), on_meta)
+    """This stage of `model` (a GPTModel or a MambaModel) built like it (same spec, vocab, embeddings, rope) from
+    the pruned `config`, keeping the layers at `kept_local` of this stage (`kept_layers`: the global numbers of
+    every surviving layer).
 
-
-def rebuild_hybrid(model: torch.nn.Module, config, pattern: str, on_meta: bool = False) -> torch.nn.Module:
-    """Build this stage of a MambaModel like `model` (same stack spec, vocab, embeddings, rope) from `config`
-    with the layer pattern `pattern`. Rotary frequencies are copied from `model`; weights are allocated
-    without initialisation."""
-    rope = getattr(model, "rotary_pos_emb", None)
-    kwargs = dict(
-        mamba_stack_spec=model.mamba_stack_spec,
-        hybrid_override_pattern=pattern,
-        **_language_model_kwargs(model),
-        pg_collection=model.pg_collection,
-    )
-    if rope is not None:  # the rotated share of each head; the frequencies themselves are copied below
-        kwargs["rotary_percent"] = 2 * rope.inv_freq.numel() / config.kv_channels
-        kwargs["seq_len_interpolation_factor"] = rope.seq_len_interpolation_factor
-    return _build_uninitialised(model, config, kwargs, on_meta)
-
-
-def _language_model_kwargs(model: torch.nn.Module) -> dict:
-    """Constructor arguments GPTModel and MambaModel share, as `model` was built with them."""
+    A GPTModel's block spec (per-layer specs plus the final norm, e.g. dense and MoE layers mixed) is rebuilt with
+    the specs of the kept layers and the same final norm; a MambaModel gets the layer pattern of the kept layers.
+    The rotary frequencies are copied from `model`, as they depend on constructor arguments (e.g. the rope scaling
+    factor) that the model does not keep. Weights are allocated without initialisation: the caller loads the
+    sliced state dict (`on_meta`: on the meta device, nothing allocated, a dry run of the build; weights Megatron
+    places with an explicit device, i.e. without CPU initialisation, are still allocated; the output layer is
+    untied at PP > 1, where the tie is an all-reduce of real embedding weights between the first and last stage).
+    """
     names = ("vocab_size", "max_sequence_length", "pre_process", "post_process", "fp16_lm_cross_entropy",
              "parallel_output", "share_embeddings_and_output_weights", "position_embedding_type")  # fmt: skip
-    return {name: getattr(model, name) for name in names}
-
-
-def _build_uninitialised(model: torch.nn.Module, config, kwargs: dict, on_meta: bool = False) -> torch.nn.Module:
-    """`type(model)(config, **kwargs)` without weight initialisation, with `model`'s rotary frequencies, on its device.
-
-    `on_meta`: on the meta device (weights Megatron places with an explicit device, i.e. without CPU
-    initialisation, are still allocated), and with the output layer untied at PP > 1, where the tie is an
-    all-reduce of real embedding weights between the first and last stage."""
+    kwargs = {name: getattr(model, name) for name in names}  # the constructor arguments GPTModel and MambaModel share
+    kwargs["pg_collection"] = model.pg_collection
+    rope = getattr(model, "rotary_pos_emb", None)
+    pattern = hybrid_pattern_of(model)
+    if pattern is None:
+        kwargs.update(transformer_layer_spec=_block_spec(model.transformer_layer_spec, kept_local),
+                      rotary_percent=model.rotary_percent, rotary_base=model.rotary_base, rope_scaling=model.rotary_scaling,
+                      mtp_block_spec=model.mtp_block_spec, vp_stage=model.vp_stage)  # fmt: skip
+    else:
+        kwargs.update(mamba_stack_spec=model.mamba_stack_spec, hybrid_override_pattern=slice_hybrid_pattern(pattern, kept_layers))
+        if rope is not None:  # the rotated share of each head; the frequencies themselves are copied below
+            kwargs["rotary_percent"] = 2 * rope.inv_freq.numel() / config.kv_channels
+    if rope is not None:
+        kwargs["seq_len_interpolation_factor"] = rope.seq_len_interpolation_factor
+    if on_meta and config.pipeline_model_parallel_size > 1:
+        kwargs["share_embeddings_and_output_weights"] = False
     init = config.perform_initialization
     config.perform_initialization = False
-    if on_meta and config.pipeline_model_parallel_size > 1:
-        kwargs = {**kwargs, "share_embeddings_and_output_weights": False}
     try:
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             new = type(model)(config=config, **kwargs)
@@ -210,7 +169,6 @@ def _build_uninitialised(model: torch.nn.Module, config, kwargs: dict, on_meta: 
         config.perform_initialization = init
     if on_meta:
         return new
-    rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None and hasattr(rope, "inv_freq"):
         new.rotary_pos_emb.inv_freq = rope.inv_freq.clone()
     return new.to(next(model.parameters()).device)

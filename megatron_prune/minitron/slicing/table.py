@@ -55,7 +55,6 @@ QKV_ROWS = Geometry(QKV, "num_attention_heads")
 HEAD_COLS = Geometry(HEAD_COLUMNS, "num_attention_heads")
 MLA_Q_ROWS = Geometry(MLA_Q, "num_attention_heads")
 MLA_KV_ROWS = Geometry(MLA_KV, "num_attention_heads")
-FC1_ROWS = Geometry(GATED_ROWS, "ffn_hidden_size")
 FFN = Geometry(CHANNELS, "ffn_hidden_size")
 EXPERTS = Geometry(CHANNELS, "num_moe_experts")
 # Mamba geometries follow both mamba_num_heads and mamba_head_dim (named by the first).
@@ -164,12 +163,6 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(re.escape(ROUTED_EXPERTS) + r"\.(\d+)\.(.+)")
 
 
-def _lookup(roles: Mapping[str, Role], name: str) -> Optional[TensorAxes]:
-    module, _, param = split_expert_name(name)[1].rpartition(".")
-    role = roles.get(module)
-    return None if role is None else role.get(param)
-
-
 def split_layer_name(name: str) -> Tuple[Optional[int], str]:
     """``decoder.layers.3.mlp.linear_fc1.weight`` -> (3, ``mlp.linear_fc1.weight``); other names -> (None, name)."""
     m = _LAYER.fullmatch(name)
@@ -201,7 +194,8 @@ def expert_name(expert: int, role_name: str) -> str:
 def axes_of(name: str) -> Tuple[Optional[int], str, Optional[TensorAxes]]:
     """For a state-dict name: (local decoder-layer index or None, name inside the layer/model, axes or None)."""
     index, inner = split_layer_name(name)
-    return index, inner, _lookup(MODEL_ROLES if index is None else LAYER_ROLES, inner)
+    module, _, param = split_expert_name(inner)[1].rpartition(".")
+    return index, inner, (MODEL_ROLES if index is None else LAYER_ROLES).get(module, {}).get(param)
 
 
 def is_tied_output_copy(model, name: str) -> bool:
