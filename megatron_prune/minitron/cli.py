@@ -47,12 +47,12 @@ from megatron_prune.minitron.distill.handoff import write_prune_run_card
 from megatron_prune.minitron.importance.calibration import precheck_scores_file
 from megatron_prune.minitron.importance.criteria import criteria_at_layout, needing_backward, resolve_criteria
 from megatron_prune.minitron.output import atomic_output_dir, check_output_dir
-from megatron_prune.minitron.preflight import check_budgets, check_sequence_length, check_weight_files, resolve_dtype
+from megatron_prune.minitron.preflight import check_sequence_length, check_weight_files, resolve_dtype
 from megatron_prune.minitron.report import format_tables, parameter_groups, write_report
 from megatron_prune.minitron.runtime.command import run_command
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.args import search_options_from_args
-from megatron_prune.minitron.search.nas import search_record
+from megatron_prune.minitron.search.nas import plan_search, search_record
 from megatron_prune.minitron.search.plot import plot_candidates
 
 
@@ -64,9 +64,13 @@ def run(args: argparse.Namespace) -> dict:
     """The whole job, in steps; returns the JSON summary. Collective under torchrun."""
     started = time.perf_counter()
     job = prepare(args)  # every check that needs no weights; the calibration data tokenised
-    model, imported = load_model(job, args)
-    checks = job.roundtrip_checks
-    if job.checkpoint is None:
+    if job.checkpoint is not None:  # a Megatron checkpoint (--load), and what exports it to HF if asked
+        model = megatron_checkpoint.load_megatron_model(job.source, info=job.checkpoint, tokenizer_model=args.tokenizer_model,
+                                                        ctx=job.ctx).model
+        imported = megatron_checkpoint.hf_exporter(job.checkpoint, model) if job.save_format != "megatron" else None
+    else:  # a Hugging Face model imported through Megatron-Bridge, which exports it back
+        imported = bridge.import_hf_model(job.source, dtype=job.dtype, trust_remote_code=args.trust_remote_code, ctx=job.ctx)
+        model = imported.model
         job.check(model, job.source, "HF source vs imported MCore")
     groups_before = parameter_groups(model, job.ctx)
     with atomic_output_dir(args.output_dir, args.overwrite, job.ctx) as tmp:
@@ -76,22 +80,11 @@ def run(args: argparse.Namespace) -> dict:
         groups_after = parameter_groups(pruned, job.ctx)
         job.ctx.on_main(lambda: print("\n" + format_tables(result, groups_before, groups_after) + "\n", flush=True))
         saved = save_checkpoints(job, args, model, imported, pruned, result, tmp)
-        summary = summary_record(job, args, result, saved, checks, started)
+        summary = summary_record(job, args, result, saved, started)
         job.ctx.on_main(lambda: write_outputs(job, args, imported, result, tmp, groups_before, groups_after, summary))
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
         f"({100 * result.params_after / result.params_before:.1f}%), written to {job.out}")  # fmt: skip
     return summary
-
-
-def load_model(job: SimpleNamespace, args: argparse.Namespace):
-    """(the model to prune, the Megatron-Bridge import that exports it back, or None): a Megatron checkpoint
-    (`--load`) or a Hugging Face model imported through Megatron-Bridge."""
-    if job.checkpoint is not None:
-        model = megatron_checkpoint.load_megatron_model(job.source, info=job.checkpoint, tokenizer_model=args.tokenizer_model,
-                                                        ctx=job.ctx).model
-        return model, megatron_checkpoint.hf_exporter(job.checkpoint, model) if job.save_format != "megatron" else None
-    imported = bridge.import_hf_model(job.source, dtype=job.dtype, trust_remote_code=args.trust_remote_code, ctx=job.ctx)
-    return imported.model, imported
 
 
 def save_checkpoints(job, args, model, imported, pruned, result, tmp: str) -> dict:
@@ -114,16 +107,15 @@ def save_checkpoints(job, args, model, imported, pruned, result, tmp: str) -> di
     return saved
 
 
-def summary_record(job, args, result, saved: dict, checks: List, started: float) -> dict:
+def summary_record(job, args, result, saved: dict, started: float) -> dict:
     """What `prune_summary.json` records beside the prune itself (`report.summary`)."""
-    ctx = job.ctx
     summary = {
         "source": str(job.source), "source_format": job.checkpoint.format if job.checkpoint else "hf", **saved,
         "output_dir": str(job.out), "save_format": job.save_format,
         "dtype": _name(job.dtype), "source_dtype": _name(job.source_dtype),
-        "parallelism": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
+        "parallelism": {"tp": job.ctx.tp_size, "pp": job.ctx.pp_size, "dp": job.ctx.dp_size},
         "calibration_micro_batch_size": args.micro_batch_size,
-        "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in checks],
+        "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in job.roundtrip_checks],
         "wall_time_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     if not args.scores_path:
@@ -137,7 +129,8 @@ def summary_record(job, args, result, saved: dict, checks: List, started: float)
 
 def write_outputs(job, args, imported, result, tmp: str, groups_before, groups_after, summary: dict) -> None:
     """Rank 0: the report, the NAS plot, the statistics and the distillation run card, under `tmp`."""
-    title = f"{os.path.basename(str(job.source).rstrip('/'))}: {_sizes(result)}"
+    changed = ", ".join(f"{k} {result.original_sizes[k]}→{v}" for k, v in result.export_config.items() if result.original_sizes[k] != v)
+    title = f"{os.path.basename(str(job.source).rstrip('/'))}: {changed}"
     write_report(result, str(tmp), groups_before, groups_after, summary, title, plot_png=not args.no_report)
     if result.search is not None and not args.no_report:
         plot_candidates(result, os.path.join(tmp, "nas_candidates.png"))
@@ -180,8 +173,12 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     # the statistics live outside the temporary directory, so a failed or interrupted run keeps them: the same
     # command resumes without calibrating (and NAS at the next unscored candidate)
     scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
-    if src.checkpoint is None:  # (a Megatron checkpoint's scores file is checked once the model is loaded)
-        _precheck_scores(scores_path, src.provider, flags.criteria, loop.calibration, args, ctx, shape, src.dtype)
+    # an existing scores file, checked from the config (architecture, statistics, data); a Megatron checkpoint's
+    # is checked once the model is loaded
+    if src.checkpoint is None and ctx.broadcast_object(os.path.exists(scores_path)):
+        at_layout = criteria_at_layout(flags.criteria, shape, ctx.tp_size)[0]
+        config = finalized_provider(src.provider, ctx, src.dtype)
+        ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, loop.calibration, args.reuse_scores))
     log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {calib_data!r}, "
         f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
     tolerance = args.roundtrip_tolerance
@@ -274,7 +271,7 @@ def resolve_targets(args, ctx: ParallelContext, flags: SimpleNamespace, src: Sim
         validate_export_config(target, shape, **ctx.sizes())
     else:
         inventory = src.checkpoint.inventory(ctx.tp_size) if src.checkpoint else provider_inventory(src.provider, ctx.tp_size)
-        budgets = check_budgets(search.constraints, search.search, inventory, shape, **ctx.sizes())
+        budgets = plan_search(inventory, shape, search.constraints, search.search, verbose=False, **ctx.sizes()).budgets
         log(f"NAS budgets: {', '.join(f'{k} <= {v:,.0f}' for k, v in budgets.items())}")
     return target, depth_options, budgets
 
@@ -296,15 +293,6 @@ def calibration_data(args, flags: SimpleNamespace, src: SimpleNamespace, dp: int
     settings = {"data": calib_data, "seed": args.seed, "text_field": args.calib_text_field, "split": args.calib_split}
     loop = make_forward_loop(batches, backward=bool(needing_backward(flags.criteria)), settings=settings)
     return loop, score_func, calib_data
-
-
-def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ctx, shape, dtype) -> None:
-    """An existing scores file, checked from the config before the import (architecture, statistics, data)."""
-    if not ctx.broadcast_object(os.path.exists(scores_path)):
-        return
-    at_layout = criteria_at_layout(criteria, shape, ctx.tp_size)[0]
-    config = finalized_provider(provider, ctx, dtype)
-    ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, calibration, args.reuse_scores))
 
 
 def _calibration_and_score(args, calib_data: str, search, tokenizer):
@@ -350,10 +338,6 @@ def _checked(check):
     if not check.ok:
         raise RuntimeError(f"round-trip check failed: {check} (nothing was written; --skip-roundtrip-check skips it)")
     return check
-
-
-def _sizes(result) -> str:
-    return ", ".join(f"{k} {result.original_sizes[k]}→{v}" for k, v in result.export_config.items() if result.original_sizes[k] != v)
 
 
 def _name(dtype) -> str:

@@ -3,8 +3,6 @@
     check_weight_files(source, hf_config)        every safetensors file complete, shaped as config.json says
     check_sequence_length(seq_length, hf_config) calibration rows within the model's positions
     resolve_dtype(name, hf_config)               "auto": the source checkpoint's dtype
-    check_budgets(constraints, search, ...)      NAS budgets (percentages resolved) and search space, counted
-                                                 from the config (`bridge.hf_import.provider_inventory`)
 
 Each raises PruneConfigError naming the flag or the file and saying what to do; nothing here reads a weight.
 """
@@ -60,9 +58,7 @@ def check_weight_files(source: str, hf_config, trust_remote_code: bool = False) 
         missing = [f.name for f in named if not f.is_file()]
         if missing:
             raise PruneConfigError(f"--hf-model {source!r}: {index.name} names missing weight files {missing[:4]}")
-    shapes: Dict[str, List[int]] = {}
-    for f in files:
-        shapes.update(_safetensors_shapes(f, source))
+    shapes = {name: shape for f in files for name, shape in _safetensors_shapes(f, source).items()}
     if shapes:
         _check_shapes(source, hf_config, shapes, trust_remote_code)
 
@@ -108,12 +104,3 @@ def _check_shapes(source: str, hf_config, shapes: Dict[str, List[int]], trust_re
     detail = "; ".join(wrong[:3] + ([f"{len(missing)} tensors missing from the files, e.g. {missing[0]}"] if missing else []))
     hint = f"config.json does not set {', '.join(unset)}" if unset else "config.json does not describe these weights"
     raise PruneConfigError(f"--hf-model {source!r}: the weights do not match config.json: {detail}. {hint}")
-
-
-def check_budgets(constraints, search, inventory, shape, **parallel: int) -> Dict[str, float]:
-    """NAS budgets as numbers (percentages of the model's own counts resolved), checked with the search space
-    against counts from the config alone (`inventory`, `search.counting`): a budget at or above the model, or below
-    every candidate, fails now."""
-    from megatron_prune.minitron.search.nas import plan_search
-
-    return plan_search(inventory, shape, constraints, search, verbose=False, **parallel).budgets

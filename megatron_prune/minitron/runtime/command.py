@@ -56,26 +56,22 @@ def run_command(prog: str, job: Callable[[argparse.Namespace], None], args: argp
     traceback); the distributed state is torn down either way. `args.verbose` (if present) shows third-party
     warnings (`quiet_output`)."""
     with quiet_output(getattr(args, "verbose", False)):
-        return _run(prog, job, args)
+        from megatron_prune.minitron.runtime.distributed import destroy_distributed  # imports megatron-core: quiet first
+        from megatron_prune.minitron.runtime.interrupt import watch_interrupts
 
-
-def _run(prog: str, job: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    from megatron_prune.minitron.runtime.distributed import destroy_distributed  # imports megatron-core: quiet first
-    from megatron_prune.minitron.runtime.interrupt import watch_interrupts
-
-    main_rank = os.environ.get("RANK", "0") == "0"
-    try:
-        with watch_interrupts():
-            job(args)
-    except PruneError as e:
-        if main_rank:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        if main_rank:
-            print(f"{prog}: interrupted: nothing was published to --output-dir; statistics calibrated so far are "
-                  "kept beside it (or in --scores-path): the same command resumes", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        destroy_distributed()
+        main_rank = os.environ.get("RANK", "0") == "0"
+        try:
+            with watch_interrupts():
+                job(args)
+        except PruneError as e:
+            if main_rank:
+                print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            return 2
+        except KeyboardInterrupt:
+            if main_rank:
+                print(f"{prog}: interrupted: nothing was published to --output-dir; statistics calibrated so far are "
+                      "kept beside it (or in --scores-path): the same command resumes", file=sys.stderr, flush=True)
+            return 130
+        finally:
+            destroy_distributed()
     return 0

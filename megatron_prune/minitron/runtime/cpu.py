@@ -106,8 +106,8 @@ def apply_cpu_support() -> bool:
     if _applied:
         return True
 
-    torch.cuda.current_device = _current_device
-    torch.cuda.synchronize = _synchronize
+    torch.cuda.current_device = lambda: "cpu"  # megatron passes the answer as `device=`
+    torch.cuda.synchronize = lambda device=None: None  # CPU collectives are complete when they return
 
     mcore_random.CudaRNGStatesTracker.add = _add_rng_state_without_cuda
     mcore_random.CudaRNGStatesTracker.fork = _fork_without_cuda
@@ -127,8 +127,8 @@ def apply_cpu_support() -> bool:
         moe_utils.te_general_gemm = None
     token_dispatcher.torch = _torch_with_cpu_streams()
     token_dispatcher.maybe_move_tensor_to_cpu = _splits_as_numpy(moe_utils.maybe_move_tensor_to_cpu)
-    torch.cuda.get_rng_state = _cpu_rng_state
-    FusedScaleMaskSoftmax.is_kernel_available = _no_fused_softmax_kernel
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # the CPU generator's state
+    FusedScaleMaskSoftmax.is_kernel_available = lambda self, mask, b, np, sq, sk: False  # the fused softmax is a CUDA kernel
     DotProductAttention.__init__ = _with_mla_channels(DotProductAttention.__init__)
     multi_latent_attention.HAVE_TE = te_extension.HAVE_TE
     if not any(isinstance(f, _BridgeWithoutTransformerEngine) for f in sys.meta_path):
@@ -136,15 +136,6 @@ def apply_cpu_support() -> bool:
 
     _applied = True
     return True
-
-
-def _current_device() -> str:
-    """Stands in for `torch.cuda.current_device()`: megatron passes the answer as `device=`."""
-    return "cpu"
-
-
-def _synchronize(device=None) -> None:
-    """Stands in for `torch.cuda.synchronize()`: CPU collectives are complete when they return."""
 
 
 def _add_rng_state_without_cuda(self, name: str, seed: int) -> None:
@@ -194,9 +185,15 @@ def _torch_with_cpu_factories() -> types.ModuleType:
     The attributes are copied, not looked up through a proxy, so every other `torch.X` costs what it did.
     torch's own module `__getattr__` comes along and keeps serving its lazily imported submodules.
     """
-    namespace = types.ModuleType(torch.__name__, torch.__doc__)
-    namespace.__dict__.update(vars(torch))
+    namespace = _copy_of(torch)
     namespace.__dict__.update({name: _on_cpu(getattr(torch, name)) for name in _TENSOR_FACTORIES})
+    return namespace
+
+
+def _copy_of(module: types.ModuleType) -> types.ModuleType:
+    """A new module object holding the attributes of `module` (the same objects, not copies of them)."""
+    namespace = types.ModuleType(module.__name__, module.__doc__)
+    namespace.__dict__.update(vars(module))
     return namespace
 
 
@@ -230,14 +227,11 @@ def _splits_as_numpy(move: Callable) -> Callable:
 
 def _torch_with_cpu_streams() -> types.ModuleType:
     """A copy of the `torch` namespace whose `torch.cuda` has CPU stand-ins for streams (patch 12)."""
-    namespace = types.ModuleType(torch.__name__, torch.__doc__)
-    namespace.__dict__.update(vars(torch))
-    cuda = types.ModuleType(torch.cuda.__name__, torch.cuda.__doc__)
-    cuda.__dict__.update(vars(torch.cuda))
+    namespace = _copy_of(torch)
+    namespace.cuda = cuda = _copy_of(torch.cuda)
     cuda.Stream = lambda *args, **kwargs: _CPU_STREAM
     cuda.current_stream = lambda device=None: _CPU_STREAM
     cuda.stream = lambda stream=None: contextlib.nullcontext()
-    namespace.cuda = cuda
     return namespace
 
 
@@ -258,9 +252,8 @@ def _with_tensor_cuda_as_identity(function):
 
 def apply_bridge_cpu_support() -> bool:
     """Patch 10 (see the module docstring), on a machine without CUDA. Idempotent; imports the bridge."""
-    if torch.cuda.is_available():
+    if not apply_cpu_support():  # a machine with CUDA: nothing to patch
         return False
-    apply_cpu_support()
     from megatron.bridge.models.conversion.param_mapping import MegatronParamMapping
 
     scatter = MegatronParamMapping.scatter_to_tp_ranks
@@ -284,9 +277,8 @@ def apply_training_cpu_support() -> bool:
     CPU-factory copy of patch 5. Grad clipping asserts `torch.cuda.FloatTensor` grads: the optimizer's
     `clip_grad_by_total_norm_fp32` is replaced by the same scaling, written for any device.
     """
-    if torch.cuda.is_available():
+    if not apply_cpu_support():  # a machine with CUDA: nothing to patch
         return False
-    apply_cpu_support()
     import megatron.core.utils as mcore_utils
     from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.optimizer import clip_grads, optimizer
@@ -309,11 +301,6 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
                 grad.detach().mul_(coeff)
 
 
-def _no_fused_softmax_kernel(self, mask, b, np, sq, sk) -> bool:
-    """Stands in for `FusedScaleMaskSoftmax.is_kernel_available`: the fused softmax is a CUDA kernel."""
-    return False
-
-
 def _with_mla_channels(init):
     """`DotProductAttention.__init__` that also takes MLA's `k_channels` / `v_channels` (patch 15)."""
 
@@ -326,11 +313,6 @@ def _with_mla_channels(init):
             self.num_query_groups_per_partition = self.num_attention_heads_per_partition
 
     return __init__
-
-
-def _cpu_rng_state(device="cuda") -> torch.Tensor:
-    """Stands in for `torch.cuda.get_rng_state()`: the CPU generator's state."""
-    return torch.get_rng_state()
 
 
 class _BridgeWithoutTransformerEngine(importlib.abc.MetaPathFinder):

@@ -53,14 +53,10 @@ def init_distributed(
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     if parallel_state.model_parallel_is_initialized():
-        current = (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-        )
-        experts = (parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_tensor_parallel_world_size())
-        if current != (tensor_model_parallel_size, pipeline_model_parallel_size) or experts != (
-            expert_model_parallel_size, expert_tensor_parallel_size or tensor_model_parallel_size
-        ):
+        current = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+                   parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_tensor_parallel_world_size())
+        if current != (tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size,
+                       expert_tensor_parallel_size or tensor_model_parallel_size):
             raise RuntimeError(
                 f"model parallel state is already initialised with tensor_model_parallel_size "
                 f"{current[0]}, pipeline_model_parallel_size {current[1]}; call destroy_distributed() "

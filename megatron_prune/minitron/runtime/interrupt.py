@@ -35,11 +35,6 @@ def watch_interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def interrupted() -> bool:
-    """Whether a SIGINT arrived while `watch_interrupts()` was active."""
-    return _interrupted.is_set()
-
-
 def raise_if_interrupted() -> None:
     """Raise KeyboardInterrupt if an interrupt arrived, even one that something swallowed."""
     if _interrupted.is_set():

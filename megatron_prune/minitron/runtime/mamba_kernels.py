@@ -240,11 +240,11 @@ def _triton_stub() -> dict:
 
 def _mamba_ssm_stub() -> dict:
     """The mamba-ssm modules `mamba_mixer` imports its Mamba-2 kernels from, holding this module's kernels."""
-    names = ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton")
+    names = ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.ops.triton.layernorm_gated",
+             "mamba_ssm.ops.triton.ssd_combined")
     stub = {name: types.ModuleType(name) for name in names}
-    stub["mamba_ssm.ops.triton.layernorm_gated"] = types.ModuleType("mamba_ssm.ops.triton.layernorm_gated")
     stub["mamba_ssm.ops.triton.layernorm_gated"].RMSNorm = GatedRMSNorm
-    ssd = stub["mamba_ssm.ops.triton.ssd_combined"] = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+    ssd = stub["mamba_ssm.ops.triton.ssd_combined"]
     ssd.mamba_chunk_scan_combined = mamba_chunk_scan_combined
     ssd.mamba_split_conv1d_scan_combined = mamba_split_conv1d_scan_combined
     return stub

@@ -13,6 +13,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+# each group's field prefix here and its name in megatron-core's parallel_state (get_<name>_world_size, _rank, _group)
+_MEGATRON_NAMES = {"tp": "tensor_model_parallel", "pp": "pipeline_model_parallel", "dp": "data_parallel",
+                   "ep": "expert_model_parallel", "etp": "expert_tensor_parallel", "expert_dp": "expert_data_parallel"}
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -41,12 +45,10 @@ class ParallelContext:
         for name in ("tp_size", "pp_size", "dp_size", "ep_size", "etp_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"tp_rank={self.tp_rank} outside tensor-parallel size {self.tp_size}")
-        if not 0 <= self.pp_rank < self.pp_size:
-            raise ValueError(f"pp_rank={self.pp_rank} outside pipeline size {self.pp_size}")
-        if not 0 <= self.dp_rank < self.dp_size:
-            raise ValueError(f"dp_rank={self.dp_rank} outside data-parallel size {self.dp_size}")
+        for axis, name in (("tp", "tensor-parallel"), ("pp", "pipeline"), ("dp", "data-parallel")):
+            rank, size = getattr(self, f"{axis}_rank"), getattr(self, f"{axis}_size")
+            if not 0 <= rank < size:
+                raise ValueError(f"{axis}_rank={rank} outside {name} size {size}")
 
     @classmethod
     def given(cls, ctx: Optional["ParallelContext"]) -> "ParallelContext":
@@ -67,26 +69,13 @@ class ParallelContext:
                 "megatron_prune.minitron.runtime.distributed.init_distributed(...) or "
                 "parallel_state.initialize_model_parallel(...) before pruning"
             )
-        return cls(
-            tp_size=ps.get_tensor_model_parallel_world_size(),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            pp_size=ps.get_pipeline_model_parallel_world_size(),
-            pp_rank=ps.get_pipeline_model_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(),
-            dp_rank=ps.get_data_parallel_rank(),
-            global_rank=dist.get_rank(),
-            ep_size=ps.get_expert_model_parallel_world_size(),
-            ep_rank=ps.get_expert_model_parallel_rank(),
-            expert_dp_size=ps.get_expert_data_parallel_world_size(),
-            etp_size=ps.get_expert_tensor_parallel_world_size(),
-            etp_rank=ps.get_expert_tensor_parallel_rank(),
-            tp_group=ps.get_tensor_model_parallel_group(),
-            pp_group=ps.get_pipeline_model_parallel_group(),
-            dp_group=ps.get_data_parallel_group(),
-            ep_group=ps.get_expert_model_parallel_group(),
-            expert_dp_group=ps.get_expert_data_parallel_group(),
-            etp_group=ps.get_expert_tensor_parallel_group(),
-        )
+        state = {"global_rank": dist.get_rank()}
+        for prefix, name in _MEGATRON_NAMES.items():
+            state[f"{prefix}_size"] = getattr(ps, f"get_{name}_world_size")()
+            state[f"{prefix}_group"] = getattr(ps, f"get_{name}_group")()
+            if prefix != "expert_dp":  # (this context has no rank among an expert's replicas)
+                state[f"{prefix}_rank"] = getattr(ps, f"get_{name}_rank")()
+        return cls(**state)
 
     def for_routed_experts(self) -> "ParallelContext":
         """The context routed-expert tensors are split in: tensor parallelism over the expert tensor-parallel group
@@ -135,7 +124,7 @@ class ParallelContext:
 
     def broadcast_object(self, obj: Any) -> Any:
         """Global rank 0's `obj` on every rank (e.g. what rank 0 read from a file system others may not see)."""
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        if _world_size() == 1:
             return obj
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
@@ -143,14 +132,10 @@ class ParallelContext:
 
     def gather_all(self, obj: Any) -> List[Any]:
         """All-gather a picklable object over every rank of the world, in global rank order."""
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-            return [obj]
-        out: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
+        return _gather_objects(obj, _world_size(), None)  # (group None: the whole world)
 
     def barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world_size() > 1:
             dist.barrier()
 
     def on_main(self, action: Callable[[], Any]) -> Any:
@@ -172,6 +157,11 @@ class ParallelContext:
             if p is not None:
                 error, message = p
                 raise error(message if rank == self.global_rank else f"(raised on rank {rank}) {message}")
+
+
+def _world_size() -> int:
+    """The number of processes: 1 when torch.distributed is not initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _sum(t: torch.Tensor, size: int, group) -> torch.Tensor:
