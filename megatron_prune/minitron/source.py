@@ -3,7 +3,7 @@
 What one calibration (or the scores file) gives every prune of a model is gathered once in a `PruneSource`:
 the model, its layout and shape, the importance and orders. `build` turns complete target sizes into a pruned
 model (plan -> pruned config -> stock model -> sliced weights streamed in) and NAS builds each candidate
-through the same source (`build_candidate`, `keeps_every_stage`, `save_search`).
+through the same source (`build_candidate`, `kept_layers`, `keeps_every_stage`, `save_search`).
 Also here: the checks that build a pruned config before calibration (`megatron_problem`, `dry_run_rebuild`).
 """
 
@@ -123,10 +123,12 @@ class PruneSource:
         """A NAS candidate's pruned model."""
         return self.build(self.sizes(candidate.export_config), candidate.export_config, verbose=False)[0]
 
+    def kept_layers(self, candidate) -> List[int]:
+        """The layers a candidate keeps: the top of the layer ranking (each on its stage)."""
+        return sorted(self.orders.layer_ranking[: self.sizes(candidate.export_config)["num_layers"]])
+
     def keeps_every_stage(self, candidate) -> bool:
-        """Whether every pipeline stage that held layers keeps one of the candidate's (the top of the layer ranking)."""
-        kept = self.orders.layer_ranking[: self.sizes(candidate.export_config)["num_layers"]]
-        return not emptied_stages(self.stage_layers, kept)
+        return not emptied_stages(self.stage_layers, self.kept_layers(candidate))
 
     def save_search(self, search_cache: dict) -> None:
         """Store NAS candidate scores in the scores file (`search_cache`: its search section)."""
