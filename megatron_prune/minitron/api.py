@@ -35,7 +35,7 @@ from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.nas import SearchPlan, prepare_search, run_search
 from megatron_prune.minitron.slicing.model import hybrid_pattern_of
 from megatron_prune.minitron.source import (  # noqa: F401  (PruneResult, count_params: public)
-    PruneResult, PruneSource, count_params, dry_run_rebuild, emptied_stages, megatron_problem,
+    PruneResult, PruneSource, count_params, dry_run_rebuild, megatron_problem,
 )
 
 

@@ -132,7 +132,7 @@ class PruneSource:
 
     def save_search(self, search_cache: dict) -> None:
         """Store NAS candidate scores in the scores file (`search_cache`: its search section)."""
-        self.statistics.save_search(search_cache, self.ctx)
+        self.statistics.save(self.ctx, search_cache)
 
 
 def emptied_stages(stage_layers: List[List[int]], kept) -> List[int]:

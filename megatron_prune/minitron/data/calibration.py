@@ -101,14 +101,14 @@ def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
 
     datasets.disable_progress_bars()
     files = resolve_files(source)
+    builders = {_builder(f) for f in files}
+    if files and (None in builders or len(builders) != 1):
+        kinds = sorted({Path(f).suffix or Path(f).name for f in files})
+        raise PruneConfigError(
+            f"--calib-data {source!r}: files must be all text (.txt/.md/.rst[.gz]), all JSON lines or all Parquet; got {kinds}"
+        )
     try:
         if files:
-            builders = {_builder(f) for f in files}
-            if None in builders or len(builders) != 1:
-                kinds = sorted({Path(f).suffix or Path(f).name for f in files})
-                raise PruneConfigError(
-                    f"--calib-data {source!r}: files must be all text (.txt/.md/.rst[.gz]), all JSON lines or all Parquet; got {kinds}"
-                )
             builder = builders.pop()
             extra = {"sample_by": "document"} if builder == "text" else {}
             data = datasets.load_dataset(builder, data_files=files, split="train", **extra)
@@ -117,8 +117,6 @@ def _documents(source: str, text_field: str, split: str) -> Iterator[str]:
             data = datasets.load_dataset(name, config or None, split=split, streaming=True)
         rows = iter(data)
         first = next(rows, None)
-    except PruneConfigError:
-        raise
     except Exception as e:  # noqa: BLE001 - name the source and the cause
         raise _load_error(source, files, e) from e
     if first is None:

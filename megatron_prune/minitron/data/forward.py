@@ -59,10 +59,9 @@ def run_forward(
     def forward_step(data_iterator, model):
         tokens = next(data_iterator).to(device)
         position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(tokens)
-        if backward:  # the model's own (vocabulary-parallel) cross-entropy: per-token losses [B, S]
-            output = model(tokens, position_ids, attention_mask=None, labels=torch.roll(tokens, -1, dims=1))
-        else:
-            output = model(tokens, position_ids, attention_mask=None)
+        # backward: the model's own (vocabulary-parallel) cross-entropy of the next tokens, per-token losses [B, S]
+        labels = torch.roll(tokens, -1, dims=1) if backward else None
+        output = model(tokens, position_ids, attention_mask=None, labels=labels)
         if meter:
             meter.step()
         return output, (partial(_next_token_loss, len(mine)) if backward else partial(_collect_output, collect, tokens))
@@ -118,12 +117,9 @@ class ForwardLoop:
     def __init__(self, batches: Sequence[torch.Tensor], progress: bool = True, backward: bool = False,
                  settings: Optional[Mapping[str, Any]] = None):  # fmt: skip
         self.batches = list(batches)
+        self.num_micro_batches = len(self.batches)
         self.progress, self.runs_backward = progress, backward
         self.calibration = calibration_record(self.batches, settings)
-
-    @property
-    def num_micro_batches(self) -> int:
-        return len(self.batches)
 
     @property
     def label(self) -> Optional[str]:

@@ -135,8 +135,6 @@ def multiple_choice_score(path: str, tokenizer, fraction: float = 1.0, seed: int
     prompts = [tokenizer.encode(prompt(q))[-max_length if max_length else 0 :] for q in chosen]
     pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
     batches, lengths = _pad(prompts, batch_size, pad)
-    answers = [q.answer for q in chosen]
-    n_choices = [len(q.choices) for q in chosen]
 
     def score(model: torch.nn.Module) -> float:
         ctx = ParallelContext.from_megatron()
@@ -149,7 +147,7 @@ def multiple_choice_score(path: str, tokenizer, fraction: float = 1.0, seed: int
             at = torch.tensor([lengths[r] - 1 for r in rows])
             last = logits[torch.arange(len(rows)), at.to(logits.device)].float()  # [rows, V(/tp)]
             scores = _letter_logits(last, letters, parallel, ctx)  # [rows, letters]
-            right = sum(int(scores[i, : n_choices[r]].argmax()) == answers[r] for i, r in enumerate(rows))
+            right = sum(int(scores[i, : len(chosen[r].choices)].argmax()) == chosen[r].answer for i, r in enumerate(rows))
             return torch.tensor([float(right), float(len(rows))], dtype=torch.float64)
 
         right, total = _totals(model, batches, collect)

@@ -47,10 +47,14 @@ class Statistics:
     fingerprint: Optional[dict] = None
     search: dict = field(default_factory=dict)
 
-    def save_search(self, search: dict, ctx: ParallelContext) -> None:
-        """Write the NAS cache next to the statistics (nothing without a scores file)."""
-        if self.scores_path:
-            save_scores(self.scores_path, ScoresFile(self.stats, self.fingerprint, _meta(ctx), search, self.calibration), ctx)
+    def save(self, ctx: ParallelContext, search: Optional[dict] = None) -> None:
+        """Write the statistics and `search`, the NAS cache, to the scores file (nothing without one). Without
+        `search` they are fresh statistics (a new calibration: any cached NAS scores belonged to the old ones)."""
+        if not self.scores_path:
+            return
+        save_scores(self.scores_path, ScoresFile(self.stats, self.fingerprint, _meta(ctx), search or {}, self.calibration), ctx)
+        if search is None:
+            log(f"saved statistics of {self.stats.calls} micro-batches to {self.scores_path}")
 
 
 def obtain_statistics(model: torch.nn.Module, forward_loop: Optional[Callable], ctx: ParallelContext,
@@ -82,8 +86,7 @@ def obtain_statistics(model: torch.nn.Module, forward_loop: Optional[Callable], 
     sites = statistics_needed(criteria, backward=bool(getattr(forward_loop, "runs_backward", False)), everything=all_statistics)
     stats = run_calibration(model, forward_loop, ctx, sites, scores_path, fingerprint)
     result = Statistics(stats, True, wanted, scores_path, fingerprint)
-    if scores_path:
-        _save(result, ctx)
+    result.save(ctx)
     return result
 
 
@@ -119,8 +122,7 @@ def calibrate(model: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     if previous is not None:
         stats = previous.stats.merge(stats)
         record = {"extended": [r for r in (previous.calibration, record) if r is not None]}
-    if scores_path:
-        _save(Statistics(stats, True, record, scores_path, fingerprint), ctx)
+    Statistics(stats, True, record, scores_path, fingerprint).save(ctx)
     return stats
 
 
@@ -215,7 +217,8 @@ class _Partial:
         """Forward the remaining micro-batches in steps, saving the statistics so far after each but the last."""
         ranges = [(a, b) for a, b in zip(self.bounds, self.bounds[1:]) if a >= self.start]
         mine = sum(len(range(a + self.ctx.dp_rank, b, self.ctx.dp_size)) for a, b in ranges)
-        meter = Progress(self.loop.label, mine, scale=_micro_batch_size(self.loop)) if self.loop.label else None
+        batch_size = int(self.loop.batches[0].shape[0]) if getattr(self.loop, "batches", None) else 1
+        meter = Progress(self.loop.label, mine, scale=batch_size) if self.loop.label else None
         for start, stop in ranges:
             self.loop.run_range(model, start, stop, meter)
             if stop < self.bounds[-1]:
@@ -232,18 +235,8 @@ class _Partial:
         return self.resumed.merge(rest) if self.start else rest
 
 
-def _micro_batch_size(loop) -> int:
-    return int(loop.batches[0].shape[0]) if getattr(loop, "batches", None) else 1
-
-
 def _meta(ctx: ParallelContext) -> dict:
     return {"tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "dp_size": ctx.dp_size}
-
-
-def _save(statistics: Statistics, ctx: ParallelContext) -> None:
-    """Write fresh statistics (a new calibration: any cached NAS scores belonged to the old ones)."""
-    save_scores(statistics.scores_path, ScoresFile(statistics.stats, statistics.fingerprint, _meta(ctx), {}, statistics.calibration), ctx)
-    log(f"saved statistics of {statistics.stats.calls} micro-batches to {statistics.scores_path}")
 
 
 def _load_everywhere(scores_path: str, fingerprint: Dict[str, object], ctx: ParallelContext) -> ScoresFile:

@@ -13,13 +13,12 @@ format of a calibration's checkpoint (`<scores_path>.partial`, with `meta["parti
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 
+from megatron_prune.common.checkpoint import atomic_save
 from megatron_prune.errors import ScoresFileError  # noqa: F401  (raised here; importable from here too)
 from megatron_prune.minitron.axes import default_kv_channels
 from megatron_prune.minitron.importance.statistics import StatStore
@@ -115,9 +114,7 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
     numbers = [int(layer.layer_number) for layer in model.decoder.layers]
     parts = partitions(model)
     for name, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor) or name.endswith("._extra_state"):
-            continue
-        if is_tied_output_copy(model, name):
+        if not isinstance(t, torch.Tensor) or name.endswith("._extra_state") or is_tied_output_copy(model, name):
             continue
         full = logical(t, parts.get(name), ctx)
         if name in _VOCAB_TENSORS:  # Megatron pads the vocabulary to a multiple of TP: skip the padding
@@ -129,13 +126,10 @@ def model_fingerprint(model: torch.nn.Module, ctx: ParallelContext) -> Dict[str,
                 inner = expert_name(ctx.ep_rank * cfg.num_moe_experts // ctx.ep_size + expert, role)
             name = layer_name(numbers[index], inner)
         local[name] = _tensor_digest(full)
-    merged = {}
-    for part in ctx.gather_over_pp({k: v for ep_part in ctx.gather_objects_over_ep(local) for k, v in ep_part.items()}):
-        merged.update(part)
-    h = hashlib.sha256()
-    for name in sorted(merged):
-        h.update(f"{name}:{merged[name]};".encode())
-    return {"architecture": arch, "weights": h.hexdigest()}
+    over_ep = {k: v for ep_part in ctx.gather_objects_over_ep(local) for k, v in ep_part.items()}
+    merged = {k: v for part in ctx.gather_over_pp(over_ep) for k, v in part.items()}
+    weights = "".join(f"{name}:{merged[name]};" for name in sorted(merged))
+    return {"architecture": arch, "weights": hashlib.sha256(weights.encode()).hexdigest()}
 
 
 def _tensor_digest(t: torch.Tensor, samples: int = 4096) -> str:
@@ -153,24 +147,10 @@ def save_scores(path: str, contents: ScoresFile, ctx: ParallelContext) -> None:
     problem = None
     if ctx.is_main:
         try:
-            _write_atomically(path, contents.to_payload())
+            atomic_save(contents.to_payload(), path)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             problem = (ScoresFileError, f"could not write scores_path={path!r}: {type(e).__name__}: {e}")
     ctx.raise_first(problem)
-
-
-def _write_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".scores-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_scores_file(path: str) -> dict:
