@@ -64,14 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     """The whole job, in steps; returns the JSON summary. Collective under torchrun."""
     started = time.perf_counter()
     job = prepare(args)  # every check that needs no weights; the calibration data tokenised
-    if job.checkpoint is not None:  # a Megatron checkpoint (--load), and what exports it to HF if asked
-        model = megatron_checkpoint.load_megatron_model(job.source, info=job.checkpoint, tokenizer_model=args.tokenizer_model,
-                                                        ctx=job.ctx).model
-        imported = megatron_checkpoint.hf_exporter(job.checkpoint, model) if job.save_format != "megatron" else None
-    else:  # a Hugging Face model imported through Megatron-Bridge, which exports it back
-        imported = bridge.import_hf_model(job.source, dtype=job.dtype, trust_remote_code=args.trust_remote_code, ctx=job.ctx)
-        model = imported.model
-        job.check(model, job.source, "HF source vs imported MCore")
+    model, imported = load_model(job, args)
     groups_before = parameter_groups(model, job.ctx)
     with atomic_output_dir(args.output_dir, args.overwrite, job.ctx) as tmp:
         nas = dict(constraints=job.budgets, score_func=job.score_func, search=job.search.search) if job.budgets else {}
@@ -85,6 +78,18 @@ def run(args: argparse.Namespace) -> dict:
     log(f"done in {time.perf_counter() - started:.0f}s: {result.params_before:,} -> {result.params_after:,} parameters "
         f"({100 * result.params_after / result.params_before:.1f}%), written to {job.out}")  # fmt: skip
     return summary
+
+
+def load_model(job: SimpleNamespace, args: argparse.Namespace):
+    """(the model to prune, what exports it back or None): a Megatron checkpoint (`--load`) and, for an HF export, its
+    `hf_exporter`; or a Hugging Face model imported through Megatron-Bridge (checked against the HF model)."""
+    if job.checkpoint is not None:
+        model = megatron_checkpoint.load_megatron_model(job.source, info=job.checkpoint, tokenizer_model=args.tokenizer_model,
+                                                        ctx=job.ctx).model
+        return model, megatron_checkpoint.hf_exporter(job.checkpoint, model) if job.save_format != "megatron" else None
+    imported = bridge.import_hf_model(job.source, dtype=job.dtype, trust_remote_code=args.trust_remote_code, ctx=job.ctx)
+    job.check(imported.model, job.source, "HF source vs imported MCore")
+    return imported.model, imported
 
 
 def save_checkpoints(job, args, model, imported, pruned, result, tmp: str) -> dict:
@@ -173,12 +178,8 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     # the statistics live outside the temporary directory, so a failed or interrupted run keeps them: the same
     # command resumes without calibrating (and NAS at the next unscored candidate)
     scores_path = args.scores_path or str(out.parent / f".{out.name}.importance_scores.pt")
-    # an existing scores file, checked from the config (architecture, statistics, data); a Megatron checkpoint's
-    # is checked once the model is loaded
-    if src.checkpoint is None and ctx.broadcast_object(os.path.exists(scores_path)):
-        at_layout = criteria_at_layout(flags.criteria, shape, ctx.tp_size)[0]
-        config = finalized_provider(src.provider, ctx, src.dtype)
-        ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, loop.calibration, args.reuse_scores))
+    if src.checkpoint is None:  # (a Megatron checkpoint's scores file is checked once the model is loaded)
+        _precheck_scores(scores_path, src.provider, flags.criteria, loop.calibration, args, ctx, shape, src.dtype)
     log(f"calibration data: {args.calib_samples} samples x {args.seq_length} tokens from {calib_data!r}, "
         f"micro-batch {args.micro_batch_size}; TP={ctx.tp_size} PP={ctx.pp_size} DP={dp}")  # fmt: skip
     tolerance = args.roundtrip_tolerance
@@ -293,6 +294,15 @@ def calibration_data(args, flags: SimpleNamespace, src: SimpleNamespace, dp: int
     settings = {"data": calib_data, "seed": args.seed, "text_field": args.calib_text_field, "split": args.calib_split}
     loop = make_forward_loop(batches, backward=bool(needing_backward(flags.criteria)), settings=settings)
     return loop, score_func, calib_data
+
+
+def _precheck_scores(scores_path: str, provider, criteria, calibration, args, ctx, shape, dtype) -> None:
+    """An existing scores file, checked from the config before the import (architecture, statistics, data)."""
+    if not ctx.broadcast_object(os.path.exists(scores_path)):
+        return
+    at_layout = criteria_at_layout(criteria, shape, ctx.tp_size)[0]
+    config = finalized_provider(provider, ctx, dtype)
+    ctx.on_main(lambda: precheck_scores_file(scores_path, config, at_layout, calibration, args.reuse_scores))
 
 
 def _calibration_and_score(args, calib_data: str, search, tokenizer):

@@ -157,9 +157,10 @@ class Inventory:
         """Counts of the model pruned to `target` (complete sizes), keeping `kept_layers` (see `surviving`)."""
         s = self.sizes(target)
         per_kind = [self._layer(kind, s, memory) for kind in self.kinds]
-        rows = [per_kind[self.layer_kinds[n - 1]] for n in self.surviving(s.size("num_layers"), kept_layers)]
-        params, active = (self._base(s) + sum(r[i] for r in rows) for i in range(2))
-        return Counts(params, active, (params * memory.dtype_bytes + sum(r[2] for r in rows)) / MB)
+        layers = [per_kind[self.layer_kinds[n - 1]] for n in self.surviving(s.size("num_layers"), kept_layers)]
+        base = self._base(s)
+        params, active = base + sum(p for p, _, _ in layers), base + sum(a for _, a, _ in layers)
+        return Counts(params, active, (params * memory.dtype_bytes + sum(st for _, _, st in layers)) / MB)
 
     def smallest(self, target: Mapping[str, int], memory: MemorySpec = MemorySpec()) -> Counts:
         """A lower bound of `count(target, ...)` over every choice of surviving layers: each count with its
@@ -301,9 +302,10 @@ def inventory_of_config(config, vocab_size: int, share_embeddings_and_output_wei
         model["output_layer.weight"] = (vocab_size, H)
     layers = {n: {k: template(layer_name(0, k), s) for k, s in (moe if is_moe else dense).items()}
               for n, is_moe in enumerate(moe_layer_pattern(config), start=1)}  # fmt: skip
-    topk = config.moe_router_topk if config.num_moe_experts else 0
-    return Inventory({n: template(n, s) for n, s in model.items()}, *_group(layers), d, bool(config.gated_linear_unit), topk,
-                     mla=mla)  # fmt: skip
+    kinds, layer_kinds = _group(layers)
+    return Inventory(model={n: template(n, s) for n, s in model.items()}, kinds=kinds, layer_kinds=layer_kinds, kv_channels=d,
+                     gated_linear_unit=bool(config.gated_linear_unit),
+                     moe_router_topk=config.moe_router_topk if config.num_moe_experts else 0, mla=mla)  # fmt: skip
 
 
 def _mla_tensors(mla: MLADims, H: int, N: int, norm: Tuple[str, ...]) -> Dict[str, Tuple[int, ...]]:

@@ -28,7 +28,7 @@ from megatron_prune.minitron.config import ModelShape, SearchConfig, validate_bu
 from megatron_prune.common.log import format_table, log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 from megatron_prune.minitron.search.counting import Counts, Inventory, inventory_of
-from megatron_prune.minitron.search.space import Candidate, SearchSpace, build_space, memory_spec, search_candidates
+from megatron_prune.minitron.search.space import Candidate, SearchSpace, build_space, config_key, memory_spec, search_candidates
 
 ScoreFunc = Callable[[torch.nn.Module], float]
 _LABELS = {"params": "parameters", "active_params": "active parameters", "memory_mb": "of inference memory"}
@@ -160,7 +160,7 @@ def run_search(plan: SearchPlan, source: "CandidateSource", score_func: Optional
         usable = _recount(plan, usable, source.kept_layers)
     top = usable[: plan.config.top_k]
     key = cache_key(plan.budgets, score_func, criteria)
-    cached = {tuple(sorted(c["export_config"].items())): c["score"] for c in cache.get(key, {}).get("candidates", [])}
+    cached = {config_key(c["export_config"]): c["score"] for c in cache.get(key, {}).get("candidates", [])}
     for c in top:
         c.score = cached.get(c.key)
     reused = sum(c.score is not None for c in top)

@@ -119,7 +119,12 @@ class Candidate:
 
     @property
     def key(self) -> Tuple[Tuple[str, int], ...]:
-        return tuple(sorted(self.export_config.items()))
+        return config_key(self.export_config)
+
+
+def config_key(export_config: Mapping[str, int]) -> Tuple[Tuple[str, int], ...]:
+    """A candidate's identity, the same whatever the order of `export_config`'s entries (the NAS cache's key)."""
+    return tuple(sorted(export_config.items()))
 
 
 @dataclass
