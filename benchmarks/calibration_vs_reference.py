@@ -7,10 +7,12 @@ plain model; Model Optimizer's `mtp.prune` (its hooks installed; the forward loo
 megatron-prune's `prune()` with the reference's Minitron statistics and with the default criteria (its forward loop
 timed the same way). Ratios are each side's CPU time over the plain forward's, best round and summed over rounds.
 
-    .venv/bin/python benchmarks/calibration_vs_reference.py [--size small|medium|smollm2] [--rounds 3] [--micro-batches N]
+    .venv/bin/python benchmarks/calibration_vs_reference.py [--size small|medium|smollm2|llama8b] [--rounds 3] [--micro-batches N]
 small: 8 layers, hidden 512, FFN 1536, 8 heads in 2 groups, 8 x 256 tokens (compare.py's timing model).
 medium: 12 layers, hidden 768, FFN 2048, 12 heads in 4 groups, 4 x 512 tokens (~100M parameters with vocab 32k).
 smollm2: SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 heads in 3 groups, vocab 49k), 2 x 512 tokens.
+llama8b: two of Llama-3.1-8B's layers (hidden 4096, FFN 14336, 32 heads in 8 groups), vocab 8192 so the output layer
+keeps its 7% share of a token's multiply-adds, 4 x 512 tokens (the scale this library is built for).
 Writes benchmarks/results/calibration_vs_reference_<size>.json.
 """
 
@@ -33,6 +35,7 @@ SIZES = {  # L, H, F, N, G, vocab, seq, micro-batches
     "small": (8, 512, 1536, 8, 2, 1024, 256, 8),
     "medium": (12, 768, 2048, 12, 4, 32000, 512, 4),
     "smollm2": (30, 576, 1536, 9, 3, 49152, 512, 2),
+    "llama8b": (2, 4096, 14336, 32, 8, 8192, 512, 4),
 }
 
 

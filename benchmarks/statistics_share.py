@@ -6,7 +6,7 @@ it during calibration, and divided by the median plain forward of the same batch
 add up to the hook dispatch itself (a few microseconds per call). Same Transformer-Engine-layout GPT and sizes as
 calibration_vs_reference.py (the peer kit's CPU stand-ins).
 
-    .venv/bin/python benchmarks/statistics_share.py [--size smollm2|small|medium] [--micro-batches N] [--repeats 4]
+    .venv/bin/python benchmarks/statistics_share.py [--size smollm2|small|medium|llama8b] [--micro-batches N] [--repeats 4]
 
 Writes benchmarks/results/statistics_share_<size>_<N>mb.json.
 """
