@@ -23,7 +23,7 @@ RDZV_ID, PYTHON, DRY_RUN=1, as for launch/prune.sh. The card's TP x PP x CP must
 examples:
   launch/distill.sh qwen3-pruned/distillation_run_card.yaml --output-dir qwen3-kd --data-paths 1.0 /data/text_document
   NNODES=4 NODE_RANK=$SLURM_NODEID MASTER_ADDR=node0 launch/distill.sh card.yaml --output-dir kd --train-iters 5000
-  launch/distill.sh --cpu smollm2-pruned/distillation_run_card.yaml --output-dir smollm2-kd --train-iters 50 --lr-warmup-iters 5
+  launch/distill.sh --cpu smollm2-pruned/distillation_run_card.yaml --output-dir smollm2-kd --train-iters 50 --lr-warmup-iters 5 --seq-length 256 --global-batch-size 8 --micro-batch-size 2
 USAGE
 }
 

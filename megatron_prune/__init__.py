@@ -24,7 +24,7 @@ _EXPORTS = {
     "PruneConfigError": "megatron_prune.errors", "UnsupportedModelError": "megatron_prune.errors",
     "make_forward_loop": "megatron_prune.minitron.data.forward", "run_forward": "megatron_prune.minitron.data.forward",
     "lm_loss_score": "megatron_prune.minitron.data.scores", "multiple_choice_score": "megatron_prune.minitron.data.scores",
-    "ScoresFileError": "megatron_prune.errors", "RunCardError": "megatron_prune.errors", "PruneError": "megatron_prune.errors",
+    "ScoresFileError": "megatron_prune.errors", "RunCardError": "megatron_prune.errors", "PruneError": "megatron_prune.errors", "RoundTripError": "megatron_prune.errors",
     "inventory_of": "megatron_prune.minitron.search.counting", "inventory_of_config": "megatron_prune.minitron.search.counting",
     "SearchResult": "megatron_prune.minitron.search.nas", "plot_candidates": "megatron_prune.minitron.search.plot",
     "DepthOptions": "megatron_prune.minitron.depth",

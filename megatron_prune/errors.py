@@ -23,3 +23,7 @@ class ScoresFileError(PruneError, ValueError):
 
 class RunCardError(PruneConfigError):
     """A distillation run card that cannot drive a distillation; the message names the field."""
+
+
+class RoundTripError(PruneError):
+    """A round-trip check found logits that differ beyond its tolerance; nothing was written."""

@@ -117,6 +117,25 @@ def test_round_trip_reference_streams_one_decoder_layer_at_a_time(tmp_path, fami
     assert torch.equal(hf_logits(str(source), tokens), logits)
 
 
+def test_round_trip_of_a_bf16_folder_is_exact_in_float32_and_bounded_by_rounding_in_bf16(tmp_path, mcore):
+    """A bf16 HF folder: the HF side of the check runs in float32 (bf16 weights widen exactly), so a float32 import
+    matches it to float32 precision (it ran in bf16 before: ~5e-3, and a real 30-layer model failed the check); a
+    bf16 import is allowed twice the HF model's own bf16 rounding, yet a corrupted layer still fails."""
+    from transformers import AutoModelForCausalLM
+
+    source = make_hf_model(tmp_path / "bf16", "llama")
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(torch.bfloat16).save_pretrained(source)
+    tokens = random_tokens(2, 16, VOCAB, seed=7)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = import_hf_model(str(source), dtype=dtype).model
+        check = compare_with_hf(model, str(source), tokens, "import", tolerance=1e-6)
+        assert check.ok, check
+        assert (check.floor == 0 and check.relative_diff < 1e-5) if dtype == torch.float32 else 0 < check.floor < 0.05, check
+        with torch.no_grad():
+            model.decoder.layers[1].mlp.linear_fc2.weight.mul_(1.3)
+        assert not compare_with_hf(model, str(source), tokens, "import", tolerance=1e-6).ok
+
+
 def test_deepseek_v3_mla_round_trips(tmp_path, mcore):
     """DeepSeek-V3 (multi-latent attention, a dense first layer, MoE layers with a shared expert and expert bias):
     import, prune heads, hidden size, dense and expert widths, experts and a layer (the dense first layer protected:

@@ -189,3 +189,14 @@ def test_percent_budgets_on_the_command_line(models, tmp_path):
     summary = json.loads((tmp_path / "nas" / "prune_summary.json").read_text())
     assert summary["nas"]["budgets"] == {"params": pytest.approx(0.8 * summary["params_before"])}
     assert summary["params_after"] <= 0.8 * summary["params_before"]
+
+
+def test_failed_round_trip_check_is_one_error_line_and_publishes_nothing(models, tmp_path, capsys):
+    """A round-trip check beyond its tolerance ends as `megatron-prune: error: round-trip check failed ...` (exit 2,
+    the flags to use named), not a traceback; nothing is written."""
+    source, _ = models
+    out = tmp_path / "out"
+    captured = _fails(capsys, "--hf-model", source, "--output-dir", out, "--target-ffn-hidden-size", "96", *CALIB, *FAST,
+                      "--roundtrip-tolerance", "1e-12", match="megatron-prune: error: round-trip check failed: HF source vs imported MCore")  # fmt: skip
+    assert "--roundtrip-tolerance" in captured.err and "Traceback" not in captured.err
+    assert not out.exists()

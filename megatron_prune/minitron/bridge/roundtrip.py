@@ -4,11 +4,16 @@ Used twice by the CLI: the imported model against the source folder (the bridge 
 the pruned model against the exported folder (the export is what was pruned). The error is relative:
 max |mcore - hf| / max |hf| over all logits; ≤1e-4 is expected in float32.
 
-The HF side runs in the folder's own dtype (`config.json`), with its decoder layers streamed: the model is built
-on the meta device, the embeddings, final norm and output layer are read from the safetensors files, and each
-decoder layer's weights are read just before it runs and dropped after it (`StreamedCausalLM`). Host memory is
-then the embeddings and output layer plus one decoder layer and the activations, not the whole model (an 8B
-Llama in bf16: about 2.5 GB instead of 16 GB). Folders without safetensors are loaded whole.
+The HF side runs in float32 (weights stored in 16 bits widen exactly), so an MCore model in float32 is compared
+with the exact function of the folder's weights. An MCore model in bf16/fp16 carries its own rounding (a few
+percent of the largest logit over 30 layers): its error may reach twice the HF model's own rounding at that dtype,
+measured on the same tokens (`RoundTrip.floor`), or the tolerance, whichever is larger.
+
+The decoder layers are streamed: the model is built on the meta device, the embeddings, final norm and output layer
+are read from the safetensors files, and each decoder layer's weights are read just before it runs and dropped
+after it (`StreamedCausalLM`). Host memory is then the embeddings and output layer plus one decoder layer and the
+activations, not the whole model (an 8B Llama: about 4.5 GB instead of 32 GB in float32). Folders without
+safetensors are loaded whole.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,22 +37,32 @@ class RoundTrip:
     max_abs_diff: float
     relative_diff: float
     tolerance: float
+    floor: float = 0.0  # the HF model's own relative rounding error in the MCore model's 16-bit dtype (0: float32)
 
     @property
     def ok(self) -> bool:
-        return self.relative_diff <= self.tolerance
+        return self.relative_diff <= max(self.tolerance, 2 * self.floor)
 
     def __str__(self) -> str:
-        verdict = "ok" if self.ok else f"FAILED (tolerance {self.tolerance:.0e})"
-        return f"{self.name}: max |Δlogit| = {self.max_abs_diff:.3g}, relative {self.relative_diff:.3g}: {verdict}"
+        verdict = "ok" if self.ok else f"FAILED (tolerance {max(self.tolerance, 2 * self.floor):.0e})"
+        rounding = f" (the HF model's own rounding in 16 bits: {self.floor:.3g})" if self.floor else ""
+        return f"{self.name}: max |Δlogit| = {self.max_abs_diff:.3g}, relative {self.relative_diff:.3g}{rounding}: {verdict}"
 
 
 def compare_with_hf(model: torch.nn.Module, hf_path: str, tokens: torch.Tensor, name: str, tolerance: float = 1e-4,
                     trust_remote_code: bool = False, ctx: Optional[ParallelContext] = None) -> RoundTrip:  # fmt: skip
     """Forward `tokens` [B, S] through `model` (collective) and through the HF model at `hf_path` (on one rank:
-    the last pipeline stage's first TP rank of the first replica). Every rank gets the same RoundTrip, or the
-    same error."""
-    return _compared(model, tokens, name, lambda: hf_logits(hf_path, tokens, trust_remote_code), tolerance, ctx)
+    the last pipeline stage's first TP rank of the first replica), in float32; for an MCore model in 16 bits also in
+    its dtype, for the rounding floor. Every rank gets the same RoundTrip, or the same error."""
+    dtype = next(model.parameters()).dtype
+
+    def reference() -> Tuple[torch.Tensor, float]:
+        exact = hf_logits(hf_path, tokens, trust_remote_code, torch.float32)
+        if dtype == torch.float32:
+            return exact, 0.0
+        return exact, _relative(hf_logits(hf_path, tokens, trust_remote_code, dtype), exact)[1]
+
+    return _compared(model, tokens, name, reference, tolerance, ctx)
 
 
 def compare_models(model: torch.nn.Module, other: torch.nn.Module, tokens: torch.Tensor, name: str,
@@ -55,22 +70,28 @@ def compare_models(model: torch.nn.Module, other: torch.nn.Module, tokens: torch
     """Logits of two MCore models (stages of the same layout) on `tokens`, e.g. a model and its saved-and-reloaded
     copy. Collective; every rank gets the same RoundTrip."""
     reference = _mcore_logits(model, tokens)
-    return _compared(other, tokens, name, lambda: reference[0], tolerance, ctx)
+    return _compared(other, tokens, name, lambda: (reference[0], 0.0), tolerance, ctx)
 
 
-def _compared(model: torch.nn.Module, tokens: torch.Tensor, name: str, reference: Callable[[], torch.Tensor],
+def _relative(logits: torch.Tensor, expected: torch.Tensor) -> Tuple[float, float]:
+    """(max |Δ|, max |Δ| / max |expected|) over the expected logits' vocabulary (a model may pad it)."""
+    diff = (logits[..., : expected.shape[-1]] - expected).abs().max().item()
+    return diff, diff / max(expected.abs().max().item(), 1e-30)
+
+
+def _compared(model: torch.nn.Module, tokens: torch.Tensor, name: str, reference: Callable[[], Tuple[torch.Tensor, float]],
               tolerance: float, ctx: Optional[ParallelContext]) -> RoundTrip:  # fmt: skip
-    """`model`'s logits against `reference()`, compared on one rank (the last pipeline stage's first TP rank of the
-    first replica): max |Δ| relative to max |reference|. Every rank gets the same RoundTrip, or the same error."""
+    """`model`'s logits against `reference()` (the logits and the rounding floor), compared on one rank (the last
+    pipeline stage's first TP rank of the first replica): max |Δ| relative to max |reference|. Every rank gets the
+    same RoundTrip, or the same error."""
     ctx = ParallelContext.given(ctx)
     log(f"checking logits ({name})")
     outputs = _mcore_logits(model, tokens)
     result, problem = None, None
     if outputs and ctx.tp_rank == 0 and ctx.dp_rank == 0:
         try:
-            expected = reference()
-            diff = (outputs[0][..., : expected.shape[-1]] - expected).abs().max().item()
-            result = RoundTrip(name, diff, diff / max(expected.abs().max().item(), 1e-30), tolerance)
+            expected, floor = reference()
+            result = RoundTrip(name, *_relative(outputs[0], expected), tolerance, floor)
         except Exception as e:  # noqa: BLE001 - shared with every rank below
             problem = as_problem(e)
     ctx.raise_first(problem)
@@ -85,20 +106,23 @@ def _mcore_logits(model: torch.nn.Module, tokens: torch.Tensor) -> List[torch.Te
     return run_forward(model, [tokens], collect=collect, shard_over_dp=False)
 
 
-def hf_logits(hf_path: str, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
-    """Logits [B, S, V] (float32) of the HF causal LM at `hf_path`, in its own dtype, layer by layer when it can."""
+def hf_logits(hf_path: str, tokens: torch.Tensor, trust_remote_code: bool = False,
+              dtype: Optional[torch.dtype] = None) -> torch.Tensor:  # fmt: skip
+    """Logits [B, S, V] (float32) of the HF causal LM at `hf_path`, computed in `dtype` (default: the folder's own),
+    layer by layer when it can."""
     start = time.perf_counter()
-    streamed = StreamedCausalLM.open(hf_path, trust_remote_code)
+    streamed = StreamedCausalLM.open(hf_path, trust_remote_code, dtype)
     if streamed is None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        dtype = folder_dtype(AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code))
+        dtype = dtype or folder_dtype(AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code))
         hf = AutoModelForCausalLM.from_pretrained(hf_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         with torch.no_grad():
             logits = hf(tokens.to(next(hf.parameters()).device)).logits.float().cpu()
     else:
         logits = streamed.logits(tokens)
-    log(f"HF logits of {hf_path} in {time.perf_counter() - start:.1f}s ({'layer by layer' if streamed else 'whole model'})")
+    how = "layer by layer" if streamed else "whole model"
+    log(f"HF logits of {hf_path} in {time.perf_counter() - start:.1f}s ({how}, {str(streamed.dtype if streamed else dtype)[6:]})")
     return logits
 
 
@@ -129,9 +153,9 @@ class StreamedCausalLM:
             layer.register_forward_hook(lambda module, args, output, i=i: self._drop(i))
 
     @classmethod
-    def open(cls, hf_path: str, trust_remote_code: bool = False) -> Optional["StreamedCausalLM"]:
-        """The streamed model of `hf_path`, or None when it cannot be streamed (no safetensors, no decoder
-        ModuleList, or weights named otherwise than the model's parameters)."""
+    def open(cls, hf_path: str, trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None) -> Optional["StreamedCausalLM"]:
+        """The streamed model of `hf_path` in `dtype` (default: the folder's own), or None when it cannot be streamed
+        (no safetensors, no decoder ModuleList, or weights named otherwise than the model's parameters)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -139,7 +163,7 @@ class StreamedCausalLM:
         if not files:
             return None
         config = AutoConfig.from_pretrained(hf_path, trust_remote_code=trust_remote_code)
-        dtype = folder_dtype(config)
+        dtype = dtype or folder_dtype(config)
         with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         found = _decoder_layers(model, config)
