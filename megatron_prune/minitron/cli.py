@@ -34,6 +34,7 @@ from megatron_prune.minitron.bridge import checkpoint as megatron_checkpoint
 from megatron_prune.minitron.bridge.checkpoint import find_checkpoint
 from megatron_prune.minitron.bridge.hf_import import finalized_provider, provider_inventory
 from megatron_prune.minitron.bridge.offline_model import smollm2_folder
+from megatron_prune.minitron.bridge.roundtrip import dtype_name
 from megatron_prune.minitron.cli_args import (  # noqa: F401  (build_parser: the parser of this command)
     DEFAULT_TARGET, REFERENCE_CALIB_SAMPLES, build_parser, check_world, depth_options_from_args, export_config_from_args,
 )
@@ -117,7 +118,7 @@ def summary_record(job, args, result, saved: dict, started: float) -> dict:
     summary = {
         "source": str(job.source), "source_format": job.checkpoint.format if job.checkpoint else "hf", **saved,
         "output_dir": str(job.out), "save_format": job.save_format,
-        "dtype": _name(job.dtype), "source_dtype": _name(job.source_dtype),
+        "dtype": dtype_name(job.dtype), "source_dtype": dtype_name(job.source_dtype),
         "parallelism": {"tp": job.ctx.tp_size, "pp": job.ctx.pp_size, "dp": job.ctx.dp_size},
         "calibration_micro_batch_size": args.micro_batch_size,
         "roundtrip_checks": [c.__dict__ | {"ok": c.ok} for c in job.roundtrip_checks],
@@ -143,7 +144,7 @@ def write_outputs(job, args, imported, result, tmp: str, groups_before, groups_a
         os.replace(job.scores_path, os.path.join(tmp, "importance_scores.pt"))
     vocab = job.checkpoint.vocab_size() if job.checkpoint else imported.bridge.hf_pretrained.config.vocab_size
     write_prune_run_card(result, str(tmp), str(job.out), job.source, vocab, job.save_format, job.ctx, job.card_layout,
-                         dtypes=(_name(job.dtype), _name(job.source_dtype)), megatron_source=job.checkpoint is not None,
+                         dtypes=(dtype_name(job.dtype), dtype_name(job.source_dtype)), megatron_source=job.checkpoint is not None,
                          tokenizer=job.tokenizer_path if job.checkpoint is not None else None, **job.card_recipe)  # fmt: skip
 
 
@@ -349,7 +350,3 @@ def _checked(check):
         raise RoundTripError(f"round-trip check failed: {check} (nothing was written; --roundtrip-tolerance sets the "
                              "tolerance, --skip-roundtrip-check skips the check)")  # fmt: skip
     return check
-
-
-def _name(dtype) -> str:
-    return str(dtype).replace("torch.", "")

@@ -29,11 +29,11 @@ def resolve_dtype(name: str, hf_config) -> torch.dtype:
     pruned in float32, which megatron-prune supports on every machine)."""
     if name != "auto":
         return DTYPES[name]
-    from megatron_prune.minitron.bridge.roundtrip import folder_dtype
+    from megatron_prune.minitron.bridge.roundtrip import dtype_name, folder_dtype
 
     dtype = folder_dtype(hf_config)
     if dtype not in DTYPES.values():
-        log(f"the source's weights are {str(dtype).replace('torch.', '')}: pruning in float32 (--dtype bfloat16 for bf16)")
+        log(f"the source's weights are {dtype_name(dtype)}: pruning in float32 (--dtype bfloat16 for bf16)")
         return torch.float32
     return dtype
 

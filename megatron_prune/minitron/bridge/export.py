@@ -23,6 +23,7 @@ from megatron_prune.minitron.bridge.checkpoint import load_megatron_model, save_
 from megatron_prune.minitron.bridge.compat import logged_progress
 from megatron_prune.minitron.bridge.hf_config import pruned_hf_config
 from megatron_prune.minitron.bridge.hf_import import ImportedModel
+from megatron_prune.minitron.bridge.roundtrip import dtype_name
 from megatron_prune.common.log import log
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
@@ -44,7 +45,7 @@ def save_hf(imported: ImportedModel, pruned: torch.nn.Module, kept_layers: Seque
             for _ in tensors:  # the gathers are collective
                 pass
     ctx.barrier()
-    log(f"wrote Hugging Face model ({str(dtype).replace('torch.', '')}) to {out}")
+    log(f"wrote Hugging Face model ({dtype_name(dtype)}) to {out}")
 
 
 def save_megatron(imported: ImportedModel, pruned: torch.nn.Module, out_dir: str, tokenizer_path: str,

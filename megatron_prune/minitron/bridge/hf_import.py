@@ -25,6 +25,7 @@ import torch
 from megatron_prune.errors import PruneConfigError, UnsupportedModelError
 from megatron_prune.common.log import log
 from megatron_prune.minitron.bridge.compat import apply_bridge_compat, logged_progress
+from megatron_prune.minitron.bridge.roundtrip import dtype_name
 from megatron_prune.minitron.model_checks import calibration_dispatcher
 from megatron_prune.minitron.runtime.parallel import ParallelContext
 
@@ -76,7 +77,7 @@ def import_hf_model(source: str, dtype: torch.dtype = torch.float32, trust_remot
 
     start = time.perf_counter()
     ctx = ParallelContext.given(ctx)
-    log(f"importing {source} through Megatron-Bridge (TP={ctx.tp_size}, PP={ctx.pp_size}, {str(dtype).replace('torch.', '')})")
+    log(f"importing {source} through Megatron-Bridge (TP={ctx.tp_size}, PP={ctx.pp_size}, {dtype_name(dtype)})")
     bridge = auto_bridge().from_hf_pretrained(str(source), torch_dtype=dtype, trust_remote_code=trust_remote_code)
     provider = bridge.to_megatron_provider(load_weights=True)
     saved_spec = _configure(provider, ctx, dtype)

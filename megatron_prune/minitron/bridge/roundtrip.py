@@ -40,11 +40,16 @@ class RoundTrip:
     floor: float = 0.0  # the HF model's own relative rounding error in the MCore model's 16-bit dtype (0: float32)
 
     @property
+    def allowed(self) -> float:
+        """The relative error the check accepts: the tolerance, or twice the HF model's own 16-bit rounding."""
+        return max(self.tolerance, 2 * self.floor)
+
+    @property
     def ok(self) -> bool:
-        return self.relative_diff <= max(self.tolerance, 2 * self.floor)
+        return self.relative_diff <= self.allowed
 
     def __str__(self) -> str:
-        verdict = "ok" if self.ok else f"FAILED (tolerance {max(self.tolerance, 2 * self.floor):.0e})"
+        verdict = "ok" if self.ok else f"FAILED (tolerance {self.allowed:.0e})"
         rounding = f" (the HF model's own rounding in 16 bits: {self.floor:.3g})" if self.floor else ""
         return f"{self.name}: max |Δlogit| = {self.max_abs_diff:.3g}, relative {self.relative_diff:.3g}{rounding}: {verdict}"
 
@@ -122,8 +127,13 @@ def hf_logits(hf_path: str, tokens: torch.Tensor, trust_remote_code: bool = Fals
     else:
         logits = streamed.logits(tokens)
     how = "layer by layer" if streamed else "whole model"
-    log(f"HF logits of {hf_path} in {time.perf_counter() - start:.1f}s ({how}, {str(streamed.dtype if streamed else dtype)[6:]})")
+    log(f"HF logits of {hf_path} in {time.perf_counter() - start:.1f}s ({how}, {dtype_name(streamed.dtype if streamed else dtype)})")
     return logits
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: a dtype as config.json, `--dtype` and the summary spell it."""
+    return str(dtype).replace("torch.", "")
 
 
 def folder_dtype(hf_config) -> torch.dtype:
