@@ -91,16 +91,15 @@ def ratios(records, n: int) -> dict:
     def ratio(rows, hooked, base):
         return sum(r[hooked] for r in rows) / sum(r[base] for r in rows)
 
-    steady = {v: [r for i, r in enumerate(rows) if i % n] for v, rows in records.items()}
-    firsts = {v: [r for i, r in enumerate(rows) if i % n == 0] for v, rows in records.items()}
-    return {
-        "ratio_cpu": {v: ratio(rows, 1, 3) for v, rows in records.items()},
-        "ratio_wall": {v: ratio(rows, 0, 2) for v, rows in records.items()},
-        "ratio_cpu_steady": {v: ratio(rows, 1, 3) for v, rows in steady.items()} if n > 1 else {},
-        "one_time_cpu_in_plain_batches": {
-            v: sum(r[1] - ratio(steady[v], 1, 3) * r[3] for r in rows) / len(rows) / (sum(r[3] for r in steady[v]) / len(steady[v]))
-            for v, rows in firsts.items()} if n > 1 else {},  # fmt: skip
-    }
+    out = {"ratio_cpu": {}, "ratio_wall": {}, "ratio_cpu_steady": {}, "one_time_cpu_in_plain_batches": {}}
+    for variant, rows in records.items():
+        out["ratio_cpu"][variant], out["ratio_wall"][variant] = ratio(rows, 1, 3), ratio(rows, 0, 2)
+        if n > 1:
+            steady, firsts = [r for i, r in enumerate(rows) if i % n], rows[::n]
+            per_batch = out["ratio_cpu_steady"][variant] = ratio(steady, 1, 3)
+            plain_batch = sum(r[3] for r in steady) / len(steady)
+            out["one_time_cpu_in_plain_batches"][variant] = sum(r[1] - per_batch * r[3] for r in firsts) / len(firsts) / plain_batch
+    return out
 
 
 def main():
